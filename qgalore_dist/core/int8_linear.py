@@ -1,0 +1,162 @@
+"""INT8 linear layer with a hand-written weight gradient, and model conversion both ways.
+
+The weight lives as a frozen ``uint8`` parameter ``weight`` (out, in) with group-wise fp32
+``weight_scales`` / ``weight_zeros`` buffers ``(out * in / group_size, 1)`` (buffers, not
+tensor attributes: FSDP2 and ``state_dict`` keep buffers and drop attributes).  Autograd cannot
+give a uint8 tensor a gradient, so :class:`_Int8LinearFunction` computes the fp32 weight
+gradient ``grad_out^T @ x`` itself and hands it to the layer's ``grad_sink``, whose default
+adds it to ``layer.weight_grad`` (accumulation across micro-batches).  The distributed path
+replaces the sink to project the gradient at once and keep only its low-rank image.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..quant import check_group_layout, dequantize, quantize
+
+__all__ = ["DEFAULT_TARGET_MODULES", "Int8Linear", "int8_layer_of", "prepare_model", "export_model"]
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# uint8 weight parameter -> its layer; lets an optimizer built from parameters find the
+# layer's scales and gradient without tensor attributes.
+# Keyed by id() because tensors compare element-wise; the identity check below guards reuse.
+_LAYER_OF_WEIGHT: "dict[int, weakref.ref[Int8Linear]]" = {}
+
+
+def int8_layer_of(param: torch.Tensor) -> "Int8Linear | None":
+    """The :class:`Int8Linear` whose ``weight`` is ``param``, or None."""
+    ref = _LAYER_OF_WEIGHT.get(id(param))
+    layer = ref() if ref is not None else None
+    return layer if layer is not None and layer.weight is param else None
+
+
+class _Int8LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, codes, scales, zeros, bias, layer):
+        weight = dequantize(codes, scales, zeros, group_size=layer.group_size, dtype=x.dtype)
+        ctx.save_for_backward(x, codes, scales, zeros)
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, codes, scales, zeros = ctx.saved_tensors
+        layer = ctx.layer
+        weight = dequantize(codes, scales, zeros, group_size=layer.group_size, dtype=grad_out.dtype)
+        grad_input = grad_out @ weight
+        g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(torch.float32)
+        weight_grad = g2.T @ x.reshape(-1, x.shape[-1]).to(torch.float32)  # (out, in) fp32
+        layer.grad_sink(layer, weight_grad)
+        grad_bias = g2.sum(0).to(grad_out.dtype) if ctx.has_bias else None
+        return grad_input, None, None, None, grad_bias, None
+
+
+def accumulate_full_grad(layer: "Int8Linear", weight_grad: torch.Tensor) -> None:
+    """Default gradient sink: ``layer.weight_grad += weight_grad`` (fp32, full size)."""
+    if layer.weight_grad is None:
+        layer.weight_grad = weight_grad
+    else:
+        layer.weight_grad.add_(weight_grad)
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ dequant(W).T + b`` with W stored as group-wise asymmetric INT8."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, group_size: int = 256,
+                 device=None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        check_group_layout(in_features * out_features, 8, group_size, name="Int8Linear.weight")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features * out_features // group_size
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.uint8, device=device), requires_grad=False)
+        self.register_buffer("weight_scales", torch.ones(groups, 1, device=device))
+        self.register_buffer("weight_zeros", torch.zeros(groups, 1, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self.weight_grad: torch.Tensor | None = None
+        self.grad_sink: Callable[[Int8Linear, torch.Tensor], None] = accumulate_full_grad
+        _LAYER_OF_WEIGHT[id(self.weight)] = weakref.ref(self)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, group_size: int = 256, name: str = "linear") -> "Int8Linear":
+        """Quantize ``linear``'s weight (round to nearest) into a new layer."""
+        out_f, in_f = linear.weight.shape
+        if (out_f * in_f) % group_size != 0:
+            raise ValueError(f"{name}: weight_group_size={group_size} does not divide its {out_f}x{in_f} weight")
+        layer = cls(in_f, out_f, bias=linear.bias is not None, group_size=group_size,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+        layer.set_weight(linear.weight.detach())
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    def set_weight(self, weight: torch.Tensor, *, stochastic_key=None) -> None:
+        """Quantize the fp ``weight`` (out, in) into this layer's codes, scales and zeros, in place."""
+        codes, scales, zeros = quantize(weight, bits=8, group_size=self.group_size, stochastic_key=stochastic_key)
+        self.weight.data.copy_(codes)
+        self.weight_scales.copy_(scales)
+        self.weight_zeros.copy_(zeros)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.weight, self.weight_scales, self.weight_zeros, group_size=self.group_size, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Int8LinearFunction.apply(x, self.weight, self.weight_scales, self.weight_zeros, self.bias, self)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, group_size={self.group_size}"
+
+
+def _matches(name: str, targets: Iterable[str]) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return any(leaf == t or re.fullmatch(t, name) for t in targets)
+
+
+def prepare_model(model: nn.Module, *, target_modules: Iterable[str] = DEFAULT_TARGET_MODULES,
+                  group_size: int = 256) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` whose leaf name (or full name, as a regex) is in
+    ``target_modules`` with an :class:`Int8Linear`; other modules are left alone.
+
+    Raises ``ValueError`` if a matching module is not an ``nn.Linear`` with a 2-D weight, or if
+    no module matches at all.
+    """
+    targets = tuple(target_modules)
+    matched = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
+    if not matched:
+        raise ValueError(f"target_modules={list(targets)} matched no module of {type(model).__name__}")
+    for name, module in matched:
+        if isinstance(module, Int8Linear):
+            continue
+        if type(module) is not nn.Linear or module.weight.dim() != 2:
+            raise ValueError(f"target module {name!r} is a {type(module).__name__}; target_modules must name nn.Linear layers")
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, Int8Linear.from_linear(module, group_size=group_size, name=name))
+    return model
+
+
+def export_model(model: nn.Module, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """Inverse of :func:`prepare_model`, in place: every :class:`Int8Linear` becomes an
+    ``nn.Linear`` holding the dequantized weight (``dtype`` defaults to the bias dtype or
+    fp32), so ``model.save_pretrained`` writes an ordinary checkpoint for inference."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, Int8Linear):
+            continue
+        out_dtype = dtype or (module.bias.dtype if module.bias is not None else torch.float32)
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device=module.weight.device, dtype=out_dtype)
+        with torch.no_grad():
+            linear.weight.copy_(module.dequantized_weight(out_dtype))
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, linear)
+    return model

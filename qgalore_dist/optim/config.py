@@ -1,0 +1,91 @@
+"""Typed configuration of :class:`QGaLoreAdamW8bit`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from ..core.projector import PROJ_TYPES, SVD_METHODS
+from ..quant import SUPPORTED_BITS
+
+__all__ = ["QGaLoreConfig"]
+
+
+@dataclass(kw_only=True, slots=True)
+class QGaLoreConfig:
+    """Hyperparameters of Q-GaLore.  Defaults follow the Q-GaLore C4 scripts
+    (``run_pretrain.py`` with ``--proj_quant --weight_quant --stochastic_round``)."""
+
+    lr: float = 1e-3
+    """Peak learning rate (the scripts use 0.015 at 60M/130M, 0.01 at 350M/1B, 0.004 at 7B)."""
+    rank: int = 128
+    """Rank r of the gradient subspace; must be < min(m, n) of every GaLore matrix."""
+    update_proj_gap: int = 200
+    """Initial number of steps between projector refreshes (T)."""
+    scale: float = 0.25
+    """GaLore scale alpha applied to the back-projected update."""
+    proj_type: str = "std"
+    """Side selection: std (keep the larger dimension), reverse_std, left or right."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas; the Q-GaLore driver passes (0.9, --beta2=0.95)."""
+    eps: float = 1e-8
+    """Adam epsilon (bitsandbytes' default, used by the Q-GaLore driver)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay, applied after the update as in the reference."""
+    proj_bits: int | None = 4
+    """Bits of the stored projector (2, 4 or 8); None keeps it in fp32."""
+    proj_group_size: int = 256
+    """Group size of projector quantization (must divide min(m, n) * r)."""
+    state_bits: int = 8
+    """8 for bitsandbytes block-wise 8-bit Adam moments, 32 for fp32 moments."""
+    stochastic_round: bool = True
+    """Requantize INT8 weights with stochastic rounding (off: round to nearest)."""
+    adaptive_gap: bool = True
+    """Q-GaLore's layer-adaptive gap; False gives GaLore's fixed schedule."""
+    cos_threshold: float = 0.4
+    """Mean cosine similarity at or above which a layer's gap grows."""
+    gamma_proj: int = 2
+    """Factor by which the gap grows."""
+    queue_size: int = 5
+    """Number of recent similarities averaged."""
+    svd_method: str = "exact"
+    """exact (torch.linalg.svd) or randomized (subspace iteration)."""
+    svd_oversample: int = 8
+    """Extra sketch columns of the randomized SVD."""
+    svd_power_iters: int = 2
+    """Power iterations of the randomized SVD."""
+    seed: int = 0
+    """Key of the stochastic-rounding and randomized-SVD streams (same on every rank)."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        checks = [
+            ("lr", self.lr >= 0, "a float >= 0"),
+            ("rank", isinstance(self.rank, int) and self.rank >= 1, "an int >= 1"),
+            ("update_proj_gap", isinstance(self.update_proj_gap, int) and self.update_proj_gap >= 1, "an int >= 1"),
+            ("proj_type", self.proj_type in PROJ_TYPES, f"one of {PROJ_TYPES}"),
+            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two floats in [0, 1)"),
+            ("eps", self.eps > 0, "a float > 0"),
+            ("weight_decay", self.weight_decay >= 0, "a float >= 0"),
+            ("proj_bits", self.proj_bits is None or self.proj_bits in SUPPORTED_BITS, f"None or one of {SUPPORTED_BITS}"),
+            ("proj_group_size", isinstance(self.proj_group_size, int) and self.proj_group_size >= 1, "an int >= 1"),
+            ("state_bits", self.state_bits in (8, 32), "8 or 32"),
+            ("gamma_proj", isinstance(self.gamma_proj, int) and self.gamma_proj >= 1, "an int >= 1"),
+            ("queue_size", isinstance(self.queue_size, int) and self.queue_size >= 1, "an int >= 1"),
+            ("svd_method", self.svd_method in SVD_METHODS, f"one of {SVD_METHODS}"),
+            ("seed", isinstance(self.seed, int) and self.seed >= 0, "an int >= 0"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"QGaLoreConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "QGaLoreConfig":
+        """Build from a plain dict (e.g. a ds_config ``optimizer.params``), rejecting unknown keys."""
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(params) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown Q-GaLore option(s) {unknown}; allowed: {allowed}")
+        return cls(**params)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

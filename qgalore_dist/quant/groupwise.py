@@ -1,0 +1,136 @@
+"""Group-wise asymmetric integer quantization (2, 4 and 8 bits) with real bit packing.
+
+A tensor is flattened row-major and cut into groups of ``group_size`` consecutive elements.
+Each group ``w`` gets ``scale = max(max(w) - min(w), 1e-5) / (2**bits - 1)`` and a zero point
+``zero = -round(min(w) / scale)``; codes are ``q = clamp(round(w / scale) + zero, 0, 2**bits-1)``
+and ``dequant(q) = scale * (q - zero)``.  This is the Q-GaLore reference scheme
+(``q_galore_projector._quantize``, ``_quantize_tensor_int8``) with one fix: the reference
+clamps ``zero`` into ``[0, 2**bits-1]``, which destroys groups whose values all have one sign
+(a group spanning [1, 2] dequantizes with an error of 1.0 at 4 bits).  Here ``zero`` is kept
+unclamped (stored as fp32), so every group is reproduced to within ``scale / 2`` (nearest) or
+``scale`` (stochastic).  ``reference=True`` restores the clamped formula for comparisons.
+
+Shapes: ``x`` any shape with ``numel % group_size == 0``; codes are uint8 with ``x``'s shape
+(one code per byte) until :func:`pack_codes` packs ``8 // bits`` codes per byte; ``scales``
+and ``zeros`` are fp32 ``(numel // group_size, 1)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .random import StreamKey, uniform_from_key
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "check_group_layout",
+    "quantize",
+    "dequantize",
+    "pack_codes",
+    "unpack_codes",
+    "packed_numel",
+]
+
+SUPPORTED_BITS = (2, 4, 8)
+_MIN_RANGE = 1e-5  # the reference's clamp on max - min, so constant groups do not divide by 0
+
+
+def check_group_layout(numel: int, bits: int, group_size: int, *, name: str = "tensor") -> None:
+    """Raise ``ValueError`` unless ``bits`` is supported and ``group_size`` divides ``numel``."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"{name}: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"{name}: group_size must be a positive int, got {group_size!r}")
+    if numel % group_size != 0:
+        raise ValueError(
+            f"{name}: group_size={group_size} does not divide the tensor's {numel} elements; "
+            f"choose a group size that divides {numel}"
+        )
+
+
+def _group_params(groups: torch.Tensor, bits: int, reference: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``groups`` (G, g) fp32 -> ``(scales, zeros)``, each (G, 1) fp32."""
+    max_int = 2**bits - 1
+    lo = groups.amin(dim=1, keepdim=True)
+    hi = groups.amax(dim=1, keepdim=True)
+    scales = (hi - lo).clamp(min=_MIN_RANGE) / max_int
+    zeros = -torch.round(lo / scales)
+    if reference:
+        zeros = zeros.clamp(0, max_int)
+    return scales, zeros
+
+
+def quantize(
+    x: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    stochastic_key: StreamKey | None = None,
+    reference: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` group-wise; return ``(codes, scales, zeros)`` (codes unpacked, uint8).
+
+    With ``stochastic_key`` the codes are rounded stochastically (up with probability equal to
+    the fractional part) using the counter-based stream of that key, so the result is a pure
+    function of ``(x, key)``; without it, round-to-nearest.
+    """
+    check_group_layout(x.numel(), bits, group_size)
+    max_int = 2**bits - 1
+    groups = x.detach().reshape(-1, group_size).to(torch.float32)
+    scales, zeros = _group_params(groups, bits, reference)
+    scaled = groups / scales
+    if stochastic_key is None:
+        rounded = torch.round(scaled)
+    else:
+        noise = uniform_from_key(stochastic_key, groups.numel(), groups.device).view_as(groups)
+        floor = torch.floor(scaled)
+        rounded = floor + (noise < (scaled - floor)).to(scaled.dtype)
+    codes = (rounded + zeros).clamp_(0, max_int).to(torch.uint8)
+    return codes.view(x.shape), scales, zeros
+
+
+def dequantize(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    *,
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize` for unpacked codes; returns ``codes``'s shape in ``dtype``."""
+    groups = codes.reshape(-1, group_size).to(torch.float32)
+    return ((groups - zeros) * scales).to(dtype).view(codes.shape)
+
+
+def packed_numel(numel: int, bits: int) -> int:
+    """Bytes needed for ``numel`` codes of ``bits`` bits (the tail byte is zero-padded)."""
+    per_byte = 8 // bits
+    return (numel + per_byte - 1) // per_byte
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes (< 2**bits) ``8 // bits`` per byte, little end first; returns 1-D uint8."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    flat = codes.reshape(-1)
+    if bits == 8:
+        return flat.clone()
+    per_byte = 8 // bits
+    pad = packed_numel(flat.numel(), bits) * per_byte - flat.numel()
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    lanes = flat.view(-1, per_byte).to(torch.int32)
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=flat.device) * bits
+    return (lanes << shifts).sum(dim=1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: the first ``numel`` codes as 1-D uint8."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    if bits == 8:
+        return packed.reshape(-1)[:numel]
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=packed.device) * bits
+    lanes = (packed.reshape(-1, 1).to(torch.int32) >> shifts) & (2**bits - 1)
+    return lanes.reshape(-1)[:numel].to(torch.uint8)
