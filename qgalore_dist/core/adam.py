@@ -42,9 +42,11 @@ def adam_direction(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pure Adam moment update on fp32 tensors: returns ``(direction, exp_avg, exp_avg_sq)``."""
     beta1, beta2 = betas
-    exp_avg = exp_avg * beta1 + grad * (1.0 - beta1)
-    exp_avg_sq = exp_avg_sq * beta2 + grad * grad * (1.0 - beta2)
-    return exp_avg / (exp_avg_sq.sqrt() + eps), exp_avg, exp_avg_sq
+    # The exact op sequence of galore_torch/adamw.py (mul_ then add_ with alpha, addcmul_,
+    # sqrt then add_ eps): same rounding, so fp32 results are bit-identical to GaLoreAdamW.
+    exp_avg = exp_avg.mul(beta1).add_(grad, alpha=1.0 - beta1)
+    exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    return exp_avg / exp_avg_sq.sqrt().add_(eps), exp_avg, exp_avg_sq
 
 
 def lowrank_adam_update(

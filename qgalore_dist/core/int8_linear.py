@@ -21,7 +21,10 @@ import torch.nn.functional as F
 
 from ..quant import check_group_layout, dequantize, quantize
 
-__all__ = ["DEFAULT_TARGET_MODULES", "Int8Linear", "int8_layer_of", "prepare_model", "export_model"]
+__all__ = [
+    "DEFAULT_TARGET_MODULES", "Int8Linear", "accumulate_full_grad", "export_model", "int8_layer_of",
+    "lowrank_sink", "prepare_model",
+]
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -68,6 +71,21 @@ def accumulate_full_grad(layer: "Int8Linear", weight_grad: torch.Tensor) -> None
         layer.weight_grad.add_(weight_grad)
 
 
+def lowrank_sink(project: Callable[[torch.Tensor], torch.Tensor]) -> Callable[["Int8Linear", torch.Tensor], None]:
+    """A gradient sink that projects at once and accumulates only the low-rank image in
+    ``layer.lowrank_grad``: the full fp32 gradient lives only for the duration of one
+    layer's backward (DESIGN invariant I3)."""
+
+    def sink(layer: "Int8Linear", weight_grad: torch.Tensor) -> None:
+        lowrank = project(weight_grad)
+        if layer.lowrank_grad is None:
+            layer.lowrank_grad = lowrank
+        else:
+            layer.lowrank_grad.add_(lowrank)
+
+    return sink
+
+
 class Int8Linear(nn.Module):
     """``y = x @ dequant(W).T + b`` with W stored as group-wise asymmetric INT8."""
 
@@ -82,6 +100,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_zeros", torch.zeros(groups, 1, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self.weight_grad: torch.Tensor | None = None
+        """Accumulated full fp32 weight gradient (out, in), when the sink keeps it full."""
+        self.lowrank_grad: torch.Tensor | None = None
+        """Accumulated projected gradient, when the sink projects in backward."""
         self.grad_sink: Callable[[Int8Linear, torch.Tensor], None] = accumulate_full_grad
         _LAYER_OF_WEIGHT[id(self.weight)] = weakref.ref(self)
 

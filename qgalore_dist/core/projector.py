@@ -65,7 +65,10 @@ def svd_basis(
     ``randomized`` is Halko et al.'s subspace iteration: a Gaussian sketch of
     ``rank + oversample`` columns (drawn from a generator seeded with ``seed``, never the global
     RNG), ``power_iters`` rounds of QR-orthonormalized power iteration, then an exact SVD of
-    the small ``k x n`` matrix ``Q^T G``.
+    the small ``k x n`` matrix ``Q^T G``.  Its singular vectors are sign-normalized (the
+    largest-magnitude entry of each right singular vector is positive), so the sign does not
+    depend on ``seed`` and the schedule's signed cosine sees no spurious flips.  ``exact``
+    keeps LAPACK's signs, as the reference does.
     """
     g = grad.detach().to(torch.float32)
     if method == "exact":
@@ -87,7 +90,12 @@ def _randomized_svd(g: torch.Tensor, rank: int, oversample: int, power_iters: in
         q, _ = torch.linalg.qr(g.T @ q)  # (n, k)
         q, _ = torch.linalg.qr(g @ q)  # (m, k)
     ub, _, vh = torch.linalg.svd(q.T @ g, full_matrices=False)  # (k, k), (k, n)
-    return q @ ub, vh
+    # The signs of the singular vectors would otherwise depend on the sketch, i.e. on the
+    # seed, which changes every refresh: the signed cosine of the adaptive schedule would then
+    # see spurious -1s for an unchanged subspace.  Make each vector's largest entry positive.
+    pivot = vh.gather(1, vh.abs().argmax(dim=1, keepdim=True))  # (k, 1)
+    signs = torch.where(pivot < 0, -1.0, 1.0).to(vh.dtype)
+    return (q @ ub) * signs.T, vh * signs
 
 
 @dataclass(kw_only=True, slots=True)

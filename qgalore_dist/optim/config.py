@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from ..core.projector import PROJ_TYPES, SVD_METHODS
+from ..distributed.plan import PLACEMENTS
 from ..quant import SUPPORTED_BITS
 
 __all__ = ["QGaLoreConfig"]
@@ -55,6 +56,8 @@ class QGaLoreConfig:
     """Power iterations of the randomized SVD."""
     seed: int = 0
     """Key of the stochastic-rounding and randomized-SVD streams (same on every rank)."""
+    placement: str = "balanced"
+    """Owner placement of GaLore matrices over data-parallel ranks: balanced or rank0."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -73,6 +76,7 @@ class QGaLoreConfig:
             ("queue_size", isinstance(self.queue_size, int) and self.queue_size >= 1, "an int >= 1"),
             ("svd_method", self.svd_method in SVD_METHODS, f"one of {SVD_METHODS}"),
             ("seed", isinstance(self.seed, int) and self.seed >= 0, "an int >= 0"),
+            ("placement", self.placement in PLACEMENTS, f"one of {PLACEMENTS}"),
         ]
         for name, ok, expected in checks:
             if not ok:

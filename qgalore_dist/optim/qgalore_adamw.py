@@ -1,17 +1,26 @@
-"""``QGaLoreAdamW8bit``: Q-GaLore as a ``torch.optim.Optimizer``.
+"""``QGaLoreAdamW8bit``: Q-GaLore as a ``torch.optim.Optimizer``, single process or data parallel.
 
 GaLore parameters (the ``uint8`` weights of :class:`~qgalore_dist.core.Int8Linear` layers,
 and any 2-D float parameter in a group marked ``galore=True`` or carrying the reference's
 ``rank`` key) are updated as
 
-    R = project(G)                       # (m, r) or (r, n), P refreshed on the adaptive schedule
-    direction = Adam(R)                  # moments in 8 bits (or 32)
+    R = project(G)                       # (m, r) or (r, n); P refreshed on the adaptive schedule
+    direction = Adam(R)                  # moments in 8 bits (or 32), on the owner rank only
     W = W - step_size * scale * back_project(direction);  W = W - lr * wd * W
     W = requantize_int8(W, stochastic rounding keyed by (seed, step, tensor id))
 
-Every other trainable parameter gets AdamW with the same formula and 8-bit moments.  A step
-whose gradients contain NaN/Inf is skipped as a whole (weights and state untouched) and
-counted in ``skipped_steps``.  ``state_dict()`` holds only tensors and numbers.
+Communication (world size N; all of it is the identity when N = 1, which is the single-process
+optimizer, not a separate code path): INT8 layers project their gradient during backward and
+keep only ``R``; at ``step()`` every ``R`` is reduce-scattered to its owner; a layer that
+refreshes this step instead reduces its full gradient to the owner, which runs the SVD and
+broadcasts the packed INT4 projector and schedule; owners run Adam and broadcast the low-rank
+``direction``; every rank applies it and requantizes with the shared stochastic-rounding
+stream, so INT8 weights are never sent.  Dense parameters (embeddings, norms, head) get AdamW
+with the same formula, ZeRO-1 style: gradients reduce-scattered to an owner, which keeps the
+8-bit moments and broadcasts the updated parameter.
+
+A step whose gradients contain NaN/Inf on any rank is skipped on all ranks (weights and state
+untouched) and counted in ``skipped_steps``.  ``state_dict()`` holds only tensors and numbers.
 """
 
 from __future__ import annotations
@@ -21,7 +30,11 @@ from typing import Any, Iterable
 
 import torch
 
-from ..core import Projector, RefreshSchedule, adam_step_size, int8_layer_of, lowrank_adam_update
+from ..core import Projector, RefreshSchedule, accumulate_full_grad, adam_step_size, int8_layer_of, lowrank_sink
+from ..core.adam import lowrank_adam_update
+from ..distributed import Collectives, MatrixSpec, broadcast_from_owners, plan_ownership, reduce_to_owners
+from ..distributed.replicas import check_replicas, validate_agreement
+from ..distributed.projector_sync import load_projector_payload, projector_payload, projector_payload_template
 from ..quant import BlockwiseCodec, Moment, StreamKey
 from .config import QGaLoreConfig
 
@@ -29,7 +42,6 @@ __all__ = ["QGaLoreAdamW8bit"]
 
 logger = logging.getLogger(__name__)
 
-_GROUP_GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
 _MOMENT_FIELDS = ("values", "codes", "absmax")
 
 
@@ -43,40 +55,49 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
             ``weight_decay``, ``betas``, ``eps`` and (GaLore groups) ``rank``,
             ``update_proj_gap``, ``scale``, ``proj_type``.
         config: :class:`QGaLoreConfig`; keyword overrides are applied on top of it.
-        names: optional ``{param: name}`` used in error messages and ``refresh_plan``.
+        names: optional ``{param: name}`` used in messages, plans and checkpoints.
+        collectives: the data-parallel group (default: the initialized world, or none).
+        manage_dense: False when an engine (DeepSpeed, FSDP2) owns the dense parameters.
     """
 
     def __init__(self, params: Iterable, config: QGaLoreConfig | None = None, *,
-                 names: dict[torch.Tensor, str] | None = None, **overrides: Any) -> None:
+                 names: dict[torch.Tensor, str] | None = None, collectives: Collectives | None = None,
+                 manage_dense: bool = True, **overrides: Any) -> None:
         cfg = config or QGaLoreConfig()
         if overrides:
             cfg = QGaLoreConfig.from_dict({**cfg.to_dict(), **overrides})
         self.config = cfg
-        defaults = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-        super().__init__(params, defaults)
+        super().__init__(params, dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay))
+        self.comm = collectives or Collectives()
         self.codec = BlockwiseCodec(bits=cfg.state_bits)
+        self.manage_dense = manage_dense
         self.skipped_steps = 0
         self.svds_last_step = 0
-        self._names = names or {}
-        self._tensor_ids = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if self.is_galore(p, group):
-                    self.state[p]["projector"] = self._build_projector(p, group)
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        self._tensor_ids = {p: i for i, p in enumerate(all_params)}
+        self._names = {p: (names or {}).get(p, f"param[{i}]") for p, i in self._tensor_ids.items()}
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        self.galore_params = [p for p in all_params if self.is_galore(p, self._group_of[p])]
+        self.dense_params = [p for p in all_params if p not in set(self.galore_params)]
+        for p in self.galore_params:
+            self.state[p]["projector"] = self._build_projector(p, self._group_of[p])
+        validate_agreement(self.comm, "Q-GaLore config", self.config.to_dict())
+        validate_agreement(self.comm, "GaLore/dense parameter shapes",
+                           [(self.name_of(p), tuple(p.shape), str(p.dtype)) for p in all_params])
+        self._plan_owners()
+        self._arm_grad_sinks()
 
-    # ----------------------------------------------------------------- classification
+    # ----------------------------------------------------------------- construction
     def is_galore(self, p: torch.Tensor, group: dict) -> bool:
         if int8_layer_of(p) is not None:
             return True
         return bool(group.get("galore") or "rank" in group) and p.dim() == 2
 
     def name_of(self, p: torch.Tensor) -> str:
-        return self._names.get(p, f"param[{self._tensor_ids[p]}]")
+        return self._names[p]
 
     def _build_projector(self, p: torch.Tensor, group: dict) -> Projector:
         cfg = self.config
-        if p.dim() != 2:
-            raise ValueError(f"{self.name_of(p)}: GaLore parameters must be 2-D, got shape {tuple(p.shape)}")
         schedule = RefreshSchedule(
             gap=int(group.get("update_proj_gap", cfg.update_proj_gap)), adaptive=cfg.adaptive_gap,
             queue_size=cfg.queue_size, cos_threshold=cfg.cos_threshold, gamma=cfg.gamma_proj,
@@ -87,38 +108,92 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
             schedule=schedule, name=self.name_of(p),
         )
 
+    def _plan_owners(self) -> None:
+        specs = [MatrixSpec(name=self.name_of(p), shape=tuple(p.shape), rank=self.state[p]["projector"].rank)
+                 for p in self.galore_params]
+        self.plan = plan_ownership(specs, self.comm.world_size, self.config.placement)
+        self.owner = {p: self.plan.owner[self.name_of(p)] for p in self.galore_params}
+        # Dense parameters: greedy by size, ZeRO-1 style (each one's moments live on one rank).
+        load = [0] * self.comm.world_size
+        for p in sorted(self.dense_params, key=lambda q: (-q.numel(), self._tensor_ids[q])):
+            r = min(range(self.comm.world_size), key=lambda k: (load[k], k))
+            self.owner[p] = r
+            load[r] += p.numel()
+
+    def _arm_grad_sinks(self) -> None:
+        """Before each backward: INT8 layers whose projector refreshes at the coming step keep
+        the full gradient, all others project at once (low-rank accumulation)."""
+        for p in self.galore_params:
+            layer = int8_layer_of(p)
+            if layer is None:
+                continue
+            proj = self.state[p]["projector"]
+            refreshing = proj.schedule.is_due(self.state[p].get("step", 0), proj.has_matrix())
+            layer.grad_sink = accumulate_full_grad if refreshing else lowrank_sink(proj.project)
+
     # ----------------------------------------------------------------- gradients
     @staticmethod
-    def grad_of(p: torch.Tensor) -> torch.Tensor | None:
+    def _local_grad(p: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        """("lowrank" | "full", tensor) of this rank's accumulated gradient, or None."""
         layer = int8_layer_of(p)
-        return layer.weight_grad if layer is not None else p.grad
+        if layer is None:
+            return None if p.grad is None else ("full", p.grad)
+        if layer.lowrank_grad is not None:
+            return "lowrank", layer.lowrank_grad
+        return None if layer.weight_grad is None else ("full", layer.weight_grad)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
-        for group in self.param_groups:
-            for p in group["params"]:
-                layer = int8_layer_of(p)
-                if layer is not None:
-                    layer.weight_grad = None
+        for p in self.galore_params:
+            layer = int8_layer_of(p)
+            if layer is not None:
+                layer.weight_grad = None
+                layer.lowrank_grad = None
 
-    def _grads_finite(self) -> bool:
-        flags = [torch.isfinite(g).all() for group in self.param_groups for p in group["params"]
-                 if (g := self.grad_of(p)) is not None]
-        return bool(torch.stack(flags).all()) if flags else True
+    def _agree_on_gradients(self, params: list[torch.Tensor]) -> tuple[bool, list[torch.Tensor]]:
+        """(all ranks finite, params that have a gradient) -- identical on every rank."""
+        grads = [self._local_grad(p) for p in params]
+        finite = all(bool(torch.isfinite(g[1]).all()) for g in grads if g is not None)
+        has = torch.tensor([1.0 if g is not None else 0.0 for g in grads])
+        flags = torch.cat([torch.tensor([1.0 if finite else 0.0]), has, -has])
+        self.comm.all_reduce_min(flags)
+        lo, hi = flags[1:1 + len(params)], -flags[1 + len(params):]
+        if not torch.equal(lo, hi):
+            bad = [self.name_of(p) for p, a, b in zip(params, lo, hi) if a != b]
+            raise ValueError(f"parameters {bad[:5]} have a gradient on some ranks and not on others")
+        return bool(flags[0] > 0), [p for p, h in zip(params, hi) if h > 0]
 
     def refresh_plan(self) -> list[str]:
         """Names of the GaLore matrices whose projector refreshes in the next ``step()``."""
-        due = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                proj = self.state[p].get("projector")
-                if proj is not None and proj.schedule.is_due(self.state[p].get("step", 0), proj.has_matrix()):
-                    due.append(self.name_of(p))
-        return due
+        return [self.name_of(p) for p in self.galore_params
+                if self.state[p]["projector"].schedule.is_due(self.state[p].get("step", 0),
+                                                              self.state[p]["projector"].has_matrix())]
+
+    def replicated_tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """Every tensor that must be bit-identical on all ranks (DESIGN invariant I1)."""
+        for p in self.galore_params:
+            name, layer = self.name_of(p), int8_layer_of(p)
+            if layer is not None:
+                yield f"{name}.codes", layer.weight
+                yield f"{name}.scales", layer.weight_scales
+                yield f"{name}.zeros", layer.weight_zeros
+            else:
+                yield name, p
+            proj = self.state[p]["projector"]
+            if proj.has_matrix():
+                for key, t in projector_payload(proj).items():
+                    yield f"{name}.{key}", t
+        for p in self.dense_params:
+            yield self.name_of(p), p
+
+    def check_replicas(self) -> int:
+        """Raise ``ReplicaMismatchError`` (on every rank) naming the first replicated tensor
+        that differs between ranks; returns the number of tensors checked."""
+        return check_replicas(self.comm, self.replicated_tensors())
 
     @property
     def svd_count(self) -> int:
-        return sum(s["projector"].schedule.svd_count for s in self.state.values() if "projector" in s)
+        return sum(self.state[p]["projector"].schedule.svd_count for p in self.galore_params)
 
     # ----------------------------------------------------------------- step
     @torch.no_grad()
@@ -128,62 +203,112 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.svds_last_step = 0
-        if not self._grads_finite():
+        managed = self.galore_params + (self.dense_params if self.manage_dense else [])
+        finite, with_grad = self._agree_on_gradients(managed)
+        if not finite:
             self.skipped_steps += 1
             logger.warning("QGaLoreAdamW8bit: non-finite gradient, step skipped (%d skipped so far)", self.skipped_steps)
-            return loss
-        for group in self.param_groups:
-            for p in group["params"]:
-                grad = self.grad_of(p)
-                if grad is None:
-                    continue
-                if "projector" in self.state[p]:
-                    self._galore_update(p, group, grad)
-                else:
-                    self._dense_update(p, group, grad)
+        else:
+            has = set(with_grad)
+            self._step_galore([p for p in self.galore_params if p in has])
+            self._step_dense([p for p in self.dense_params if p in has])
+        self._arm_grad_sinks()
+        self.comm.meter.end_step()
         return loss
 
-    def _adam(self, state: dict, grad: torch.Tensor, group: dict) -> tuple[torch.Tensor, float]:
-        """Advance the moments in ``state`` with ``grad``; return (direction, step_size)."""
+    def _is_refreshing(self, p: torch.Tensor) -> bool:
+        proj = self.state[p]["projector"]
+        return proj.schedule.is_due(self.state[p].get("step", 0), proj.has_matrix())
+
+    def _step_galore(self, params: list[torch.Tensor]) -> None:
+        rank = self.comm.rank
+        refreshing = [p for p in params if self._is_refreshing(p)]
+        steady = [p for p in params if p not in set(refreshing)]
+        lowrank_items = []
+        for p in steady:
+            kind, grad = self._local_grad(p)
+            lowrank_items.append((p, self.owner[p], grad if kind == "lowrank" else self.state[p]["projector"].project(grad)))
+        lowrank_avg = reduce_to_owners(self.comm, lowrank_items, "lowrank_reduce")
+        lowrank_avg.update(self._refresh(refreshing))
+        directions = []
+        for p in params:
+            state = self.state[p]
+            state["step"] = state.get("step", 0) + 1
+            if self.owner[p] == rank:
+                direction = self._adam(state, lowrank_avg[p], self._group_of[p])
+            else:
+                direction = torch.empty(state["projector"].lowrank_shape, device=p.device)
+            directions.append((p, self.owner[p], direction))
+        for p, direction in broadcast_from_owners(self.comm, directions, "update_gather").items():
+            self._apply_galore(p, direction)
+
+    def _refresh(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
+        """Owners run the SVD on the averaged full gradient and broadcast the new projector
+        and schedule; returns the owner's averaged low-rank gradients."""
+        cfg, rank, lowrank = self.config, self.comm.rank, {}
+        payloads = []
+        for p in params:
+            state, owner = self.state[p], self.owner[p]
+            proj: Projector = state["projector"]
+            grad = self.comm.reduce_mean_to(self._local_grad(p)[1].clone(), owner, "full_grad_reduce")
+            if owner == rank:
+                key = StreamKey(cfg.seed, state.get("step", 0), self._tensor_ids[p])
+                proj.refresh(grad, step=key[1], method=cfg.svd_method, oversample=cfg.svd_oversample,
+                             power_iters=cfg.svd_power_iters, key=key)
+                lowrank[p] = proj.project(grad)
+                payload = projector_payload(proj)
+            else:
+                payload = projector_payload_template(proj, p.device)
+            payloads += [((p, k), owner, t) for k, t in payload.items()]
+        received = broadcast_from_owners(self.comm, payloads, "proj_broadcast")
+        for p in params:
+            load_projector_payload(self.state[p]["projector"], {k: t for (q, k), t in received.items() if q is p})
+        self.svds_last_step = len(params)
+        return lowrank
+
+    def _adam(self, state: dict, grad: torch.Tensor, group: dict) -> torch.Tensor:
+        """Advance the moments in ``state`` with ``grad``; returns the Adam direction."""
         if "exp_avg" not in state:
-            state["step"] = state.get("step", 0)
             state["exp_avg"] = self.codec.zeros(grad.shape, grad.device, signed=True)
             state["exp_avg_sq"] = self.codec.zeros(grad.shape, grad.device, signed=False)
         direction, state["exp_avg"], state["exp_avg_sq"] = lowrank_adam_update(
             grad, state["exp_avg"], state["exp_avg_sq"], self.codec, betas=group["betas"], eps=group["eps"])
-        state["step"] += 1
-        return direction, adam_step_size(group["lr"], group["betas"], state["step"])
+        return direction
 
-    def _galore_update(self, p: torch.Tensor, group: dict, grad: torch.Tensor) -> None:
-        state = self.state[p]
-        proj: Projector = state["projector"]
-        step = state.get("step", 0)
-        key = StreamKey(self.config.seed, step, self._tensor_ids[p])
-        if proj.schedule.is_due(step, proj.has_matrix()):
-            cfg = self.config
-            proj.refresh(grad, step=step, method=cfg.svd_method, oversample=cfg.svd_oversample,
-                         power_iters=cfg.svd_power_iters, key=key)
-            self.svds_last_step += 1
-        direction, step_size = self._adam(state, proj.project(grad), group)
-        delta = proj.project_back(direction)
+    def _apply_galore(self, p: torch.Tensor, direction: torch.Tensor) -> None:
+        state, group = self.state[p], self._group_of[p]
+        step = state["step"]
+        step_size = adam_step_size(group["lr"], group["betas"], step)
+        delta = state["projector"].project_back(direction)
         layer = int8_layer_of(p)
         weight = layer.dequantized_weight() if layer is not None else p
         weight.add_(delta.to(weight.dtype), alpha=-step_size)
         if group["weight_decay"] > 0:
             weight.add_(weight, alpha=-group["lr"] * group["weight_decay"])
         if layer is not None:
+            key = StreamKey(self.config.seed, step - 1, self._tensor_ids[p])
             layer.set_weight(weight, stochastic_key=key if self.config.stochastic_round else None)
 
-    def _dense_update(self, p: torch.Tensor, group: dict, grad: torch.Tensor) -> None:
-        direction, step_size = self._adam(self.state[p], grad, group)
-        p.add_(direction.to(p.dtype), alpha=-step_size)
-        if group["weight_decay"] > 0:
-            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+    def _step_dense(self, params: list[torch.Tensor]) -> None:
+        rank = self.comm.rank
+        grads = reduce_to_owners(self.comm, [(p, self.owner[p], p.grad) for p in params], "dense")
+        for p in params:
+            state, group = self.state[p], self._group_of[p]
+            state["step"] = state.get("step", 0) + 1
+            if self.owner[p] != rank:
+                continue
+            direction = self._adam(state, grads[p], group)
+            p.add_(direction.to(p.dtype), alpha=-adam_step_size(group["lr"], group["betas"], state["step"]))
+            if group["weight_decay"] > 0:
+                p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        if self.comm.world_size > 1:
+            for p, value in broadcast_from_owners(self.comm, [(p, self.owner[p], p.data) for p in params], "dense").items():
+                p.data.copy_(value)
 
     # ----------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict:
         """Tensors, numbers, strings and lists only: loads with ``torch.load(weights_only=True)``."""
-        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        index = self._tensor_ids
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[p] for p in g["params"]]}
                   for g in self.param_groups]
         state = {index[p]: self._flatten_state(s) for p, s in self.state.items() if s}
@@ -209,15 +334,15 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         if len(saved_groups) != len(self.param_groups) or any(
                 len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)):
             raise ValueError("optimizer state_dict does not match this optimizer's parameter groups")
-        params = [p for g in self.param_groups for p in g["params"]]
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({k: v for k, v in saved.items() if k != "params"})
             group["betas"] = tuple(group["betas"])
-        for i, p in enumerate(params):
+        for p, i in self._tensor_ids.items():
             flat = state_dict["state"].get(i, state_dict["state"].get(str(i)))
             if flat is not None:
                 self._load_param_state(p, flat)
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self._arm_grad_sinks()
 
     def _load_param_state(self, p: torch.Tensor, flat: dict) -> None:
         state = self.state[p]

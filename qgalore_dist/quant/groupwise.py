@@ -8,7 +8,10 @@ and ``dequant(q) = scale * (q - zero)``.  This is the Q-GaLore reference scheme
 clamps ``zero`` into ``[0, 2**bits-1]``, which destroys groups whose values all have one sign
 (a group spanning [1, 2] dequantizes with an error of 1.0 at 4 bits).  Here ``zero`` is kept
 unclamped (stored as fp32), so every group is reproduced to within ``scale / 2`` (nearest) or
-``scale`` (stochastic).  ``reference=True`` restores the clamped formula for comparisons.
+``scale`` (stochastic).  Stochastic rounding additionally uses the unrounded zero point
+``zero = -min(w) / scale`` (codes ``SR((w - min(w)) / scale)``), so that it is unbiased for
+every element, the group's min and max included.  ``reference=True`` restores the clamped,
+rounded formula for comparisons.
 
 Shapes: ``x`` any shape with ``numel % group_size == 0``; codes are uint8 with ``x``'s shape
 (one code per byte) until :func:`pack_codes` packs ``8 // bits`` codes per byte; ``scales``
@@ -78,14 +81,23 @@ def quantize(
     max_int = 2**bits - 1
     groups = x.detach().reshape(-1, group_size).to(torch.float32)
     scales, zeros = _group_params(groups, bits, reference)
-    scaled = groups / scales
     if stochastic_key is None:
-        rounded = torch.round(scaled)
+        codes = torch.round(groups / scales) + zeros
     else:
+        if reference:
+            offset, shifted = zeros, groups / scales
+        else:
+            # Unrounded zero point: the grid runs from min(w) to max(w) exactly, so a group's
+            # extreme elements can round either way and stochastic rounding is unbiased for
+            # every element.  With the rounded zero point, min(w) can sit up to half a step
+            # below code 0 and is then always clamped up (a bias of up to scale / 2).
+            lo = groups.amin(dim=1, keepdim=True)
+            zeros = -lo / scales
+            offset, shifted = 0.0, (groups - lo) / scales
         noise = uniform_from_key(stochastic_key, groups.numel(), groups.device).view_as(groups)
-        floor = torch.floor(scaled)
-        rounded = floor + (noise < (scaled - floor)).to(scaled.dtype)
-    codes = (rounded + zeros).clamp_(0, max_int).to(torch.uint8)
+        floor = torch.floor(shifted)
+        codes = floor + (noise < (shifted - floor)).to(shifted.dtype) + offset
+    codes = codes.clamp_(0, max_int).to(torch.uint8)
     return codes.view(x.shape), scales, zeros
 
 

@@ -1,0 +1,11 @@
+"""Data-parallel Q-GaLore: ownership plan, metered collectives and owner-grouped exchanges.
+Everything here degenerates to the identity at world size 1."""
+
+from .comm import KINDS, Collectives, CommMeter
+from .exchange import broadcast_from_owners, reduce_to_owners
+from .plan import PLACEMENTS, MatrixSpec, OwnershipPlan, plan_ownership
+
+__all__ = [
+    "KINDS", "PLACEMENTS", "Collectives", "CommMeter", "MatrixSpec", "OwnershipPlan",
+    "broadcast_from_owners", "plan_ownership", "reduce_to_owners",
+]

@@ -1,0 +1,124 @@
+"""Every collective of the package, behind one metered layer that also works without a
+process group (world size 1: every exchange is the identity and nothing is metered).
+
+Bytes are metered per rank with the ring-algorithm volumes that NCCL's bus-bandwidth figures
+use: an all-reduce of S bytes moves ``2 (N-1)/N * S`` per rank, a reduce-scatter, all-gather or
+broadcast ``(N-1)/N * S``, a reduce to one rank ``(N-1)/N * S``.  Per-owner broadcasts that
+together cover S bytes therefore cost the same ``(N-1)/N * S`` as one all-gather.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["KINDS", "CommMeter", "Collectives"]
+
+KINDS = ("lowrank_reduce", "full_grad_reduce", "proj_broadcast", "update_gather", "dense", "control")
+
+
+@dataclass(kw_only=True, slots=True)
+class CommMeter:
+    """Bytes and calls per kind for the current step, and totals over the run."""
+
+    step_bytes: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    step_calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    total_bytes: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    last_step: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Bytes and calls per kind of the last finished step (``{kind: {"bytes", "calls"}}``)."""
+
+    def record(self, kind: str, nbytes: float) -> None:
+        assert kind in KINDS, f"unknown collective kind {kind!r}"
+        self.step_bytes[kind] += nbytes
+        self.step_calls[kind] += 1
+        self.total_bytes[kind] += nbytes
+
+    def end_step(self) -> dict[str, dict[str, float]]:
+        self.last_step = {k: {"bytes": self.step_bytes[k], "calls": self.step_calls[k]} for k in KINDS}
+        self.step_bytes.clear()
+        self.step_calls.clear()
+        return self.last_step
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat ``{"comm/<kind>_bytes": ...}`` of the last step, for logs."""
+        out = {f"comm/{k}_bytes": v["bytes"] for k, v in self.last_step.items()}
+        out["comm/total_bytes"] = sum(v["bytes"] for v in self.last_step.values())
+        return out
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Collectives:
+    """Metered collectives over ``group`` (default: the world), identity when world size is 1."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None, *, timeout_s: float | None = None) -> None:
+        self.group = group
+        self.enabled = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size(group) if self.enabled else 1
+        self.rank = dist.get_rank(group) if self.enabled else 0
+        self.meter = CommMeter()
+        self.timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+
+    @property
+    def ring_factor(self) -> float:
+        return (self.world_size - 1) / self.world_size
+
+    def _global_rank(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
+
+    def all_reduce_mean(self, tensor: torch.Tensor, kind: str) -> torch.Tensor:
+        """In place: ``tensor`` becomes the mean over ranks."""
+        if self.world_size == 1:
+            return tensor
+        self.meter.record(kind, 2 * self.ring_factor * _nbytes(tensor))
+        dist.all_reduce(tensor, group=self.group)
+        return tensor.div_(self.world_size)
+
+    def all_reduce_min(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In place minimum over ranks (control traffic, e.g. the finite-gradient flag)."""
+        if self.world_size == 1:
+            return tensor
+        self.meter.record("control", 2 * self.ring_factor * _nbytes(tensor))
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.group)
+        return tensor
+
+    def reduce_scatter_mean(self, chunks: list[torch.Tensor], kind: str) -> torch.Tensor:
+        """``chunks[r]`` (1-D, sizes may differ) is summed over ranks onto rank ``r``; returns
+        this rank's chunk divided by the world size."""
+        assert len(chunks) == self.world_size, f"{len(chunks)} chunks for world size {self.world_size}"
+        if self.world_size == 1:
+            return chunks[0]
+        self.meter.record(kind, self.ring_factor * sum(_nbytes(c) for c in chunks))
+        out = torch.empty_like(chunks[self.rank])
+        dist.reduce_scatter(out, [c.contiguous() for c in chunks], group=self.group)
+        return out.div_(self.world_size)
+
+    def reduce_mean_to(self, tensor: torch.Tensor, owner: int, kind: str) -> torch.Tensor:
+        """Sum ``tensor`` onto ``owner`` (in place); on the owner it is divided by the world size."""
+        if self.world_size == 1:
+            return tensor
+        self.meter.record(kind, self.ring_factor * _nbytes(tensor))
+        dist.reduce(tensor, dst=self._global_rank(owner), group=self.group)
+        return tensor.div_(self.world_size) if self.rank == owner else tensor
+
+    def broadcast_from(self, tensor: torch.Tensor, owner: int, kind: str) -> torch.Tensor:
+        """In place: every rank receives ``owner``'s ``tensor``."""
+        if self.world_size == 1:
+            return tensor
+        self.meter.record(kind, self.ring_factor * _nbytes(tensor))
+        dist.broadcast(tensor, src=self._global_rank(owner), group=self.group)
+        return tensor
+
+    def all_gather_object(self, obj) -> list:
+        """Small control data (configs, digests) from every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
