@@ -32,13 +32,26 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
 # layer's scales and gradient without tensor attributes.
 # Keyed by id() because tensors compare element-wise; the identity check below guards reuse.
 _LAYER_OF_WEIGHT: "dict[int, weakref.ref[Int8Linear]]" = {}
+# Every live layer: the fallback when a layer's ``weight`` Parameter was replaced behind its
+# back (``copy.deepcopy``/pickling build new Parameters, so do ``load_state_dict(assign=True)``
+# and engines that re-register parameters); without it such a weight would silently be
+# treated as a plain tensor without gradient and never be trained.
+_LIVE_LAYERS: "weakref.WeakSet[Int8Linear]" = weakref.WeakSet()
 
 
 def int8_layer_of(param: torch.Tensor) -> "Int8Linear | None":
     """The :class:`Int8Linear` whose ``weight`` is ``param``, or None."""
     ref = _LAYER_OF_WEIGHT.get(id(param))
     layer = ref() if ref is not None else None
-    return layer if layer is not None and layer.weight is param else None
+    if layer is not None and layer.weight is param:
+        return layer
+    if param.dtype != torch.uint8:
+        return None
+    for layer in list(_LIVE_LAYERS):
+        if layer.weight is param:
+            _LAYER_OF_WEIGHT[id(param)] = weakref.ref(layer)
+            return layer
+    return None
 
 
 class _Int8LinearFunction(torch.autograd.Function):
@@ -104,7 +117,22 @@ class Int8Linear(nn.Module):
         self.lowrank_grad: torch.Tensor | None = None
         """Accumulated projected gradient, when the sink projects in backward."""
         self.grad_sink: Callable[[Int8Linear, torch.Tensor], None] = accumulate_full_grad
+        self._register()
+
+    def _register(self) -> None:
         _LAYER_OF_WEIGHT[id(self.weight)] = weakref.ref(self)
+        _LIVE_LAYERS.add(self)
+
+    def __getstate__(self) -> dict:
+        # An optimizer's sink is a closure over its projector: a copy (or a pickle) of the
+        # layer belongs to no optimizer, and closures cannot be pickled.
+        state = super().__getstate__()
+        state["grad_sink"] = accumulate_full_grad
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._register()  # copy.deepcopy / torch.load built a new weight Parameter
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, group_size: int = 256, name: str = "linear") -> "Int8Linear":

@@ -9,7 +9,6 @@ together cover S bytes therefore cost the same ``(N-1)/N * S`` as one all-gather
 
 from __future__ import annotations
 
-import datetime
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -57,13 +56,24 @@ def _nbytes(t: torch.Tensor) -> int:
 class Collectives:
     """Metered collectives over ``group`` (default: the world), identity when world size is 1."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None, *, timeout_s: float | None = None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
         self.enabled = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(group) if self.enabled else 1
         self.rank = dist.get_rank(group) if self.enabled else 0
         self.meter = CommMeter()
-        self.timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+        self.step_index = 0
+        """Optimizer step being executed; named in errors so a failure says where it happened."""
+
+    def _run(self, what: str, kind: str, fn, *args, **kwargs):
+        """Run one collective; a failure (a peer that died, the process group's timeout) is
+        re-raised naming the operation, its kind and the step, instead of an opaque gloo error."""
+        try:
+            return fn(*args, group=self.group, **kwargs)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"qgalore-dist: {what} ({kind}) failed at optimizer step {self.step_index} "
+                f"on rank {self.rank} of {self.world_size}: {exc}") from exc
 
     @property
     def ring_factor(self) -> float:
@@ -77,7 +87,7 @@ class Collectives:
         if self.world_size == 1:
             return tensor
         self.meter.record(kind, 2 * self.ring_factor * _nbytes(tensor))
-        dist.all_reduce(tensor, group=self.group)
+        self._run("all_reduce", kind, dist.all_reduce, tensor)
         return tensor.div_(self.world_size)
 
     def all_reduce_min(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -85,7 +95,7 @@ class Collectives:
         if self.world_size == 1:
             return tensor
         self.meter.record("control", 2 * self.ring_factor * _nbytes(tensor))
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=self.group)
+        self._run("all_reduce(min)", "control", dist.all_reduce, tensor, op=dist.ReduceOp.MIN)
         return tensor
 
     def reduce_scatter_mean(self, chunks: list[torch.Tensor], kind: str) -> torch.Tensor:
@@ -96,7 +106,7 @@ class Collectives:
             return chunks[0]
         self.meter.record(kind, self.ring_factor * sum(_nbytes(c) for c in chunks))
         out = torch.empty_like(chunks[self.rank])
-        dist.reduce_scatter(out, [c.contiguous() for c in chunks], group=self.group)
+        self._run("reduce_scatter", kind, dist.reduce_scatter, out, [c.contiguous() for c in chunks])
         return out.div_(self.world_size)
 
     def reduce_mean_to(self, tensor: torch.Tensor, owner: int, kind: str) -> torch.Tensor:
@@ -104,7 +114,7 @@ class Collectives:
         if self.world_size == 1:
             return tensor
         self.meter.record(kind, self.ring_factor * _nbytes(tensor))
-        dist.reduce(tensor, dst=self._global_rank(owner), group=self.group)
+        self._run("reduce", kind, dist.reduce, tensor, dst=self._global_rank(owner))
         return tensor.div_(self.world_size) if self.rank == owner else tensor
 
     def broadcast_from(self, tensor: torch.Tensor, owner: int, kind: str) -> torch.Tensor:
@@ -112,13 +122,25 @@ class Collectives:
         if self.world_size == 1:
             return tensor
         self.meter.record(kind, self.ring_factor * _nbytes(tensor))
-        dist.broadcast(tensor, src=self._global_rank(owner), group=self.group)
+        self._run("broadcast", kind, dist.broadcast, tensor, src=self._global_rank(owner))
         return tensor
+
+    def all_to_all(self, send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], kind: str) -> torch.Tensor:
+        """Rank ``r`` receives ``send_sizes[r]`` elements from every rank; returns the
+        concatenation over source ranks (``sum(recv_sizes)`` elements)."""
+        if self.world_size == 1:
+            return send
+        own = send_sizes[self.rank]
+        self.meter.record(kind, (send.numel() - own) * send.element_size())
+        out = send.new_empty(sum(recv_sizes))
+        self._run("all_to_all", kind, dist.all_to_all_single, out, send.contiguous(),
+                  output_split_sizes=recv_sizes, input_split_sizes=send_sizes)
+        return out
 
     def all_gather_object(self, obj) -> list:
         """Small control data (configs, digests) from every rank."""
         if self.world_size == 1:
             return [obj]
         out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
+        self._run("all_gather_object", "control", dist.all_gather_object, out, obj)
         return out

@@ -10,7 +10,12 @@ import torch
 
 from .comm import Collectives
 
-__all__ = ["reduce_to_owners", "broadcast_from_owners"]
+from ..quant import BlockwiseCodec, Moment
+
+__all__ = ["reduce_to_owners", "reduce_to_owners_compressed", "broadcast_from_owners"]
+
+# Payload compression: bitsandbytes' signed dynamic 8-bit map, one fp32 absmax per 256 values.
+_PAYLOAD_CODEC = BlockwiseCodec(bits=8, block_size=256, min_8bit_size=0)
 
 
 def _flat(tensors: Sequence[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
@@ -70,4 +75,50 @@ def broadcast_from_owners(
         for key, tensor in group:
             out[key] = flat[offset:offset + tensor.numel()].view(tensor.shape)
             offset += tensor.numel()
+    return out
+
+
+def reduce_to_owners_compressed(
+    coll: Collectives,
+    items: Sequence[tuple[Hashable, int, torch.Tensor]],
+    kind: str,
+    residuals: dict[Hashable, torch.Tensor],
+) -> dict[Hashable, torch.Tensor]:
+    """As :func:`reduce_to_owners`, with 8-bit payloads and per-rank error feedback (the
+    scheme of ZeRO++ qgZ / 1-bit Adam): each rank adds its residual, quantizes its chunk for
+    every owner to 8-bit block-wise codes, keeps ``x - dequant(q)`` as the new residual (in
+    ``residuals``, keyed like ``items``), and an all-to-all delivers the codes to the owners,
+    which dequantize and average.  Codes cannot be summed in transit, hence all-to-all."""
+    if not items:
+        return {}
+    device = items[0][2].device
+    by_owner: list[list[tuple[Hashable, torch.Tensor]]] = [[] for _ in range(coll.world_size)]
+    for key, owner, tensor in items:
+        by_owner[owner].append((key, tensor))
+    codes, absmaxes = [], []
+    for group in by_owner:
+        x = _flat([t + residuals[k] if k in residuals else t for k, t in group], torch.float32, device)
+        moment = _PAYLOAD_CODEC.encode(x, signed=True) if x.numel() else Moment(codes=x.to(torch.uint8), absmax=x)
+        error = x - (_PAYLOAD_CODEC.decode(moment, signed=True) if x.numel() else x)
+        offset = 0
+        for key, tensor in group:
+            residuals[key] = error[offset:offset + tensor.numel()].view(tensor.shape).clone()
+            offset += tensor.numel()
+        codes.append(moment.codes.reshape(-1))
+        absmaxes.append(moment.absmax.reshape(-1))
+    mine_numel = codes[coll.rank].numel()
+    mine_blocks = absmaxes[coll.rank].numel()
+    got_codes = coll.all_to_all(torch.cat(codes), [c.numel() for c in codes], [mine_numel] * coll.world_size, kind)
+    got_absmax = coll.all_to_all(torch.cat(absmaxes), [a.numel() for a in absmaxes], [mine_blocks] * coll.world_size, kind)
+    total = torch.zeros(mine_numel, dtype=torch.float32, device=device)
+    for src in range(coll.world_size):
+        piece = Moment(codes=got_codes[src * mine_numel:(src + 1) * mine_numel],
+                       absmax=got_absmax[src * mine_blocks:(src + 1) * mine_blocks])
+        if mine_numel:
+            total += _PAYLOAD_CODEC.decode(piece, signed=True)
+    total /= coll.world_size
+    out, offset = {}, 0
+    for key, tensor in by_owner[coll.rank]:
+        out[key] = total[offset:offset + tensor.numel()].view(tensor.shape)
+        offset += tensor.numel()
     return out

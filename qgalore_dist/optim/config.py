@@ -58,6 +58,9 @@ class QGaLoreConfig:
     """Key of the stochastic-rounding and randomized-SVD streams (same on every rank)."""
     placement: str = "balanced"
     """Owner placement of GaLore matrices over data-parallel ranks: balanced or rank0."""
+    compress_lowrank: bool = False
+    """Send low-rank gradients as 8-bit block-wise codes with per-rank error feedback
+    (costs one fp32 residual of each low-rank gradient per rank)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]

@@ -32,7 +32,14 @@ import torch
 
 from ..core import Projector, RefreshSchedule, accumulate_full_grad, adam_step_size, int8_layer_of, lowrank_sink
 from ..core.adam import lowrank_adam_update
-from ..distributed import Collectives, MatrixSpec, broadcast_from_owners, plan_ownership, reduce_to_owners
+from ..distributed import (
+    Collectives,
+    MatrixSpec,
+    broadcast_from_owners,
+    plan_ownership,
+    reduce_to_owners,
+    reduce_to_owners_compressed,
+)
 from ..distributed.replicas import check_replicas, validate_agreement
 from ..distributed.projector_sync import load_projector_payload, projector_payload, projector_payload_template
 from ..quant import BlockwiseCodec, Moment, StreamKey
@@ -72,6 +79,9 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         self.codec = BlockwiseCodec(bits=cfg.state_bits)
         self.manage_dense = manage_dense
         self.skipped_steps = 0
+        self.steps_taken = 0
+        self.comm_residuals: dict[torch.Tensor, torch.Tensor] = {}
+        """Per-rank error feedback of compressed low-rank payloads (``compress_lowrank``)."""
         self.svds_last_step = 0
         all_params = [p for g in self.param_groups for p in g["params"]]
         self._tensor_ids = {p: i for i, p in enumerate(all_params)}
@@ -192,6 +202,11 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         return check_replicas(self.comm, self.replicated_tensors())
 
     @property
+    def comm_residual_bytes(self) -> int:
+        """Memory held by the error-feedback residuals of payload compression on this rank."""
+        return sum(t.numel() * t.element_size() for t in self.comm_residuals.values())
+
+    @property
     def svd_count(self) -> int:
         return sum(self.state[p]["projector"].schedule.svd_count for p in self.galore_params)
 
@@ -203,6 +218,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.svds_last_step = 0
+        self.comm.step_index = self.steps_taken
         managed = self.galore_params + (self.dense_params if self.manage_dense else [])
         finite, with_grad = self._agree_on_gradients(managed)
         if not finite:
@@ -213,7 +229,11 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
             self._step_galore([p for p in self.galore_params if p in has])
             self._step_dense([p for p in self.dense_params if p in has])
         self._arm_grad_sinks()
-        self.comm.meter.end_step()
+        traffic = self.comm.meter.end_step()
+        if self.comm.world_size > 1:
+            logger.debug("step %d: %d SVDs, comm bytes %s", self.steps_taken, self.svds_last_step,
+                         {k: v["bytes"] for k, v in traffic.items() if v["calls"]})
+        self.steps_taken += 1
         return loss
 
     def _is_refreshing(self, p: torch.Tensor) -> bool:
@@ -228,7 +248,10 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         for p in steady:
             kind, grad = self._local_grad(p)
             lowrank_items.append((p, self.owner[p], grad if kind == "lowrank" else self.state[p]["projector"].project(grad)))
-        lowrank_avg = reduce_to_owners(self.comm, lowrank_items, "lowrank_reduce")
+        if self.config.compress_lowrank and self.comm.world_size > 1:
+            lowrank_avg = reduce_to_owners_compressed(self.comm, lowrank_items, "lowrank_reduce", self.comm_residuals)
+        else:
+            lowrank_avg = reduce_to_owners(self.comm, lowrank_items, "lowrank_reduce")
         lowrank_avg.update(self._refresh(refreshing))
         directions = []
         for p in params:
