@@ -205,3 +205,15 @@ def test_compressed_payloads_stay_within_one_percent():
     plain = run_distributed(_train, 2, 1, {"update_proj_gap": 100}, False)[0]["meter"]["lowrank_reduce"]["bytes"]
     compressed = results[0]["meter"]["lowrank_reduce"]["bytes"]
     assert 0.25 <= compressed / plain <= 0.27, (compressed, plain)
+
+
+def test_bf16_payloads_halve_bytes_and_keep_replicas_identical():
+    """bfloat16 payloads: replicas stay bit-identical (checked every step), loss within 1% of
+    one process, half the low-rank and update bytes of fp32 payloads."""
+    cfg = {"payload_dtype": "bfloat16", "update_proj_gap": 100}
+    reference = _single(1, {"update_proj_gap": 100})
+    results = run_distributed(_train, 2, 1, cfg, True)
+    torch.testing.assert_close(torch.tensor(results[0]["losses"]), torch.tensor(reference["losses"]), rtol=1e-2, atol=0)
+    plain = run_distributed(_train, 2, 1, {"update_proj_gap": 100}, False)[0]["meter"]
+    for kind in ("lowrank_reduce", "update_gather"):
+        assert results[0]["meter"][kind]["bytes"] == plain[kind]["bytes"] / 2

@@ -182,14 +182,21 @@ class Projector:
         return self.proj is not None or self.proj_codes is not None
 
     def matrix(self) -> torch.Tensor:
-        """``P`` in fp32 (dequantized when stored in ``bits``)."""
+        """``P`` in fp32 (dequantized when stored in ``bits``), always column-major.
+
+        The layout is fixed because it selects the matmul kernel and so the rounding: LAPACK
+        returns column-major factors (what galore_torch multiplies with), while a broadcast
+        or a checkpoint yields row-major copies; one layout keeps every rank and a resumed
+        run on the same bits."""
         if self.bits is None:
             assert self.proj is not None, "projector used before its first refresh"
-            return self.proj
-        assert self.proj_codes is not None, "projector used before its first refresh"
-        numel = self.proj_shape[0] * self.proj_shape[1]
-        codes = unpack_codes(self.proj_codes, self.bits, numel).view(self.proj_shape)
-        return dequantize(codes, self.proj_scales, self.proj_zeros, group_size=self.group_size)
+            p = self.proj
+        else:
+            assert self.proj_codes is not None, "projector used before its first refresh"
+            numel = self.proj_shape[0] * self.proj_shape[1]
+            codes = unpack_codes(self.proj_codes, self.bits, numel).view(self.proj_shape)
+            p = dequantize(codes, self.proj_scales, self.proj_zeros, group_size=self.group_size)
+        return p.t().contiguous().t()
 
     def set_matrix(self, proj: torch.Tensor) -> None:
         """Store a new fp32 ``P`` (quantized when ``bits`` is set)."""

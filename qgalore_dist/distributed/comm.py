@@ -9,6 +9,7 @@ together cover S bytes therefore cost the same ``(N-1)/N * S`` as one all-gather
 
 from __future__ import annotations
 
+import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -142,5 +143,7 @@ class Collectives:
         if self.world_size == 1:
             return [obj]
         out: list = [None] * self.world_size
+        # all_gather_object pickles; meter the pickled size like an all-gather of it.
+        self.meter.record("control", (self.world_size - 1) * len(pickle.dumps(obj)))
         self._run("all_gather_object", "control", dist.all_gather_object, out, obj)
         return out

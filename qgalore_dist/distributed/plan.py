@@ -72,7 +72,9 @@ def plan_ownership(specs: list[MatrixSpec], world_size: int, placement: str = "b
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     names = [s.name for s in specs]
-    assert len(set(names)) == len(names), "matrix names must be unique"
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"matrix names must be unique, got duplicates {dupes[:5]}")
     cost = [0] * world_size
     state = [0] * world_size
     owner: dict[str, int] = {}

@@ -58,6 +58,9 @@ class QGaLoreConfig:
     """Key of the stochastic-rounding and randomized-SVD streams (same on every rank)."""
     placement: str = "balanced"
     """Owner placement of GaLore matrices over data-parallel ranks: balanced or rank0."""
+    payload_dtype: str = "float32"
+    """Dtype of gradient and update payloads between ranks: float32 (exact equivalence with
+    one process up to reduction order) or bfloat16 (half the bytes, DESIGN's b = 2)."""
     compress_lowrank: bool = False
     """Send low-rank gradients as 8-bit block-wise codes with per-rank error feedback
     (costs one fp32 residual of each low-rank gradient per rank)."""
@@ -80,6 +83,7 @@ class QGaLoreConfig:
             ("svd_method", self.svd_method in SVD_METHODS, f"one of {SVD_METHODS}"),
             ("seed", isinstance(self.seed, int) and self.seed >= 0, "an int >= 0"),
             ("placement", self.placement in PLACEMENTS, f"one of {PLACEMENTS}"),
+            ("payload_dtype", self.payload_dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
         ]
         for name, ok, expected in checks:
             if not ok:

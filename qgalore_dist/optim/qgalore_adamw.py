@@ -80,6 +80,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         self.manage_dense = manage_dense
         self.skipped_steps = 0
         self.steps_taken = 0
+        self._payload_dtype = getattr(torch, cfg.payload_dtype)
         self.comm_residuals: dict[torch.Tensor, torch.Tensor] = {}
         """Per-rank error feedback of compressed low-rank payloads (``compress_lowrank``)."""
         self.svds_last_step = 0
@@ -251,7 +252,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         if self.config.compress_lowrank and self.comm.world_size > 1:
             lowrank_avg = reduce_to_owners_compressed(self.comm, lowrank_items, "lowrank_reduce", self.comm_residuals)
         else:
-            lowrank_avg = reduce_to_owners(self.comm, lowrank_items, "lowrank_reduce")
+            lowrank_avg = reduce_to_owners(self.comm, lowrank_items, "lowrank_reduce", dtype=self._payload_dtype)
         lowrank_avg.update(self._refresh(refreshing))
         directions = []
         for p in params:
@@ -261,9 +262,10 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
                 direction = self._adam(state, lowrank_avg[p], self._group_of[p])
             else:
                 direction = torch.empty(state["projector"].lowrank_shape, device=p.device)
-            directions.append((p, self.owner[p], direction))
+            # Every rank, the owner included, applies the payload-dtype value: replicas stay equal.
+            directions.append((p, self.owner[p], direction.to(self._payload_dtype)))
         for p, direction in broadcast_from_owners(self.comm, directions, "update_gather").items():
-            self._apply_galore(p, direction)
+            self._apply_galore(p, direction.to(torch.float32))
 
     def _refresh(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Owners run the SVD on the averaged full gradient and broadcast the new projector
@@ -314,7 +316,8 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
 
     def _step_dense(self, params: list[torch.Tensor]) -> None:
         rank = self.comm.rank
-        grads = reduce_to_owners(self.comm, [(p, self.owner[p], p.grad) for p in params], "dense")
+        grads = reduce_to_owners(self.comm, [(p, self.owner[p], p.grad) for p in params], "dense",
+                                 dtype=self._payload_dtype)
         for p in params:
             state, group = self.state[p], self._group_of[p]
             state["step"] = state.get("step", 0) + 1
