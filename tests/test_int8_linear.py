@@ -192,3 +192,14 @@ def test_copied_or_pickled_int8_layers_stay_trainable():
     # The original is untouched by training its copies.
     for name, layer in int8_layers(model):
         assert int8_layer_of(layer.weight) is layer
+
+
+def test_dtype_cast_keeps_quantization_metadata_fp32():
+    """``model.to(torch.bfloat16)`` casts the bias but must not round scales or zero points."""
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(32, 16), group_size=32)
+    scales, zeros = layer.weight_scales.clone(), layer.weight_zeros.clone()
+    layer.to(torch.bfloat16)
+    assert layer.bias.dtype == torch.bfloat16
+    assert layer.weight_scales.dtype == torch.float32 and torch.equal(layer.weight_scales, scales)
+    assert layer.weight_zeros.dtype == torch.float32 and torch.equal(layer.weight_zeros, zeros)

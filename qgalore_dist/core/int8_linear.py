@@ -134,6 +134,15 @@ class Int8Linear(nn.Module):
         super().__setstate__(state)
         self._register()  # copy.deepcopy / torch.load built a new weight Parameter
 
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(torch.bfloat16) would round the quantization metadata (scales and the
+        # fractional zero points of stochastic rounding): move it, but keep it fp32.
+        meta = {name: self._buffers[name] for name in ("weight_scales", "weight_zeros")}
+        super()._apply(fn, recurse)
+        for name, before in meta.items():
+            self._buffers[name] = before.to(device=self._buffers[name].device, dtype=torch.float32)
+        return self
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, group_size: int = 256, name: str = "linear") -> "Int8Linear":
         """Quantize ``linear``'s weight (round to nearest) into a new layer."""
