@@ -24,6 +24,22 @@ def _flat(tensors: Sequence[torch.Tensor], dtype: torch.dtype, device) -> torch.
     return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
 
 
+def _group_by_owner(items, world_size: int) -> list[list[tuple[Hashable, torch.Tensor]]]:
+    by_owner: list[list[tuple[Hashable, torch.Tensor]]] = [[] for _ in range(world_size)]
+    for key, owner, tensor in items:
+        by_owner[owner].append((key, tensor))
+    return by_owner
+
+
+def _split(flat: torch.Tensor, group: Sequence[tuple[Hashable, torch.Tensor]]) -> dict[Hashable, torch.Tensor]:
+    """Views of ``flat`` shaped like the tensors of ``group``, in order."""
+    out, offset = {}, 0
+    for key, tensor in group:
+        out[key] = flat[offset:offset + tensor.numel()].view(tensor.shape)
+        offset += tensor.numel()
+    return out
+
+
 def reduce_to_owners(
     coll: Collectives,
     items: Sequence[tuple[Hashable, int, torch.Tensor]],
@@ -39,16 +55,9 @@ def reduce_to_owners(
     if not items:
         return {}
     device = items[0][2].device
-    by_owner: list[list[tuple[Hashable, torch.Tensor]]] = [[] for _ in range(coll.world_size)]
-    for key, owner, tensor in items:
-        by_owner[owner].append((key, tensor))
+    by_owner = _group_by_owner(items, coll.world_size)
     chunks = [_flat([t for _, t in group], dtype, device) for group in by_owner]
-    mine = coll.reduce_scatter_mean(chunks, kind)
-    out, offset = {}, 0
-    for key, tensor in by_owner[coll.rank]:
-        out[key] = mine[offset:offset + tensor.numel()].view(tensor.shape)
-        offset += tensor.numel()
-    return out
+    return _split(coll.reduce_scatter_mean(chunks, kind), by_owner[coll.rank])
 
 
 def broadcast_from_owners(
@@ -70,11 +79,7 @@ def broadcast_from_owners(
             out.update(group)
             continue
         flat = _flat([t for _, t in group], dtype, group[0][1].device)
-        coll.broadcast_from(flat, owner, kind)
-        offset = 0
-        for key, tensor in group:
-            out[key] = flat[offset:offset + tensor.numel()].view(tensor.shape)
-            offset += tensor.numel()
+        out.update(_split(coll.broadcast_from(flat, owner, kind), group))
     return out
 
 
@@ -92,18 +97,13 @@ def reduce_to_owners_compressed(
     if not items:
         return {}
     device = items[0][2].device
-    by_owner: list[list[tuple[Hashable, torch.Tensor]]] = [[] for _ in range(coll.world_size)]
-    for key, owner, tensor in items:
-        by_owner[owner].append((key, tensor))
+    by_owner = _group_by_owner(items, coll.world_size)
     codes, absmaxes = [], []
     for group in by_owner:
         x = _flat([t + residuals[k] if k in residuals else t for k, t in group], torch.float32, device)
         moment = _PAYLOAD_CODEC.encode(x, signed=True) if x.numel() else Moment(codes=x.to(torch.uint8), absmax=x)
         error = x - (_PAYLOAD_CODEC.decode(moment, signed=True) if x.numel() else x)
-        offset = 0
-        for key, tensor in group:
-            residuals[key] = error[offset:offset + tensor.numel()].view(tensor.shape).clone()
-            offset += tensor.numel()
+        residuals.update(_split(error, group))
         codes.append(moment.codes.reshape(-1))
         absmaxes.append(moment.absmax.reshape(-1))
     mine_numel = codes[coll.rank].numel()
@@ -116,9 +116,4 @@ def reduce_to_owners_compressed(
                        absmax=got_absmax[src * mine_blocks:(src + 1) * mine_blocks])
         if mine_numel:
             total += _PAYLOAD_CODEC.decode(piece, signed=True)
-    total /= coll.world_size
-    out, offset = {}, 0
-    for key, tensor in by_owner[coll.rank]:
-        out[key] = total[offset:offset + tensor.numel()].view(tensor.shape)
-        offset += tensor.numel()
-    return out
+    return _split(total / coll.world_size, by_owner[coll.rank])
