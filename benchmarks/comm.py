@@ -19,7 +19,7 @@ D = dense parameters (embeddings, norms, lm_head)):
                  ``control``         the finite-gradient / has-gradient flags, an all-reduce of
                                      ``1 + 2 * (#GaLore + #dense tensors)`` fp32 values.
   Two payload variants:
-    - ``ours_fp32`` what the implementation sends today: low-rank gradients and directions in fp32
+    - ``ours_fp32`` the default, `payload_dtype="float32"`: low-rank gradients and directions in fp32
       (b = 4), dense gradients cast to fp32 by ``reduce_to_owners`` (4 B), dense parameters in their
       own dtype (bf16 assumed here, 2 B, as the DDP baseline);
     - ``ours_bf16`` bf16 payloads everywhere (b = 2, dense 2 + 2 B): DESIGN.md's closed form, not
@@ -297,10 +297,10 @@ def markdown(p: dict[str, Any]) -> str:
         "- DDP-bf16: all-reduce of bf16 gradients, 2(N-1)/N * 2 * params.",
         "- ZeRO-2: reduce-scatter of bf16 gradients + all-gather of bf16 parameters, (N-1)/N * 2 * params each "
         "(same volume as DDP).",
-        "- ours fp32 (**what the implementation sends today**): low-rank gradient reduce-scatter + low-rank update "
+        "- ours fp32 (**the default, `payload_dtype="float32"`**): low-rank gradient reduce-scatter + low-rank update "
         "gather, (N-1)/N * max(m,n) * r * 4 each per GaLore matrix; dense parameters: fp32 gradient reduce-scatter "
         "(4 B) + broadcast of the bf16 parameter (2 B); plus the control flags.",
-        "- ours bf16 (DESIGN.md's closed form; **not implemented**): the same with 2-byte payloads everywhere. "
+        "- ours bf16 (DESIGN.md's closed form; `payload_dtype="bfloat16"`, added after this run; tests/test_distributed.py checks the metered low-rank and update bytes halve): the same with 2-byte payloads everywhere. "
         "INT8 payloads (~1 B) exist only as the opt-in `compress_lowrank` config (8-bit low-rank gradients by "
         "all-to-all with error feedback; the update gather stays fp32), off by default and not measured here.", "",
         f"## 1. Steady-state step, N = {p['worlds'][0]} ranks (GiB per rank per step)", "",
