@@ -2,10 +2,15 @@
 Everything here degenerates to the identity at world size 1."""
 
 from .comm import KINDS, Collectives, CommMeter
-from .exchange import broadcast_from_owners, reduce_to_owners, reduce_to_owners_compressed
+from .exchange import (
+    broadcast_from_owners,
+    broadcast_from_owners_compressed,
+    reduce_to_owners,
+    reduce_to_owners_compressed,
+)
 from .plan import PLACEMENTS, MatrixSpec, OwnershipPlan, plan_ownership
 
 __all__ = [
     "KINDS", "PLACEMENTS", "Collectives", "CommMeter", "MatrixSpec", "OwnershipPlan",
-    "broadcast_from_owners", "plan_ownership", "reduce_to_owners", "reduce_to_owners_compressed",
+    "broadcast_from_owners", "broadcast_from_owners_compressed", "plan_ownership", "reduce_to_owners", "reduce_to_owners_compressed",
 ]

@@ -12,7 +12,10 @@ from .comm import Collectives
 
 from ..quant import BlockwiseCodec, Moment
 
-__all__ = ["reduce_to_owners", "reduce_to_owners_compressed", "broadcast_from_owners"]
+__all__ = [
+    "broadcast_from_owners", "broadcast_from_owners_compressed", "reduce_to_owners",
+    "reduce_to_owners_compressed",
+]
 
 # Payload compression: bitsandbytes' signed dynamic 8-bit map, one fp32 absmax per 256 values.
 _PAYLOAD_CODEC = BlockwiseCodec(bits=8, block_size=256, min_8bit_size=0)
@@ -117,3 +120,40 @@ def reduce_to_owners_compressed(
         if mine_numel:
             total += _PAYLOAD_CODEC.decode(piece, signed=True)
     return _split(total / coll.world_size, by_owner[coll.rank])
+
+
+def broadcast_from_owners_compressed(
+    coll: Collectives,
+    items: Sequence[tuple[Hashable, int, torch.Tensor]],
+    kind: str,
+    residuals: dict[Hashable, torch.Tensor],
+) -> dict[Hashable, torch.Tensor]:
+    """As :func:`broadcast_from_owners` for fp32 values, sent as 8-bit block-wise codes.
+
+    Each owner adds its error-feedback residual to the values it owns, encodes them, keeps
+    ``x - dequant(q)`` as the new residual and broadcasts codes + absmax; every rank, the
+    owner included, returns the *decoded* values, so replicas stay bit-identical."""
+    device = items[0][2].device if items else None
+    payload = []
+    by_owner = _group_by_owner(items, coll.world_size)
+    for owner, group in enumerate(by_owner):
+        numel = sum(t.numel() for _, t in group)
+        if not numel:
+            continue
+        blocks = -(-numel // _PAYLOAD_CODEC.block_size)
+        if owner == coll.rank:
+            x = _flat([t + residuals[k] if k in residuals else t for k, t in group], torch.float32, device)
+            moment = _PAYLOAD_CODEC.encode(x, signed=True)
+            residuals.update(_split(x - _PAYLOAD_CODEC.decode(moment, signed=True), group))
+            codes, absmax = moment.codes.reshape(-1), moment.absmax.reshape(-1)
+        else:
+            codes = torch.empty(numel, dtype=torch.uint8, device=device)
+            absmax = torch.empty(blocks, dtype=torch.float32, device=device)
+        payload += [((owner, "codes"), owner, codes), ((owner, "absmax"), owner, absmax)]
+    received = broadcast_from_owners(coll, payload, kind)
+    out: dict[Hashable, torch.Tensor] = {}
+    for owner, group in enumerate(by_owner):
+        if group:
+            moment = Moment(codes=received[(owner, "codes")], absmax=received[(owner, "absmax")])
+            out.update(_split(_PAYLOAD_CODEC.decode(moment, signed=True), group))
+    return out

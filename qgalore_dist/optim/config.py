@@ -62,8 +62,9 @@ class QGaLoreConfig:
     """Dtype of gradient and update payloads between ranks: float32 (exact equivalence with
     one process up to reduction order) or bfloat16 (half the bytes, DESIGN's b = 2)."""
     compress_lowrank: bool = False
-    """Send low-rank gradients as 8-bit block-wise codes with per-rank error feedback
-    (costs one fp32 residual of each low-rank gradient per rank)."""
+    """Send low-rank gradients and low-rank updates as 8-bit block-wise codes with error
+    feedback (costs one fp32 residual per low-rank gradient per rank, and one per owned
+    update on its owner)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]

@@ -36,6 +36,7 @@ from ..distributed import (
     Collectives,
     MatrixSpec,
     broadcast_from_owners,
+    broadcast_from_owners_compressed,
     plan_ownership,
     reduce_to_owners,
     reduce_to_owners_compressed,
@@ -82,7 +83,9 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         self.steps_taken = 0
         self._payload_dtype = getattr(torch, cfg.payload_dtype)
         self.comm_residuals: dict[torch.Tensor, torch.Tensor] = {}
-        """Per-rank error feedback of compressed low-rank payloads (``compress_lowrank``)."""
+        """Per-rank error feedback of compressed low-rank gradients (``compress_lowrank``)."""
+        self.update_residuals: dict[torch.Tensor, torch.Tensor] = {}
+        """Owner-side error feedback of compressed low-rank updates (``compress_lowrank``)."""
         self.svds_last_step = 0
         all_params = [p for g in self.param_groups for p in g["params"]]
         self._tensor_ids = {p: i for i, p in enumerate(all_params)}
@@ -205,7 +208,8 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
     @property
     def comm_residual_bytes(self) -> int:
         """Memory held by the error-feedback residuals of payload compression on this rank."""
-        return sum(t.numel() * t.element_size() for t in self.comm_residuals.values())
+        residuals = [*self.comm_residuals.values(), *self.update_residuals.values()]
+        return sum(t.numel() * t.element_size() for t in residuals)
 
     @property
     def svd_count(self) -> int:
@@ -264,7 +268,11 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
                 direction = torch.empty(state["projector"].lowrank_shape, device=p.device)
             # Every rank, the owner included, applies the payload-dtype value: replicas stay equal.
             directions.append((p, self.owner[p], direction.to(self._payload_dtype)))
-        for p, direction in broadcast_from_owners(self.comm, directions, "update_gather").items():
+        if self.config.compress_lowrank and self.comm.world_size > 1:
+            received = broadcast_from_owners_compressed(self.comm, directions, "update_gather", self.update_residuals)
+        else:
+            received = broadcast_from_owners(self.comm, directions, "update_gather")
+        for p, direction in received.items():
             self._apply_galore(p, direction.to(torch.float32))
 
     def _refresh(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
