@@ -9,7 +9,7 @@ D = dense parameters (embeddings, norms, lm_head)):
 * ``ddp_bf16``   all-reduce of bf16 gradients: ``2 (N-1)/N * 2 * P``.
 * ``zero2_bf16`` reduce-scatter of bf16 gradients + all-gather of bf16 parameters:
                  ``(N-1)/N * 2 * P + (N-1)/N * 2 * P`` (the same volume as DDP).
-* ``ours``       the steady-state step of ``QGaLoreAdamW8bit`` (``_step_galore`` / ``_step_dense``):
+* ``ours``       the steady-state step of ``QGaLoreAdamW8bit`` (``_reduce_galore`` / ``_update_galore`` / ``_reduce_dense`` / ``_update_dense``):
                  ``lowrank_reduce``  reduce-scatter of every low-rank gradient to its owner,
                                      ``(N-1)/N * sum_G max(m, n) * r * b``;
                  ``update_gather``   owners broadcast the low-rank Adam directions,

@@ -379,3 +379,51 @@ def test_two_identical_runs_give_bit_identical_int8_codes():
     _assert_same(state_a, state_b, "optimizer")
     changed = [k for k in final_a if k.endswith(".weight") and not torch.equal(final_a[k], init_a[k])]
     assert len(changed) == 7  # the comparison is not between untouched weights
+
+
+def _one_clipped_step(max_grad_norm: float, loss_scale: float = 1.0):
+    model = prepare_model(tiny_llama(seed=3))
+    opt = QGaLoreAdamW8bit(trainable(model), names=param_names(model), rank=8, lr=1e-2, state_bits=32,
+                           max_grad_norm=max_grad_norm, update_proj_gap=50)
+    x = next(token_batches(vocab=128, batch=2, seq_len=32, seed=5))
+    (lm_loss(model, x) * loss_scale).backward()
+    full = {n: layer.weight_grad.clone() for n, layer in int8_layers(model)}
+    dense = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    opt.step()
+    return model, opt, full, dense
+
+
+def test_clipping_covers_lowrank_and_dense_gradients_with_one_norm():
+    model, opt, full, dense = _one_clipped_step(max_grad_norm=0.05)
+    # The documented norm: every dense gradient and every GaLore matrix's R = project(G).
+    lowrank_sq = sum(float(opt.state[layer.weight]["projector"].project(full[n]).double().square().sum())
+                     for n, layer in int8_layers(model))
+    dense_sq = sum(float(g.double().square().sum()) for g in dense)
+    expected = (lowrank_sq + dense_sq) ** 0.5
+    assert opt.last_grad_norm == pytest.approx(expected, rel=1e-6)
+    assert lowrank_sq > 0.1 * dense_sq  # both parts really contribute
+    assert opt.last_clip_coef == pytest.approx(0.05 / (expected + 1e-6), rel=1e-9) and opt.last_clip_coef < 0.5
+    # GaLore matrices: Adam consumed coef * R (first step, fp32 moments: m = (1 - beta1) * g).
+    beta1 = opt.config.betas[0]
+    for n, layer in int8_layers(model):
+        state = opt.state[layer.weight]
+        expected_m = (1 - beta1) * opt.last_clip_coef * state["projector"].project(full[n])
+        torch.testing.assert_close(opt.codec.decode(state["exp_avg"], signed=True), expected_m, msg=n)
+    # Dense parameters: the same weights as an unclipped run whose loss was scaled by coef
+    # (only rounding differs; an element whose gradient is near eps moves by up to ~2e-6).
+    ref_model, ref_opt, _, _ = _one_clipped_step(max_grad_norm=0.0, loss_scale=opt.last_clip_coef)
+    assert ref_opt.last_grad_norm is None and ref_opt.last_clip_coef == 1.0
+    for (name, a), (_, b) in zip(model.named_parameters(), ref_model.named_parameters()):
+        if a.dtype != torch.uint8:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=5e-6, msg=name)  # lr 1e-2: 0.05% of a step
+    unclipped, _, _, _ = _one_clipped_step(max_grad_norm=0.0)
+    emb = dict(model.named_parameters())["model.embed_tokens.weight"]
+    assert not torch.allclose(emb, dict(unclipped.named_parameters())["model.embed_tokens.weight"])
+
+
+def test_clipping_threshold_above_the_norm_changes_nothing():
+    clipped, opt, _, _ = _one_clipped_step(max_grad_norm=1e6)
+    plain, _, _, _ = _one_clipped_step(max_grad_norm=0.0)
+    assert opt.last_clip_coef == 1.0 and opt.last_grad_norm > 0
+    for (name, a), (_, b) in zip(clipped.named_parameters(), plain.named_parameters()):
+        assert torch.equal(a, b), name

@@ -91,6 +91,14 @@ class Collectives:
         self._run("all_reduce", kind, dist.all_reduce, tensor)
         return tensor.div_(self.world_size)
 
+    def all_reduce_sum(self, tensor: torch.Tensor, kind: str) -> torch.Tensor:
+        """In place: ``tensor`` becomes the sum over ranks."""
+        if self.world_size == 1:
+            return tensor
+        self.meter.record(kind, 2 * self.ring_factor * _nbytes(tensor))
+        self._run("all_reduce(sum)", kind, dist.all_reduce, tensor)
+        return tensor
+
     def all_reduce_min(self, tensor: torch.Tensor) -> torch.Tensor:
         """In place minimum over ranks (control traffic, e.g. the finite-gradient flag)."""
         if self.world_size == 1:

@@ -66,6 +66,12 @@ class QGaLoreConfig:
     feedback (costs one fp32 residual per low-rank gradient per rank, and one per owned
     update on its owner)."""
 
+    max_grad_norm: float = 0.0
+    """Clip the global L2 norm of the gradients the optimizer consumes to this value (0: off).
+    The norm covers every dense gradient (averaged over ranks) and every GaLore matrix's
+    averaged low-rank gradient R = project(G) -- what Adam sees; on a refresh step R uses the
+    new projector.  The reference never clips INT8 gradients."""
+
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
         checks = [
@@ -76,6 +82,7 @@ class QGaLoreConfig:
             ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two floats in [0, 1)"),
             ("eps", self.eps > 0, "a float > 0"),
             ("weight_decay", self.weight_decay >= 0, "a float >= 0"),
+            ("max_grad_norm", self.max_grad_norm >= 0, "a float >= 0 (0 disables clipping)"),
             ("proj_bits", self.proj_bits is None or self.proj_bits in SUPPORTED_BITS, f"None or one of {SUPPORTED_BITS}"),
             ("proj_group_size", isinstance(self.proj_group_size, int) and self.proj_group_size >= 1, "an int >= 1"),
             ("state_bits", self.state_bits in (8, 32), "8 or 32"),

@@ -87,6 +87,12 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         self.update_residuals: dict[torch.Tensor, torch.Tensor] = {}
         """Owner-side error feedback of compressed low-rank updates (``compress_lowrank``)."""
         self.svds_last_step = 0
+        self.last_grad_norm: float | None = None
+        """Global gradient norm of the last step (only computed when clipping is on)."""
+        self.last_clip_coef = 1.0
+        """Factor applied to every gradient at the last step (1.0: not clipped)."""
+        self.last_step_applied = False
+        """Whether the last step changed anything (False: skipped, or no gradient at all)."""
         all_params = [p for g in self.param_groups for p in g["params"]]
         self._tensor_ids = {p: i for i, p in enumerate(all_params)}
         self._names = {p: (names or {}).get(p, f"param[{i}]") for p, i in self._tensor_ids.items()}
@@ -164,10 +170,10 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
                 layer.weight_grad = None
                 layer.lowrank_grad = None
 
-    def _agree_on_gradients(self, params: list[torch.Tensor]) -> tuple[bool, list[torch.Tensor]]:
+    def _agree_on_gradients(self, params: list[torch.Tensor], extra_finite: bool = True) -> tuple[bool, list[torch.Tensor]]:
         """(all ranks finite, params that have a gradient) -- identical on every rank."""
         grads = [self._local_grad(p) for p in params]
-        finite = all(bool(torch.isfinite(g[1]).all()) for g in grads if g is not None)
+        finite = extra_finite and all(bool(torch.isfinite(g[1]).all()) for g in grads if g is not None)
         has = torch.tensor([1.0 if g is not None else 0.0 for g in grads])
         flags = torch.cat([torch.tensor([1.0 if finite else 0.0]), has, -has])
         self.comm.all_reduce_min(flags)
@@ -217,7 +223,12 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, extra_grad_sq: float | torch.Tensor = 0.0, extra_finite: bool = True):
+        """One optimizer step.  An engine that owns other gradients (DeepSpeed's dense
+        partitions) passes this rank's share of their squared norm (``extra_grad_sq``, summed
+        over ranks into the clipped global norm) and whether they are finite on this rank;
+        it then applies its own update only if ``last_step_applied``, scaled by
+        ``last_clip_coef``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -225,14 +236,21 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         self.svds_last_step = 0
         self.comm.step_index = self.steps_taken
         managed = self.galore_params + (self.dense_params if self.manage_dense else [])
-        finite, with_grad = self._agree_on_gradients(managed)
+        finite, with_grad = self._agree_on_gradients(managed, extra_finite)
+        self.last_clip_coef = 1.0
+        self.last_step_applied = finite and bool(with_grad)
         if not finite:
             self.skipped_steps += 1
             logger.warning("QGaLoreAdamW8bit: non-finite gradient, step skipped (%d skipped so far)", self.skipped_steps)
         else:
             has = set(with_grad)
-            self._step_galore([p for p in self.galore_params if p in has])
-            self._step_dense([p for p in self.dense_params if p in has])
+            galore = [p for p in self.galore_params if p in has]
+            dense = [p for p in self.dense_params if p in has]
+            lowrank_avg = self._reduce_galore(galore)
+            dense_avg = self._reduce_dense(dense)
+            coef = self._clip_coef({**lowrank_avg, **dense_avg}, extra_grad_sq)
+            self._update_galore(galore, lowrank_avg, coef)
+            self._update_dense(dense, dense_avg, coef)
         self._arm_grad_sinks()
         traffic = self.comm.meter.end_step()
         if self.comm.world_size > 1:
@@ -241,12 +259,29 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         self.steps_taken += 1
         return loss
 
+    def _clip_coef(self, owned_grads: dict[torch.Tensor, torch.Tensor], extra_grad_sq) -> float:
+        """Global gradient norm (see ``QGaLoreConfig.max_grad_norm``) from the averaged
+        gradients each owner holds; returns the factor every rank applies (1.0: no clipping)."""
+        self.last_grad_norm = None
+        if self.config.max_grad_norm <= 0:
+            return 1.0
+        total = torch.zeros(1, dtype=torch.float64)
+        for p, grad in owned_grads.items():
+            if self.owner[p] == self.comm.rank:
+                total += grad.double().square().sum()
+        total += torch.as_tensor(extra_grad_sq, dtype=torch.float64).reshape(1)
+        self.comm.all_reduce_sum(total, "control")
+        self.last_grad_norm = float(total.sqrt())
+        # torch.nn.utils.clip_grad_norm_'s rule (eps 1e-6), so an engine's dense clipping agrees.
+        self.last_clip_coef = min(1.0, self.config.max_grad_norm / (self.last_grad_norm + 1e-6))
+        return self.last_clip_coef
+
     def _is_refreshing(self, p: torch.Tensor) -> bool:
         proj = self.state[p]["projector"]
         return proj.schedule.is_due(self.state[p].get("step", 0), proj.has_matrix())
 
-    def _step_galore(self, params: list[torch.Tensor]) -> None:
-        rank = self.comm.rank
+    def _reduce_galore(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
+        """Averaged low-rank gradients on their owners (refreshing layers: after the SVD)."""
         refreshing = [p for p in params if self._is_refreshing(p)]
         steady = [p for p in params if p not in set(refreshing)]
         lowrank_items = []
@@ -258,12 +293,17 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         else:
             lowrank_avg = reduce_to_owners(self.comm, lowrank_items, "lowrank_reduce", dtype=self._payload_dtype)
         lowrank_avg.update(self._refresh(refreshing))
+        return lowrank_avg
+
+    def _update_galore(self, params: list[torch.Tensor], lowrank_avg: dict, coef: float) -> None:
+        rank = self.comm.rank
         directions = []
         for p in params:
             state = self.state[p]
             state["step"] = state.get("step", 0) + 1
             if self.owner[p] == rank:
-                direction = self._adam(state, lowrank_avg[p], self._group_of[p])
+                grad = lowrank_avg[p] if coef == 1.0 else lowrank_avg[p] * coef
+                direction = self._adam(state, grad, self._group_of[p])
             else:
                 direction = torch.empty(state["projector"].lowrank_shape, device=p.device)
             # Every rank, the owner included, applies the payload-dtype value: replicas stay equal.
@@ -322,16 +362,20 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
             key = StreamKey(self.config.seed, step - 1, self._tensor_ids[p])
             layer.set_weight(weight, stochastic_key=key if self.config.stochastic_round else None)
 
-    def _step_dense(self, params: list[torch.Tensor]) -> None:
+    def _reduce_dense(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
+        """Averaged dense gradients on their owners (ZeRO-1 style)."""
+        return reduce_to_owners(self.comm, [(p, self.owner[p], p.grad) for p in params], "dense",
+                                dtype=self._payload_dtype)
+
+    def _update_dense(self, params: list[torch.Tensor], grads: dict, coef: float) -> None:
         rank = self.comm.rank
-        grads = reduce_to_owners(self.comm, [(p, self.owner[p], p.grad) for p in params], "dense",
-                                 dtype=self._payload_dtype)
         for p in params:
             state, group = self.state[p], self._group_of[p]
             state["step"] = state.get("step", 0) + 1
             if self.owner[p] != rank:
                 continue
-            direction = self._adam(state, grads[p], group)
+            grad = grads[p] if coef == 1.0 else grads[p] * coef
+            direction = self._adam(state, grad, group)
             p.add_(direction.to(p.dtype), alpha=-adam_step_size(group["lr"], group["betas"], state["step"]))
             if group["weight_decay"] > 0:
                 p.add_(p, alpha=-group["lr"] * group["weight_decay"])
