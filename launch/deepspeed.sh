@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Launch training with DeepSpeed's own launcher.
+#   one node:     NUM_GPUS=8 launch/deepspeed.sh [train args...]
+#   several:      HOSTFILE=launch/hostfile NUM_GPUS=8 launch/deepspeed.sh [train args...]
+# Environment: TRAIN (default "python -m qgalore_dist.train"), NUM_GPUS (default: every local
+# accelerator; on CPU the launcher counts NUMA nodes, so set it), HOSTFILE, NUM_NODES,
+# MASTER_ADDR (several nodes; default: DeepSpeed runs `ssh <first host> hostname -I`),
+# MASTER_PORT (default 29500).  Extra launcher flags: DS_ARGS="--enable_each_rank_log logs".
+# Each rank gets RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_SIZE/MASTER_* (source "env" of launch_env).
+set -euo pipefail
+
+TRAIN=${TRAIN:-python -m qgalore_dist.train}
+read -r -a train_cmd <<< "$TRAIN"  # split into words without globbing
+read -r -a extra <<< "${DS_ARGS:-}"
+
+# --no_python: TRAIN is a whole command (python -m ..., or a wrapper).  --no_local_rank: ranks read
+# LOCAL_RANK from the environment, so the entry point need not parse --local_rank=N.
+args=(--no_python --no_local_rank --master_port "${MASTER_PORT:-29500}")
+if [[ -n "${NUM_GPUS:-}" ]]; then args+=(--num_gpus "$NUM_GPUS"); fi
+if [[ -n "${HOSTFILE:-}" ]]; then
+  # pdsh + passwordless ssh start one launcher per host in this directory.  Remote shells do not
+  # inherit this environment: put PATH=<venv>/bin:... (and NCCL_* etc.) into ./.deepspeed_env.
+  args+=(--hostfile "$HOSTFILE" --launcher pdsh)
+  if [[ -n "${NUM_NODES:-}" ]]; then args+=(--num_nodes "$NUM_NODES"); fi
+  if [[ -n "${MASTER_ADDR:-}" ]]; then args+=(--master_addr "$MASTER_ADDR"); fi
+fi
+
+exec deepspeed "${args[@]}" "${extra[@]}" "${train_cmd[@]}" "$@"

@@ -1,0 +1,407 @@
+"""DeepSpeed integration: ``qgalore_dist.initialize`` is ``deepspeed.initialize`` that also
+understands the ds_config entry
+
+    "optimizer": {"type": "QGaLoreAdamW8bit", "params": {"lr": ..., "rank": ..., ...,
+                  "target_modules": [...], "weight_bits": 8}}
+
+Division of labour (DESIGN.md, "Layers"):
+
+* The package owns the GaLore matrices: the ``target_modules`` linears become
+  :class:`~qgalore_dist.core.Int8Linear` (frozen ``uint8`` weights, which ZeRO never flattens,
+  reduces or partitions), and a :class:`~qgalore_dist.optim.QGaLoreAdamW8bit` exchanges their
+  low-rank gradients, projectors and updates itself.
+* DeepSpeed owns everything else (embeddings, norms, head, biases) at any ZeRO stage: it
+  receives :class:`EngineOptimizer`, an AdamW with the same update formula and 8-bit moments,
+  which runs the GaLore step inside its ``step()``.
+
+DeepSpeed has no optimizer registry (``optimizer.type`` must name a DeepSpeed or ``torch.optim``
+class), so the entry is removed from the config DeepSpeed sees and the optimizer is handed over
+as a client optimizer with ``zero_allow_untested_optimizer``.  ``gradient_clipping`` is also
+taken away from DeepSpeed, whose norm would cover only the dense gradients: the package clips
+the joint norm (``QGaLoreConfig.max_grad_norm``).  Any other ``optimizer.type`` passes straight
+through to ``deepspeed.initialize``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..core import Int8Linear, prepare_model
+from ..core.adam import adam_step_size, lowrank_adam_update
+from ..core.int8_linear import DEFAULT_TARGET_MODULES
+from ..distributed import Collectives
+from ..optim import QGaLoreAdamW8bit, QGaLoreConfig
+
+__all__ = ["OPTIMIZER_TYPE", "EngineOptimizer", "QGaLoreEntry", "initialize", "load_ds_config", "parse_optimizer_entry"]
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZER_TYPE = "QGaLoreAdamW8bit"
+
+
+@dataclass(kw_only=True, frozen=True)
+class QGaLoreEntry:
+    """The validated ``optimizer`` entry of a ds_config whose type is ``QGaLoreAdamW8bit``."""
+
+    config: QGaLoreConfig
+    """Optimizer hyperparameters (``max_grad_norm`` comes from the top-level ``gradient_clipping``)."""
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    """Leaf names (or full-name regexes) of the nn.Linear layers converted to INT8 GaLore layers."""
+    weight_bits: int = 8
+    """Bits of the stored GaLore weights; only 8 is implemented (as in the reference)."""
+    weight_group_size: int = 256
+    """Group size of the INT8 weight quantization (the reference's 256)."""
+
+
+_ENTRY_KEYS = ("target_modules", "weight_bits", "weight_group_size")
+
+
+def allowed_params() -> list[str]:
+    """Every key ``optimizer.params`` accepts."""
+    return sorted([f.name for f in fields(QGaLoreConfig) if f.name != "max_grad_norm"] + list(_ENTRY_KEYS))
+
+
+def load_ds_config(config: dict | str | os.PathLike | None, args: Any = None) -> dict:
+    """A deep copy of the ds_config given as a dict, a JSON file path, or (like DeepSpeed)
+    ``args.deepspeed_config``."""
+    if config is None and args is not None:
+        config = getattr(args, "deepspeed_config", None) or getattr(args, "deepscale_config", None)
+    if config is None:
+        raise ValueError("no DeepSpeed config: pass config= (a dict or a JSON path) or args.deepspeed_config")
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    path = os.fspath(config)
+    if not os.path.isfile(path):
+        raise ValueError(f"DeepSpeed config file {path!r} does not exist")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"DeepSpeed config file {path!r} is not valid JSON: {exc}") from exc
+
+
+def parse_optimizer_entry(ds_config: dict) -> QGaLoreEntry | None:
+    """The validated Q-GaLore entry, or None when ``optimizer.type`` is something else.
+
+    Raises ``ValueError`` naming the key for an unknown key or a bad value."""
+    entry = ds_config.get("optimizer")
+    if not isinstance(entry, dict) or entry.get("type") != OPTIMIZER_TYPE:
+        return None
+    unknown_top = sorted(set(entry) - {"type", "params"})
+    if unknown_top:
+        raise ValueError(f"ds_config optimizer: unknown key(s) {unknown_top}; allowed: ['params', 'type']")
+    params = dict(entry.get("params") or {})
+    if "max_grad_norm" in params:
+        raise ValueError("ds_config optimizer.params.max_grad_norm: use the top-level 'gradient_clipping' "
+                         "(it clips dense and GaLore gradients together)")
+    unknown = sorted(set(params) - set(allowed_params()))
+    if unknown:
+        raise ValueError(f"ds_config optimizer.params: unknown key(s) {unknown}; allowed: {allowed_params()}")
+    extra = {k: params.pop(k) for k in _ENTRY_KEYS if k in params}
+    if extra.get("weight_bits", 8) != 8:
+        raise ValueError(f"ds_config optimizer.params.weight_bits must be 8 (the only INT8 weight format "
+                         f"implemented, as in the reference), got {extra['weight_bits']!r}")
+    targets = extra.get("target_modules", DEFAULT_TARGET_MODULES)
+    if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"ds_config optimizer.params.target_modules must be a non-empty list of module "
+                         f"names, got {targets!r}")
+    clip = ds_config.get("gradient_clipping", 0.0) or 0.0
+    try:
+        config = QGaLoreConfig.from_dict({**params, "max_grad_norm": float(clip)})
+    except ValueError as exc:
+        raise ValueError(f"ds_config optimizer.params: {exc}") from exc
+    except TypeError as exc:  # e.g. betas not a pair
+        raise ValueError(f"ds_config optimizer.params: {exc}; allowed: {allowed_params()}") from exc
+    return QGaLoreEntry(config=config, target_modules=tuple(targets), weight_bits=8,
+                        weight_group_size=int(extra.get("weight_group_size", 256)))
+
+
+class EngineOptimizer(torch.optim.Optimizer):
+    """The client optimizer DeepSpeed wraps: AdamW (galore_torch's formula, 8-bit moments) on
+    whatever dense tensors DeepSpeed puts in ``param_groups`` (the model's parameters at stage
+    0, this rank's flat fp32 partition at stages 1-3), plus the GaLore step of ``galore``.
+
+    ``step()``: the dense gradients' share of the squared global norm and their finiteness go
+    into ``galore.step``, which reduces the low-rank gradients, computes the joint clipping
+    factor and updates the INT8 layers; then the dense tensors are updated with the same factor.
+    A step in which no INT8 layer received a gradient (DeepSpeed's bf16 stage-0 wrapper calls
+    ``step()`` once at start-up with zero gradients) changes nothing.
+    """
+
+    def __init__(self, params, galore: QGaLoreAdamW8bit, *, grads_partitioned: bool) -> None:
+        cfg = galore.config
+        super().__init__(params, dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay))
+        self.galore = galore
+        self.grads_partitioned = grads_partitioned
+        self._galore_base_lr = [g["lr"] for g in galore.param_groups]
+        self._base_lr = self.param_groups[0]["lr"] if self.param_groups else cfg.lr
+        self.engine = None
+        """The DeepSpeed engine, once :meth:`attach` ran (``initialize`` does it)."""
+        self.zero = None
+        """DeepSpeed's ZeRO wrapper around this optimizer (None at stage 0)."""
+        self._galore_done_at: int | None = None
+        self._applied, self._coef = False, 1.0
+
+    def attach(self, engine) -> None:
+        """ZeRO calls ``step()`` once per param group (stage 3: once per sub-group, with only
+        that sub-group's flat tensor in ``param_groups``); the engine's step counter tells
+        the first call of an engine step, which runs the GaLore step, from the others."""
+        self.engine = engine
+        self.zero = engine.optimizer if engine.zero_optimization() else None
+
+    def _sync_lr(self) -> None:
+        """DeepSpeed's (or the user's) scheduler sets the dense groups' lr: GaLore follows it."""
+        if not self.param_groups:
+            return
+        lr = self.param_groups[0]["lr"]
+        for group, base in zip(self.galore.param_groups, self._galore_base_lr):
+            group["lr"] = base * lr / self._base_lr if self._base_lr > 0 else lr
+
+    def _dense_grad_stats(self) -> tuple[torch.Tensor, bool]:
+        """This rank's share of the dense gradients' squared norm (summed over ranks by the
+        GaLore step) and whether they are finite.  Under ZeRO the wrapper has already
+        computed the global norm over all partitions before its first ``step()`` call."""
+        world = self.galore.comm.world_size
+        if self.zero is not None:
+            norm = getattr(self.zero, "_global_grad_norm", None)
+            if norm is None:
+                if self.galore.config.max_grad_norm > 0:
+                    raise ValueError("gradient_clipping needs DeepSpeed's dense gradient norm: "
+                                     "remove zero_optimization.compute_grad_norm=false")
+                return torch.zeros((), dtype=torch.float64), True
+            norm = torch.as_tensor(float(norm), dtype=torch.float64)
+            return norm.square() / world, bool(torch.isfinite(norm))
+        sq = torch.zeros((), dtype=torch.float64)
+        for p in self._tensors():
+            if p.grad is not None:
+                sq += p.grad.double().square().sum()
+        # Stage 0: every rank holds the same reduced gradients; the sum over ranks counts them once.
+        return sq / world, bool(torch.isfinite(sq))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        engine_step = self.engine.global_steps if self.engine is not None else None
+        if engine_step is None or engine_step != self._galore_done_at:
+            self._sync_lr()
+            sq, finite = self._dense_grad_stats()
+            self.galore.step(extra_grad_sq=sq, extra_finite=finite)
+            self._applied, self._coef = self.galore.last_step_applied, self.galore.last_clip_coef
+            self._galore_done_at = engine_step
+            self.galore.zero_grad()
+        if self._applied:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._dense_update(p, p.grad if self._coef == 1.0 else p.grad * self._coef, group)
+        return loss
+
+    # ------------------------------------------------------------- checkpoint support
+    def _tensors(self) -> list[torch.Tensor]:
+        """Every dense tensor this optimizer updates (ZeRO-3 lists them in ``param_groups``
+        only during its own ``step()`` calls)."""
+        if self.zero is not None and hasattr(self.zero, "fp32_partitioned_groups_flat"):
+            return list(self.zero.fp32_partitioned_groups_flat)
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def has_moments(self) -> bool:
+        return any("exp_avg" in self.state[t] for t in self._tensors())
+
+    def dense_steps(self) -> dict[str, int]:
+        """``{"step": n}``: every dense tensor has taken the same number of steps."""
+        steps = {int(self.state[t].get("step", 0)) for t in self._tensors()}
+        assert len(steps) <= 1, f"dense tensors disagree on their step count: {steps}"
+        return {"step": steps.pop() if steps else 0}
+
+    def ensure_moments(self, with_moments: bool, steps: dict) -> None:
+        """Before loading into a fresh optimizer: create (zero) moments and the step count."""
+        for t in self._tensors():
+            state = self.state[t]
+            if with_moments and "exp_avg" not in state:
+                state["exp_avg"] = self.galore.codec.zeros(t.shape, t.device, signed=True)
+                state["exp_avg_sq"] = self.galore.codec.zeros(t.shape, t.device, signed=False)
+            if with_moments:
+                state["step"] = int(steps.get("step", 0))
+
+    def raw_state(self) -> dict[str, torch.Tensor]:
+        """This rank's moments exactly as stored (codes and absmax of its partition), keyed
+        ``dense{i}::exp_avg.codes``...: restores bit-identically on the same partitioning."""
+        out = {}
+        for i, t in enumerate(self._tensors()):
+            for key in ("exp_avg", "exp_avg_sq"):
+                moment = self.state[t].get(key)
+                for field in ("values", "codes", "absmax"):
+                    value = getattr(moment, field, None)
+                    if value is not None:
+                        out[f"dense{i}::{key}.{field}"] = value
+        return out
+
+    def load_raw_state(self, tensors: dict[str, torch.Tensor], steps: dict) -> None:
+        from ..quant import Moment
+
+        for i, t in enumerate(self._tensors()):
+            for key in ("exp_avg", "exp_avg_sq"):
+                fields = {f: tensors[f"dense{i}::{key}.{f}"].to(t.device) for f in ("values", "codes", "absmax")
+                          if f"dense{i}::{key}.{f}" in tensors}
+                if fields:
+                    self.state[t][key] = Moment(**fields)
+                    self.state[t]["step"] = int(steps.get("step", 0))
+
+    @contextlib.contextmanager
+    def fp32_moments(self, *, write_back: bool):
+        """Temporarily expose each tensor's moments as fp32 tensors of its own shape under
+        ``exp_avg.fp32`` / ``exp_avg_sq.fp32`` -- the per-element form DeepSpeed's fragment
+        API (``safe_get_full_optimizer_state``) maps onto model parameters.  With
+        ``write_back`` they are re-encoded afterwards (same partitioning: the same codes)."""
+        codec = self.galore.codec
+        for t in self._tensors():
+            state = self.state[t]
+            if "exp_avg" in state:
+                state["exp_avg.fp32"] = codec.decode(state["exp_avg"], signed=True).view_as(t)
+                state["exp_avg_sq.fp32"] = codec.decode(state["exp_avg_sq"], signed=False).view_as(t)
+        try:
+            yield
+        finally:
+            for t in self._tensors():
+                state = self.state[t]
+                if "exp_avg.fp32" in state:
+                    m, v = state.pop("exp_avg.fp32"), state.pop("exp_avg_sq.fp32")
+                    if write_back:
+                        state["exp_avg"] = codec.encode(m, signed=True)
+                        state["exp_avg_sq"] = codec.encode(v, signed=False)
+
+    def _dense_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = self.galore.codec.zeros(grad.shape, grad.device, signed=True)
+            state["exp_avg_sq"] = self.galore.codec.zeros(grad.shape, grad.device, signed=False)
+        state["step"] += 1
+        direction, state["exp_avg"], state["exp_avg_sq"] = lowrank_adam_update(
+            grad, state["exp_avg"], state["exp_avg_sq"], self.galore.codec, betas=group["betas"], eps=group["eps"])
+        p.add_(direction.to(p.dtype), alpha=-adam_step_size(group["lr"], group["betas"], state["step"]))
+        if group["weight_decay"] > 0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+
+def _hide_int8_weights(model: nn.Module) -> None:
+    """ZeRO-3 partitions every ``nn.Parameter`` of the module, frozen ones included; the INT8
+    codes are the package's (replicated, updated in place by the shared stochastic-rounding
+    stream), so they become persistent buffers of their layer: same ``layer.weight`` object,
+    same ``state_dict`` key, invisible to ZeRO."""
+    for layer in model.modules():
+        if isinstance(layer, Int8Linear) and "weight" in layer._parameters:
+            weight = layer._parameters.pop("weight")
+            layer.register_buffer("weight", weight, persistent=True)
+
+
+def _broadcast_int8_layers(model: nn.Module, comm: Collectives) -> None:
+    """DeepSpeed broadcasts parameters from rank 0 at start-up, but not buffers: send the
+    INT8 codes with their scales and zero points too, so all replicas start identical."""
+    for layer in model.modules():
+        if isinstance(layer, Int8Linear):
+            for t in (layer.weight.data, layer.weight_scales, layer.weight_zeros):
+                comm.broadcast_from(t, 0, "control")
+
+
+def _ensure_distributed(distributed_port: int, dist_init_required: bool | None) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() or dist_init_required is False:
+        return
+    from ..launch_env import init_distributed
+
+    init_distributed()
+
+
+def _engine_config(ds_config: dict, entry: QGaLoreEntry) -> dict:
+    """The config DeepSpeed sees: no optimizer entry, no gradient clipping (ours is joint)."""
+    if (ds_config.get("fp16") or {}).get("enabled"):
+        raise ValueError("ds_config fp16.enabled: QGaLoreAdamW8bit supports bf16 and fp32 (DeepSpeed's fp16 loss "
+                         "scaling and overflow skipping do not cover the INT8 layers' gradients); use \"bf16\"")
+    if ((ds_config.get("data_types") or {}).get("buffer_dtype")) is not None:
+        raise ValueError("ds_config data_types.buffer_dtype: INT8 layers keep their scales and zero points in "
+                         "fp32 buffers; remove buffer_dtype")
+    cfg = {k: v for k, v in ds_config.items() if k not in ("optimizer", "gradient_clipping")}
+    cfg["zero_allow_untested_optimizer"] = True
+    return cfg
+
+
+def _trainable_params(model: nn.Module, model_parameters) -> list:
+    """Float trainables (or the user's groups of them); INT8 codes are never handed over."""
+    source = model.parameters() if model_parameters is None else model_parameters
+    out = []
+    for item in source:
+        if isinstance(item, dict):
+            params = [p for p in item["params"] if p.requires_grad and p.is_floating_point()]
+            if params:
+                out.append({**item, "params": params})
+        elif item.requires_grad and item.is_floating_point():
+            out.append(item)
+    return out
+
+
+def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_parameters=None,
+               training_data=None, lr_scheduler=None, distributed_port: int = 29500, mpu=None,
+               dist_init_required: bool | None = None, collate_fn=None, config=None, mesh_param=None,
+               config_params=None):
+    """``deepspeed.initialize`` with the ``QGaLoreAdamW8bit`` ds_config entry understood.
+
+    Returns ``(engine, optimizer, training_dataloader, lr_scheduler)`` like DeepSpeed; with the
+    Q-GaLore entry, ``engine.qgalore`` is the :class:`QGaLoreAdamW8bit` of the INT8 layers (for
+    ``check_replicas()``, ``svd_count``, the communication meter) and ``engine.qgalore_entry``
+    the parsed entry.  The model is converted in place (``target_modules`` -> ``Int8Linear``).
+    """
+    import deepspeed
+
+    config = config if config is not None else config_params
+    ds_config = load_ds_config(config, args)
+    entry = parse_optimizer_entry(ds_config)
+    passthrough = dict(args=args, model=model, model_parameters=model_parameters, training_data=training_data,
+                       lr_scheduler=lr_scheduler, distributed_port=distributed_port, mpu=mpu,
+                       dist_init_required=dist_init_required, collate_fn=collate_fn, mesh_param=mesh_param)
+    if entry is None:
+        return deepspeed.initialize(optimizer=optimizer, config=ds_config, **passthrough)
+    if optimizer is not None:
+        raise ValueError(f"optimizer= and a ds_config optimizer of type {OPTIMIZER_TYPE!r} were both given; "
+                         "pass one of them")
+    if model is None:
+        raise ValueError("initialize: model is required")
+    if mpu is not None:
+        raise ValueError("initialize: model parallelism (mpu) is not supported with QGaLoreAdamW8bit yet")
+    engine_config = _engine_config(ds_config, entry)
+    _ensure_distributed(distributed_port, dist_init_required)
+    prepare_model(model, target_modules=entry.target_modules, group_size=entry.weight_group_size)
+    names = {p: n for n, p in model.named_parameters()}
+    int8_weights = [m.weight for m in model.modules() if isinstance(m, Int8Linear)]
+    comm = Collectives()
+    _broadcast_int8_layers(model, comm)
+    galore = QGaLoreAdamW8bit(int8_weights, entry.config, names=names, collectives=comm, manage_dense=False)
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    if stage == 3:
+        _hide_int8_weights(model)
+    dense = _trainable_params(model, model_parameters)
+    passthrough["model_parameters"] = dense
+
+    def build(params):
+        return EngineOptimizer(params, galore, grads_partitioned=stage >= 1)
+
+    engine, ds_optimizer, loader, scheduler = deepspeed.initialize(optimizer=build, config=engine_config, **passthrough)
+    engine.basic_optimizer.attach(engine)
+    engine.qgalore = galore
+    engine.qgalore_entry = entry
+    logger.info("qgalore-dist: %d INT8 GaLore matrices owned by the package, %d dense tensors by ZeRO stage %d\n%s",
+                len(int8_weights), len(dense), stage, galore.plan.describe())
+    return engine, ds_optimizer, loader, scheduler
