@@ -334,7 +334,10 @@ def _engine_config(ds_config: dict, entry: QGaLoreEntry) -> dict:
     if ((ds_config.get("data_types") or {}).get("buffer_dtype")) is not None:
         raise ValueError("ds_config data_types.buffer_dtype: INT8 layers keep their scales and zero points in "
                          "fp32 buffers; remove buffer_dtype")
-    cfg = {k: v for k, v in ds_config.items() if k not in ("optimizer", "gradient_clipping")}
+    cfg = {k: v for k, v in ds_config.items() if k != "optimizer"}
+    # Explicitly 0: DeepSpeed clips dense gradients to 1.0 when the key is absent
+    # (GRADIENT_CLIPPING_DEFAULT), which would clip them a second time.
+    cfg["gradient_clipping"] = 0.0
     cfg["zero_allow_untested_optimizer"] = True
     return cfg
 
