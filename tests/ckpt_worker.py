@@ -50,7 +50,7 @@ def main() -> int:
     import torch.distributed as dist
 
     import qgalore_dist
-    from ds_worker import build_model, ds_config, micro_batch
+    from ds_worker import build_model, ds_config, train_step
     from qgalore_dist.checkpoint import load_checkpoint, save_checkpoint
     from qgalore_dist.launch_env import init_distributed
 
@@ -66,15 +66,7 @@ def main() -> int:
 
     losses = {}
     for step in range(start, args.steps):
-        step_loss = torch.zeros(())
-        for k in range(args.gas):
-            x = micro_batch(step, k * world + rank)
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.detach().float() / args.gas
-        dist.all_reduce(step_loss)
-        losses[step] = float(step_loss) / world
+        losses[step] = train_step(engine, step, args.gas)
         engine.qgalore.check_replicas()
         if str(step + 1) in args.save_at.split(","):
             if step + 1 == args.kill_in_save and rank == 1:

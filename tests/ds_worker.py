@@ -5,8 +5,8 @@ For every ``stage:dtype:gas`` in ``--matrix`` it builds the same tiny LLaMA, cal
 ``qgalore_dist.initialize`` with a ds_config holding the ``QGaLoreAdamW8bit`` entry, trains
 ``--steps`` optimizer steps and writes, from rank 0, ``{combo: record}`` JSON to ``--out``.
 
-Every optimizer step consumes the same global batch whatever the world size: ``--global-micro``
-micro-batches, split over ranks and accumulation steps (rank r, accumulation step k takes
+Every optimizer step consumes the same global batch whatever the world size: its
+micro-batches are split over ranks and accumulation steps (rank r, accumulation step k takes
 micro-batch ``k * world + r``), so a 2-rank run with gas g is compared with a 1-rank run with
 gas 2g.  ``check_replicas()`` runs after every step.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 
@@ -36,6 +35,22 @@ def build_model(seed: int = 0):
 def micro_batch(step: int, index: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1000 * step + index)
     return torch.randint(0, VOCAB, (MICRO_BATCH, SEQ), generator=gen)
+
+
+def train_step(engine, step: int, gas: int) -> float:
+    """One optimizer step over the global batch of ``step``; returns its mean loss."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    step_loss = torch.zeros(())
+    for k in range(gas):
+        x = micro_batch(step, k * world + rank)
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss)
+        engine.step()
+        step_loss += loss.detach().float() / gas
+    dist.all_reduce(step_loss)
+    return float(step_loss) / world
 
 
 def ds_config(stage: int, dtype: str, gas: int, world: int, clip: float, lr: float) -> dict:
@@ -59,7 +74,6 @@ def run_combo(stage: int, dtype: str, gas: int, args, config: dict | None = None
     import torch.distributed as dist
 
     world = dist.get_world_size()
-    rank = dist.get_rank()
     model = build_model()
     if config is None:
         config = ds_config(stage, dtype, gas, world, args.clip, args.lr)
@@ -67,15 +81,7 @@ def run_combo(stage: int, dtype: str, gas: int, args, config: dict | None = None
     galore = engine.qgalore
     losses, norms, coefs, svds, checked = [], [], [], [], 0
     for step in range(args.steps):
-        step_loss = torch.zeros(())
-        for k in range(gas):
-            x = micro_batch(step, k * world + rank)
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.detach().float() / gas
-        dist.all_reduce(step_loss)
-        losses.append(float(step_loss) / world)
+        losses.append(train_step(engine, step, gas))
         norms.append(galore.last_grad_norm)
         coefs.append(galore.last_clip_coef)
         svds.append(galore.svds_last_step)
@@ -104,21 +110,11 @@ def run_passthrough(stage: int, dtype: str, gas: int, args) -> dict:
     import qgalore_dist
     import torch.distributed as dist
 
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = dist.get_world_size()
     config = ds_config(stage, dtype, gas, world, args.clip, args.lr)
     config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}
     engine, _, _, _ = qgalore_dist.initialize(model=build_model(), config=config)
-    losses = []
-    for step in range(args.steps):
-        step_loss = torch.zeros(())
-        for k in range(gas):
-            x = micro_batch(step, k * world + rank)
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.detach().float() / gas
-        dist.all_reduce(step_loss)
-        losses.append(float(step_loss) / world)
+    losses = [train_step(engine, step, gas) for step in range(args.steps)]
     basic = type(engine.basic_optimizer)
     return dict(losses=losses, world=world, engine_optimizer=type(engine.optimizer).__name__,
                 basic_optimizer=f"{basic.__module__}.{basic.__qualname__}",

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from helpers import lm_loss, param_names, single_thread, tiny_llama, token_batches, trainable  # noqa: F401
+from helpers import lm_loss, param_names, single_thread, tiny_llama, token_batches, trainable  # noqa: F401  (autouse fixture)
 
 from qgalore_dist import QGaLoreAdamW8bit, prepare_model
 from qgalore_dist.checkpoint import CheckpointError, latest_tag, load_checkpoint, save_checkpoint, verify_checkpoint

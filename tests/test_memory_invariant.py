@@ -14,7 +14,6 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, field
 
-import pytest
 import torch
 
 from helpers import int8_layers, param_names, single_thread, tiny_llama, trainable  # noqa: F401  (fixture)

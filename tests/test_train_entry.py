@@ -13,7 +13,6 @@ import sys
 import time
 
 import psutil
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "ds", "tiny_zero2_bf16.json")
