@@ -7,7 +7,7 @@ and any 2-D float parameter in a group marked ``galore=True`` or carrying the re
     R = project(G)                       # (m, r) or (r, n); P refreshed on the adaptive schedule
     direction = Adam(R)                  # moments in 8 bits (or 32), on the owner rank only
     W = W - step_size * scale * back_project(direction);  W = W - lr * wd * W
-    W = requantize_int8(W, stochastic rounding keyed by (seed, step, tensor id))
+    W = requantize_int8(W, stochastic rounding keyed by (seed, step, parameter name))
 
 Communication (world size N; all of it is the identity when N = 1, which is the single-process
 optimizer, not a separate code path): INT8 layers project their gradient during backward and
@@ -26,6 +26,7 @@ untouched) and counted in ``skipped_steps``.  ``state_dict()`` holds only tensor
 from __future__ import annotations
 
 import logging
+import zlib
 from typing import Any, Iterable
 
 import torch
@@ -96,6 +97,13 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         all_params = [p for g in self.param_groups for p in g["params"]]
         self._tensor_ids = {p: i for i, p in enumerate(all_params)}
         self._names = {p: (names or {}).get(p, f"param[{i}]") for p, i in self._tensor_ids.items()}
+        # Random streams (stochastic rounding, randomized SVD) are keyed by the parameter's
+        # name when it has one, so the same model draws the same bits whichever parameters
+        # the optimizer was given (plain, DeepSpeed, another param order).
+        self._stream_ids = {p: zlib.crc32(self._names[p].encode()) if names and p in names else i
+                            for p, i in self._tensor_ids.items()}
+        if len(set(self._stream_ids.values())) < len(self._stream_ids):  # a crc32 collision
+            self._stream_ids = dict(self._tensor_ids)
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         self.galore_params = [p for p in all_params if self.is_galore(p, self._group_of[p])]
         self.dense_params = [p for p in all_params if p not in set(self.galore_params)]
@@ -325,7 +333,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
             proj: Projector = state["projector"]
             grad = self.comm.reduce_mean_to(self._local_grad(p)[1].clone(), owner, "full_grad_reduce")
             if owner == rank:
-                key = StreamKey(cfg.seed, state.get("step", 0), self._tensor_ids[p])
+                key = StreamKey(cfg.seed, state.get("step", 0), self._stream_ids[p])
                 proj.refresh(grad, step=key[1], method=cfg.svd_method, oversample=cfg.svd_oversample,
                              power_iters=cfg.svd_power_iters, key=key)
                 lowrank[p] = proj.project(grad)
@@ -359,7 +367,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         if group["weight_decay"] > 0:
             weight.add_(weight, alpha=-group["lr"] * group["weight_decay"])
         if layer is not None:
-            key = StreamKey(self.config.seed, step - 1, self._tensor_ids[p])
+            key = StreamKey(self.config.seed, step - 1, self._stream_ids[p])
             layer.set_weight(weight, stochastic_key=key if self.config.stochastic_round else None)
 
     def _reduce_dense(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
