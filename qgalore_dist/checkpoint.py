@@ -433,10 +433,24 @@ def load_checkpoint(target, load_dir: str, *, tag: str | None = None) -> dict | 
         for key in ("global_steps", "global_samples", "micro_steps"):
             setattr(engine, key, int(meta["engine"][key]))
         if "lr_scheduler" in meta["engine"] and engine.lr_scheduler is not None:
-            engine.lr_scheduler.load_state_dict(meta["engine"]["lr_scheduler"])
+            _load_lr_scheduler(engine, meta["engine"]["lr_scheduler"])
     _load_galore_state(galore, tensors, scalars, same_world=saved_world == comm.world_size)
     galore.steps_taken = int(meta["steps_taken"])
     return meta["client_state"]
+
+
+def _load_lr_scheduler(engine, state: dict) -> None:
+    """A torch scheduler's ``load_state_dict`` restores its counter but leaves the optimizer's
+    ``lr`` at its construction value (LambdaLR: base_lr * lambda(0), which is 0 under warmup)
+    until the next ``step()``; the first step after a resume would use that.  Put the saved
+    LRs back into the param groups, as ``optimizer.load_state_dict`` would in plain PyTorch."""
+    scheduler = engine.lr_scheduler
+    scheduler.load_state_dict(state)
+    last = getattr(scheduler, "_last_lr", None)
+    groups = engine.basic_optimizer.param_groups
+    if last is not None and len(last) == len(groups):
+        for group, lr in zip(groups, last):
+            group["lr"] = float(lr)
 
 
 def _load_model(model: nn.Module, tensors: dict[str, torch.Tensor], engine) -> None:

@@ -1,127 +1,427 @@
-"""Q-GaLore LLaMA training under DeepSpeed (the first cut of the ``qgalore-train`` tool):
+"""``qgalore-train``: Q-GaLore pre-training and fine-tuning of LLaMA models under DeepSpeed.
 
-    deepspeed --num_gpus 2 --module qgalore_dist.train --deepspeed_config configs/ds/zero2_bf16.json
-    torchrun --nproc_per_node 2 -m qgalore_dist.train --deepspeed_config configs/ds/zero2_bf16.json
-    python -m qgalore_dist.train --deepspeed_config ...            # one process
-    launch/slurm_srun.sbatch, launch/mpirun.sh                     # SLURM, OpenMPI
+    deepspeed --num_gpus 2 --module qgalore_dist.train                       # built-in default
+    deepspeed --num_gpus 8 --module qgalore_dist.train --config run.yaml --ds_config ds.json
+    torchrun --nproc_per_node 2 -m qgalore_dist.train ...   |   srun / mpirun: see launch/
+    qgalore-train --model.name llama_60m --data.source c4 --optim.rank 256   # one process
 
-The model is an HF ``LlamaForCausalLM`` from a config JSON (``configs/models/llama_*.json``) or a
-built-in 1M-parameter default; the data is the built-in English corpus (Python's own
-documentation, byte tokens), each rank drawing its own seeded stream.  Every ``--save-every``
-steps, at the end, and on SIGTERM/SIGINT (SLURM preemption) a checkpoint goes to ``--save-dir``;
-a run started with the same ``--save-dir`` resumes from its latest checkpoint.
+Options: ``--config FILE`` (YAML/JSON training config), ``--ds_config FILE`` (DeepSpeed config
+with a ``QGaLoreAdamW8bit`` optimizer entry), ``--<section>.<key> VALUE`` overrides of the
+training config (sections: model, data, schedule, eval, checkpoint, logging, optim) and
+``--ds.<key> VALUE`` overrides of the ds_config.  Everything a run writes goes to ``run_dir``:
+the resolved configs, metrics.jsonl, TensorBoard files, checkpoints (also on SIGTERM/SIGINT),
+the tokenizer, the final model (HF format) and PNG plots.  A run started again with the same
+``run_dir`` resumes from its newest good checkpoint and sees no training sample twice.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
+import os
+import shutil
 import signal
+import sys
 import time
+import warnings
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+
+from .config import TrainConfig, parse_args
+
+__all__ = ["main"]
 
 TINY_LLAMA = dict(hidden_size=128, intermediate_size=352, num_attention_heads=4, num_hidden_layers=4,
-                  vocab_size=256, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+                  rms_norm_eps=1e-6, tie_word_embeddings=False)
+"""The built-in ``tiny`` model: 4 layers of width 128 (28 GaLore matrices)."""
+
+MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--deepspeed_config", required=True, help="ds_config JSON with a QGaLoreAdamW8bit optimizer entry")
-    parser.add_argument("--model-config", default=None, help="LLaMA config JSON (default: a built-in 1M model)")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps to train to")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--save-dir", default=None)
-    parser.add_argument("--save-every", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    return parser.parse_args(argv)
+def _model_fields(name: str) -> tuple[dict | None, str | None]:
+    """``(LlamaConfig fields, None)`` for a from-scratch model, ``(None, dir)`` for fine-tuning."""
+    import json
 
-
-def _model(path: str | None, seq_len: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    fields = dict(TINY_LLAMA)
-    if path is not None:
+    if name == "tiny":
+        return dict(TINY_LLAMA), None
+    builtin = os.path.join(MODELS_DIR, f"{name}.json")
+    path = builtin if os.path.isfile(builtin) else name
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        return None, path
+    if os.path.isfile(path):
         with open(path) as f:
-            fields = json.load(f)
-    fields["max_position_embeddings"] = max(seq_len, int(fields.get("max_position_embeddings", 0)))
-    if int(fields.get("vocab_size", 256)) < 256:
-        raise ValueError(f"{path}: vocab_size must be >= 256 for the built-in byte-level corpus")
-    return LlamaForCausalLM(LlamaConfig(**fields))
+            return json.load(f), None
+    names = sorted(f[:-5] for f in os.listdir(MODELS_DIR) if f.endswith(".json"))
+    raise ValueError(f"model.name: {name!r} is neither a built-in model ({['tiny', *names]}), a LlamaConfig "
+                     f"JSON file, nor an HF model directory with a config.json")
 
 
-class _StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
+def build_model(cfg: TrainConfig, *, vocab_size: int, seq_len: int) -> torch.nn.Module:
+    """An fp32 ``LlamaForCausalLM``: from scratch (seeded, identical on every rank) with the
+    tokenizer's vocabulary, or loaded from an HF directory."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    fields, pretrained = _model_fields(cfg.model.name)
+    if pretrained is not None:
+        model = AutoModelForCausalLM.from_pretrained(pretrained, torch_dtype=torch.float32)
+        if model.get_input_embeddings().num_embeddings < vocab_size:
+            raise ValueError(f"model.name: {pretrained} has {model.get_input_embeddings().num_embeddings} "
+                             f"embeddings, the tokenizer {vocab_size} tokens")
+    else:
+        fields.update(vocab_size=vocab_size, max_position_embeddings=max(seq_len, fields.get("max_position_embeddings", 0)))
+        for key in ("architectures", "model_type", "transformers_version", "torch_dtype"):
+            fields.pop(key, None)
+        torch.manual_seed(cfg.seed)
+        model = LlamaForCausalLM(LlamaConfig(**fields))
+    model.config.use_cache = False
+    if cfg.model.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+class StopFlag:
+    """SIGTERM / SIGINT (SLURM preemption, Ctrl-C) set a flag; the loop agrees on it across
+    ranks at the next step boundary, checkpoints and exits 0."""
 
     def __init__(self) -> None:
-        self.signal: int | None = None
+        self.signum: int | None = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._set)
 
     def _set(self, signum, frame) -> None:
-        self.signal = signum
+        self.signum = signum
 
 
-def main(argv: list[str] | None = None) -> int:
-    import torch.distributed as dist
+@dataclass(kw_only=True)
+class Progress:
+    """Where the run stands; saved in every checkpoint's client state."""
 
-    from . import initialize
-    from .checkpoint import load_checkpoint, save_checkpoint
-    from .data import builtin_text, byte_batches
-    from .launch_env import init_distributed
+    step: int = 0
+    """Optimizer steps done."""
+    tokens: int = 0
+    """Tokens trained on, all ranks together."""
 
-    args = _parse(argv)
-    env = init_distributed()
-    torch.manual_seed(args.seed)  # same initial model everywhere (rank 0's is broadcast anyway)
-    model = _model(args.model_config, args.seq_len)
-    engine, _, _, _ = initialize(model=model, config=args.deepspeed_config)
-    galore, rank, world = engine.qgalore, dist.get_rank(), dist.get_world_size()
-    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
-    stop = _StopFlag()
-    client = load_checkpoint(engine, args.save_dir) if args.save_dir else None
-    start = int(client["next_step"]) if client else 0
-    if rank == 0:
-        print(f"[qgalore] {env.source}: {world} ranks, ZeRO stage {engine.zero_optimization_stage()}, "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{len(galore.galore_params)} INT8 GaLore matrices" + (f", resumed at step {start}" if client else ""),
-              flush=True)
-    # Each rank's stream is keyed by (seed, rank, step): a resumed run continues the same data.
-    text = builtin_text()
-    t0, window = time.time(), []
-    for step in range(start, args.steps):
-        batches = byte_batches(text, seq_len=args.seq_len, batch_size=micro, seed=args.seed * 1_000_003 + step * world + rank)
-        for _ in range(gas):
-            x = next(batches)
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            engine.step()
-            window.append(float(loss.detach()))
-        done = step + 1
-        if rank == 0 and (done % args.log_every == 0 or done == args.steps):
-            mean = sum(window) / len(window)
-            print(f"step {done:5d}  loss {mean:.4f}  ppl {math.exp(mean):8.2f}  lr {engine.get_lr()[0]:.2e}  "
-                  f"SVDs {galore.svd_count}  {time.time() - t0:6.1f}s", flush=True)
-            window = []
-        # A signal may reach only some ranks: agree, or the others would wait in the save forever.
-        flag = torch.tensor([0 if stop.signal is None else 1])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stopping = bool(flag)
-        if args.save_dir and (stopping or done == args.steps or (args.save_every and done % args.save_every == 0)):
-            save_checkpoint(engine, args.save_dir, tag=f"step{done}", client_state={"next_step": done})
+
+def _sum_over_ranks(values: list[float]) -> list[float]:
+    """One small all-reduce for the loop's own bookkeeping (loss, stop flag, eval sums)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(engine, batches) -> tuple[float, int]:
+    """Mean token loss over the held-out batches of every rank, and the token count.  The loss
+    is ``sum of -log p(token) / number of predicted tokens`` over all ranks (one all-reduce of
+    the two sums), so ``exp`` of it is the perplexity, not a mean of per-batch means."""
+    engine.eval()
+    loss_sum, count = 0.0, 0
+    for ids in batches:
+        logits = engine(input_ids=ids).logits.float()
+        targets = ids[:, 1:]
+        loss_sum += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                          reduction="sum"))
+        count += targets.numel()
+    engine.train()
+    loss_sum, count = _sum_over_ranks([loss_sum, float(count)])
+    if count == 0:
+        raise ValueError("data: the validation split is empty (raise data.val_fraction or use more text)")
+    return loss_sum / count, int(count)
+
+
+def _svd_counts(galore) -> dict[str, int]:
+    return {galore.name_of(p): galore.state[p]["projector"].schedule.svd_count for p in galore.galore_params}
+
+
+def _checkpoint_tags(ckpt_dir: str) -> list[str]:
+    """``step<N>`` tags in ``ckpt_dir``, newest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    tags = [t for t in os.listdir(ckpt_dir) if t.startswith("step") and t[4:].isdigit()]
+    return sorted(tags, key=lambda t: int(t[4:]), reverse=True)
+
+
+def resume(engine, ckpt_dir: str, log) -> dict | None:
+    """Load the newest checkpoint that verifies (every rank agrees on the verdict); a damaged
+    one is skipped with a message.  Returns its client state, or None."""
+    from ..checkpoint import CheckpointError, load_checkpoint
+
+    for tag in _checkpoint_tags(ckpt_dir):
+        try:
+            return load_checkpoint(engine, ckpt_dir, tag=tag)
+        except CheckpointError as exc:
+            log(f"[qgalore] checkpoint {tag} is unusable ({exc}); trying an older one")
+    return None
+
+
+def _prune(ckpt_dir: str, *, step: int, keep: int) -> None:
+    """Keep the ``keep`` newest checkpoints up to ``step``; later ones are from an abandoned
+    attempt (the run resumed before them because they were damaged)."""
+    tags = _checkpoint_tags(ckpt_dir)
+    stale = [t for t in tags if int(t[4:]) > step] + [t for t in tags if int(t[4:]) <= step][keep:]
+    for tag in stale:
+        shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+
+
+def export_final_model(engine, tokenizer, out_dir: str, rank: int) -> None:
+    """Collective.  An ordinary HF checkpoint of the trained model on rank 0 (INT8 layers
+    dequantized to fp32 ``nn.Linear`` weights), with the tokenizer: loadable by
+    ``AutoModelForCausalLM.from_pretrained`` for evaluation or inference."""
+    import contextlib
+
+    from safetensors.torch import save_file
+
+    from ..core.int8_linear import Int8Linear
+
+    model = engine.module
+    gather = contextlib.nullcontext()
+    if engine.zero_optimization_stage() == 3:  # dense parameters are partitioned: gather them all
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([p for p in model.parameters() if hasattr(p, "ds_id")])
+    with gather:
+        if rank != 0:
+            return
+        int8 = {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+        state = {}
+        for name, t in model.state_dict().items():
+            if name.rpartition(".")[0] not in int8:
+                state[name] = t.detach().float().clone().contiguous()
+        for name, m in int8.items():
+            state[f"{name}.weight"] = m.dequantized_weight(torch.float32).contiguous()
+            if m.bias is not None:
+                state[f"{name}.bias"] = m.bias.detach().float().clone()
+        os.makedirs(out_dir, exist_ok=True)
+        model.config.save_pretrained(out_dir)
+        save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save(out_dir)
+
+
+def _header(cfg: TrainConfig, engine, model, data, launcher: str, world: int) -> str:
+    galore = engine.qgalore
+    int8 = {id(p) for p in galore.galore_params}
+    dense = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if id(p) not in int8)
+    n_params = dense + sum(p.numel() for p in galore.galore_params)  # ZeRO-3 hides INT8 weights as buffers
+    launched = {"env": "deepspeed/torchrun (RANK, WORLD_SIZE)", "slurm": "srun (SLURM_*)", "ompi": "mpirun (OMPI_*)",
+                "pmi": "PMI", "mpi4py": "mpi4py"}.get(launcher, launcher)
+    return (f"[qgalore] launched by {launched}: {world} ranks, ZeRO stage {engine.zero_optimization_stage()}, "
+            f"{'bf16' if engine.bfloat16_enabled() else 'fp32'}, model {cfg.model.name} "
+            f"({n_params / 1e6:.2f}M parameters, {len(galore.galore_params)} INT8 GaLore matrices, "
+            f"rank {galore.config.rank}, INT{galore.config.proj_bits or 16} projectors), "
+            f"micro batch {engine.train_micro_batch_size_per_gpu()} x accumulation "
+            f"{engine.gradient_accumulation_steps()} x {world} ranks x {cfg.data.seq_len} tokens\n"
+            f"[qgalore] data: {data.description}")
+
+
+def _save_run_files(cfg: TrainConfig, ds_config: dict) -> None:
+    import json
+
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    with open(os.path.join(cfg.run_dir, "ds_config.json"), "w") as f:
+        json.dump(ds_config, f, indent=2)
+
+
+def _train_step(engine, stream, stop: StopFlag) -> tuple[float, bool]:
+    """One optimizer step (``gradient_accumulation_steps`` micro-batches); returns the loss
+    averaged over micro-batches and ranks, and whether any rank got a stop signal.  A signal may
+    reach only some ranks: agreeing here keeps every rank on the same path (save, then exit)."""
+    losses = []
+    for _ in range(engine.gradient_accumulation_steps()):
+        ids = stream.next_batch()
+        loss = engine(input_ids=ids, labels=ids).loss  # packed batches: every micro-batch has the same token count
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    loss_sum, flags = _sum_over_ranks([sum(losses) / len(losses), 0.0 if stop.signum is None else 1.0])
+    return loss_sum / world, flags > 0
+
+
+def _step_record(engine, progress: Progress, loss: float, seconds: float, tokens: int, svd_before: dict) -> dict:
+    from .metrics import peak_memory_bytes
+
+    galore = engine.qgalore
+    svd_after = _svd_counts(galore)
+    refreshed = [name for name, n in svd_after.items() if n > svd_before.get(name, 0)]
+    comm = {kind: float(v["bytes"]) for kind, v in galore.comm.meter.last_step.items()}
+    return dict(step=progress.step, tokens=progress.tokens, loss=loss, lr=float(engine.get_lr()[0]),
+                step_time_s=seconds, tokens_per_s=tokens / max(seconds, 1e-9), svd_count=len(refreshed),
+                svd_layers=refreshed, comm_bytes=comm, mem_bytes=peak_memory_bytes())
+
+
+def _lr_scheduler(cfg: TrainConfig, ds_config: dict):
+    """GaLore's warmup + cosine as a LambdaLR that DeepSpeed steps at each boundary, unless the
+    ds_config brings its own ``scheduler`` (which then wins)."""
+    from functools import partial
+
+    if "scheduler" in ds_config:
+        return None
+    fn = partial(_lr_multiplier, total=cfg.schedule.steps, warmup=cfg.schedule.warmup_steps,
+                 floor=cfg.schedule.min_lr_ratio)
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def _lr_multiplier(step: int, *, total: int, warmup: int, floor: float) -> float:
+    from .schedule import warmup_cosine
+
+    return warmup_cosine(step, total_steps=total, warmup_steps=warmup, min_lr_ratio=floor)
+
+
+def _pretrained_tokenizer(cfg: TrainConfig) -> None:
+    """Fine-tuning a model directory that carries its tokenizer: use it unless one was chosen."""
+    _, pretrained = _model_fields(cfg.model.name)
+    if pretrained and cfg.data.tokenizer == "bpe" and any(
+            os.path.isfile(os.path.join(pretrained, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        cfg.data.tokenizer = pretrained
+
+
+class Run:
+    """One training run on this rank: the engine, data, position and logger, and what a step,
+    an evaluation and a save do.  Every method is collective (all ranks call it in order)."""
+
+    def __init__(self, cfg: TrainConfig, ds_config: dict, *, launcher: str) -> None:
+        from .. import initialize
+        from .data import TrainStream, build_data
+        from .metrics import RunLogger
+
+        self.cfg, self.rank, self.world = cfg, dist.get_rank(), dist.get_world_size()
+        self.ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
+        if self.rank == 0:
+            _save_run_files(cfg, ds_config)
+        _pretrained_tokenizer(cfg)
+        self.data = build_data(cfg.data, rank=self.rank, world=self.world)
+        model = build_model(cfg, vocab_size=self.data.tokenizer.vocab_size, seq_len=cfg.data.seq_len)
+        self.engine, _, _, _ = initialize(model=model, config=ds_config, lr_scheduler=_lr_scheduler(cfg, ds_config))
+        self.galore, self.micro = self.engine.qgalore, self.engine.train_micro_batch_size_per_gpu()
+        self.stream = TrainStream(self.data, rank=self.rank, world=self.world, micro_batch=self.micro, seed=cfg.seed)
+        self.tokens_per_step = self.micro * self.engine.gradient_accumulation_steps() * self.world * cfg.data.seq_len
+        self.progress = Progress()
+        client = resume(self.engine, self.ckpt_dir, self._say) if cfg.checkpoint.resume else None
+        if client:
+            self.progress = Progress(**client["progress"])
+            states = client["data"]
+            self.stream.load_state_dict(states[self.rank] if len(states) == self.world else states[0])
+        self.logger = RunLogger(cfg.run_dir, rank=self.rank, total_steps=cfg.schedule.steps,
+                                start_step=self.progress.step, tensorboard=cfg.logging.tensorboard,
+                                progress=cfg.logging.progress, log_every=cfg.logging.every)
+        if self.rank == 0:
+            self.logger.info(f"[qgalore] resolved training config:\n{yaml.safe_dump(cfg.to_dict(), sort_keys=False)}")
+            self.logger.info(_header(cfg, self.engine, model, self.data, launcher, self.world)
+                             + (f"\n[qgalore] resumed at step {self.progress.step}" if client else ""))
+
+    def _say(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def step(self, stop: StopFlag) -> bool:
+        """One optimizer step, logged; returns whether the run must stop (a signal somewhere)."""
+        svd_before, start = _svd_counts(self.galore), time.perf_counter()
+        loss, stopping = _train_step(self.engine, self.stream, stop)
+        self.progress.step += 1
+        self.progress.tokens += self.tokens_per_step
+        seconds = time.perf_counter() - start
+        self.logger.log_step(_step_record(self.engine, self.progress, loss, seconds, self.tokens_per_step, svd_before))
+        if not math.isfinite(loss):  # the same all-reduced value on every rank: all raise here
+            raise FloatingPointError(f"loss is {loss} at step {self.progress.step}; the last good checkpoint is kept")
+        return stopping
+
+    def evaluate(self) -> None:
+        from .data import val_batches
+
+        batches = val_batches(self.data, rank=self.rank, world=self.world, micro_batch=self.micro)
+        val_loss, val_tokens = evaluate(self.engine, batches)
+        self.logger.log_eval(dict(step=self.progress.step, tokens=self.progress.tokens, val_loss=val_loss,
+                                  val_ppl=math.exp(val_loss), val_tokens=val_tokens))
+
+    def save(self) -> None:
+        from ..checkpoint import save_checkpoint
+
+        step = self.progress.step
+        state = {"progress": vars(self.progress).copy(), "data": self.galore.comm.all_gather_object(self.stream.state_dict())}
+        path = save_checkpoint(self.engine, self.ckpt_dir, tag=f"step{step}", client_state=state)
+        if self.rank == 0:
+            _prune(self.ckpt_dir, step=step, keep=self.cfg.checkpoint.keep)
+        self.logger.summary_extra["checkpoint"] = path
+
+    def finish(self) -> None:
+        """Replica check, final model export, plots and the summary."""
+        self.galore.check_replicas()
+        out = os.path.join(self.cfg.run_dir, "final_model")
+        export_final_model(self.engine, self.data.tokenizer, out, self.rank)
+        if self.rank == 0:
+            self.logger.summary_extra["final_model"] = out
+            if self.cfg.logging.plots:
+                from ..plot import plot_run
+
+                plot_run(self.cfg.run_dir)
+                self.logger.summary_extra["plots"] = os.path.join(self.cfg.run_dir, "plots")
+            self.logger.info(f"[qgalore] done: {self.progress.step} steps, {self.galore.svd_count} SVDs, "
+                             "replicas identical")
+        self.logger.close()
+
+
+def train(cfg: TrainConfig, ds_config: dict, *, launcher: str = "single process") -> int:
+    """Collective: the whole run on this rank.  Returns the exit code (0, also after a signal)."""
+    run = Run(cfg, ds_config, launcher=launcher)
+    stop, saved_at, evaluated_at = StopFlag(), -1, -1
+    while run.progress.step < cfg.schedule.steps:
+        stopping = run.step(stop)
+        step = run.progress.step
+        if cfg.eval.every and step % cfg.eval.every == 0:
+            run.evaluate()
+            evaluated_at = step
+        if stopping or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            run.save()
+            saved_at = step
         if stopping:
-            if rank == 0:
-                print(f"[qgalore] signal {stop.signal}: checkpoint saved at step {done}, exiting", flush=True)
+            run.logger.info(f"[qgalore] signal {stop.signum or 'on another rank'}: checkpoint saved at step "
+                            f"{step}, exiting")
+            run.logger.close()
             return 0
-    galore.check_replicas()
-    if rank == 0:
-        print(f"[qgalore] done: {args.steps} steps, {galore.svd_count} SVDs, replicas identical", flush=True)
+    if evaluated_at != run.progress.step:
+        run.evaluate()
+    if saved_at != run.progress.step:
+        run.save()
+    run.finish()
     return 0
 
 
-if __name__ == "__main__":
-    from .launch_env import run_main
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line (every rank alike, so a bad key fails everywhere before any
+    collective), join the process group the launcher describes, and train."""
+    from ..launch_env import init_distributed
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        print("Training config keys and defaults:\n" + yaml.safe_dump(TrainConfig().to_dict(), sort_keys=False))
+        return 0
+    cfg, ds_config = parse_args(argv)
+    env = init_distributed()
+    _cpu_threads(env)
+    # DeepSpeed's ZeRO calls a deprecated torch.distributed alias every step: one warning per rank.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated", category=FutureWarning)
+    return train(cfg, ds_config, launcher=env.source)
+
+
+def _cpu_threads(env) -> None:
+    """On CPU ranks without OMP_NUM_THREADS, share the cores among this node's ranks as torchrun
+    does: the deepspeed launcher does not, and N ranks x all cores oversubscribe (several times
+    slower with OpenMP's spinning threads)."""
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        return
+    local = env.local_world_size or int(os.environ.get("LOCAL_SIZE") or 0) or env.world_size
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+
+
+def cli() -> None:
+    """The ``qgalore-train`` console script."""
+    from ..launch_env import run_main
 
     run_main(main)
