@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kernels
 from ..quant import check_group_layout, dequantize, quantize
 
 __all__ = [
@@ -162,6 +163,24 @@ class Int8Linear(nn.Module):
         self.weight.data.copy_(codes)
         self.weight_scales.copy_(scales)
         self.weight_zeros.copy_(zeros)
+
+    def apply_update_(self, delta: torch.Tensor, *, step_size: float, decay: float, stochastic_key=None) -> None:
+        """``W <- quant(dequant(W) - step_size * delta - decay * W')`` in place, where ``W'`` is
+        the updated weight (decoupled weight decay after the update) and ``quant`` rounds
+        stochastically with ``stochastic_key`` (nearest when None).  ``delta`` (out, in).
+
+        Runs the fused Triton kernel when :func:`qgalore_dist.kernels.use_triton` says so
+        (bit-identical codes), else the torch ops below.
+        """
+        if kernels.use_triton(self.weight, delta):
+            kernels.int8_update_(self.weight.data, self.weight_scales, self.weight_zeros, delta,
+                                 group_size=self.group_size, step_size=step_size, decay=decay, key=stochastic_key)
+            return
+        weight = self.dequantized_weight()
+        weight.add_(delta.to(weight.dtype), alpha=-step_size)
+        if decay > 0:
+            weight.add_(weight, alpha=-decay)
+        self.set_weight(weight, stochastic_key=stochastic_key)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.weight, self.weight_scales, self.weight_zeros, group_size=self.group_size, dtype=dtype)

@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from ..quant import StreamKey, check_group_layout, dequantize, key_to_u32, pack_codes, quantize, unpack_codes
 
 __all__ = ["PROJ_TYPES", "SVD_METHODS", "Projector", "RefreshSchedule", "choose_side", "svd_basis"]
@@ -217,14 +218,27 @@ class Projector:
         self.schedule.record(first.flatten())
         self.set_matrix(proj)
 
+    def _use_kernels(self, operand: torch.Tensor) -> bool:
+        """Triton for a quantized P when :func:`qgalore_dist.kernels.use_triton` says so
+        (CUDA tensors by default); otherwise the torch code below, unchanged."""
+        return self.bits is not None and self.proj_codes is not None and kernels.use_triton(operand)
+
     def project(self, grad: torch.Tensor) -> torch.Tensor:
         """Full gradient (m, n) -> low-rank gradient ``lowrank_shape`` in fp32."""
+        if self._use_kernels(grad):  # fused: P read from its packed codes, never materialized
+            return kernels.project_packed(grad, self.proj_codes, self.proj_scales, self.proj_zeros,
+                                          proj_shape=self.proj_shape, side=self.side, bits=self.bits,
+                                          group_size=self.group_size)
         p = self.matrix()
         g = grad.to(torch.float32)
         return g @ p.T if self.side == "right" else p.T @ g
 
     def project_back(self, lowrank: torch.Tensor) -> torch.Tensor:
         """Low-rank tensor -> (m, n), multiplied by ``scale``."""
+        if self._use_kernels(lowrank):
+            return kernels.project_back_packed(lowrank, self.proj_codes, self.proj_scales, self.proj_zeros,
+                                               proj_shape=self.proj_shape, side=self.side, bits=self.bits,
+                                               group_size=self.group_size, scale=self.scale)
         p = self.matrix()
         full = lowrank @ p if self.side == "right" else p @ lowrank
         return full * self.scale

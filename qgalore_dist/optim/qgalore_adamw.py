@@ -362,13 +362,15 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         step_size = adam_step_size(group["lr"], group["betas"], step)
         delta = state["projector"].project_back(direction)
         layer = int8_layer_of(p)
-        weight = layer.dequantized_weight() if layer is not None else p
-        weight.add_(delta.to(weight.dtype), alpha=-step_size)
-        if group["weight_decay"] > 0:
-            weight.add_(weight, alpha=-group["lr"] * group["weight_decay"])
-        if layer is not None:
+        if layer is not None:  # dequantize, update, decay, requantize: one fused pass on GPU
             key = StreamKey(self.config.seed, step - 1, self._stream_ids[p])
-            layer.set_weight(weight, stochastic_key=key if self.config.stochastic_round else None)
+            decay = group["lr"] * group["weight_decay"] if group["weight_decay"] > 0 else 0.0
+            layer.apply_update_(delta, step_size=step_size, decay=decay,
+                                stochastic_key=key if self.config.stochastic_round else None)
+            return
+        p.add_(delta.to(p.dtype), alpha=-step_size)
+        if group["weight_decay"] > 0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
     def _reduce_dense(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Averaged dense gradients on their owners (ZeRO-1 style)."""
