@@ -49,12 +49,25 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------- files
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish_dir(tmp: str, final: str) -> None:
+    """Rename the finished directory ``tmp`` to ``final``; an existing ``final`` (re-saving a
+    tag) is swapped aside first and dropped after, so ``final`` is always complete or absent."""
+    if os.path.exists(final):
+        old = final + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 def _write_bytes(path: str, data: bytes) -> dict:
@@ -365,19 +378,12 @@ def save_checkpoint(target, save_dir: str, *, tag: str | None = None, client_sta
     if rank == 0:
         merged = {k: v for d in all_files for k, v in d.items()}
         _write_json(os.path.join(tmp, "manifest.json"), {"format_version": FORMAT_VERSION, "files": merged})
-        _fsync_dir(tmp)
-        if os.path.exists(final):  # re-saving a tag: swap, then drop the old copy
-            old = final + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        fsync_dir(tmp)
+        publish_dir(tmp, final)
         latest_tmp = os.path.join(save_dir, "latest.tmp")
         _write_bytes(latest_tmp, tag.encode())
         os.replace(latest_tmp, os.path.join(save_dir, "latest"))
-        _fsync_dir(save_dir)
+        fsync_dir(save_dir)
     if comm.world_size > 1:
         dist.barrier(group=comm.group)
     return final

@@ -65,8 +65,11 @@ the owner exchange over the world (low-rank r x n payloads).
 Stochastic rounding uses the reference's counter-based stream keyed by (seed, step, parameter
 name) at the global element index, so each shard draws exactly the bits a single process would.
 
-Not in this first cut (issue 7): DTensor optimizer states / DCP checkpoints (``state_dict``
-holds local tensors and is not resharding-aware), INT8 payload compression with error feedback
+Checkpoints: :func:`save_checkpoint` / :func:`load_checkpoint` (``torch.distributed.checkpoint``,
+resumable at another world size; :mod:`qgalore_dist.fsdp_checkpoint` documents the layout).
+The optimizer's own ``state_dict()`` still holds local tensors and is not resharding-aware.
+
+Not in this first cut (issue 7): INT8 payload compression with error feedback
 across the replicate group, a refresh that keeps the full gradient inside the replica (e.g. a
 randomized SVD across shards), non-even row splits and row-group layouts for shapes whose
 shard boundaries would cut a 256-element group (rejected by :func:`check_shardable`).
@@ -91,8 +94,9 @@ from .quant.groupwise import _group_params
 from .quant.random import _MASK32, _mix32, _mix32_int, key_to_u32
 
 __all__ = [
-    "FSDPQGaLoreAdamW8bit", "PROJECTIONS", "build_optimizer", "fully_shard_qgalore", "quantize_rows",
-    "shard_model", "uniform_from_key_at",
+    "FSDPQGaLoreAdamW8bit", "PROJECTIONS", "build_optimizer", "fully_shard_qgalore", "load_checkpoint",
+    "load_optimizer_state_dict", "optimizer_state_dict", "quantize_rows", "save_checkpoint", "shard_model",
+    "uniform_from_key_at",
 ]
 
 logger = logging.getLogger(__name__)
@@ -458,3 +462,7 @@ def fully_shard_qgalore(model: nn.Module, config: QGaLoreConfig | None = None, m
         mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
     shard_model(model, mesh, layers=layers, reshard_after_forward=reshard_after_forward)
     return model, build_optimizer(model, config, mesh, projection=projection, **overrides)
+
+
+# DCP checkpoints (re-exported; defined in fsdp_checkpoint, which imports this module's names).
+from .fsdp_checkpoint import load_checkpoint, load_optimizer_state_dict, optimizer_state_dict, save_checkpoint  # noqa: E402

@@ -96,3 +96,81 @@ def train_fsdp(rank: int, world_size: int, steps: int, cfg: dict, projection: st
             "meter": opt.comm.meter.last_step, "shard_meter": opt.shard_comm.meter.last_step,
             "replicate_meter": opt.replicate_comm.meter.last_step if opt.replicate_comm else None,
             "lowrank_shapes": [(tuple(p.shape), opt.state[p]["projector"].lowrank_shape) for p in opt.galore_params]}
+
+
+def checkpoint_run(rank: int, world_size: int, ops: list, cfg: dict | None = None) -> dict:
+    """Run ``ops`` in order on a 1-D mesh of ``world_size`` ranks (FSDP2, projection="sharded"):
+    ``("train", n)`` n steps on the global batches from ``opt.steps_taken`` on (losses recorded
+    under ``"train<i>"``), ``("save", path)``, ``("load", path[, raw])``: a *fresh* model and
+    optimizer loaded from ``path`` (``raw=False``: re-encode the fp32 moments).  A load of a path
+    this run saved also records how the loaded 8-bit moments (codes, dequantized values)
+    compare with the saved optimizer's (``"moments<i>"``)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from qgalore_dist import QGaLoreConfig
+    from qgalore_dist.fsdp import fully_shard_qgalore, load_checkpoint, save_checkpoint
+
+    cfg = {**CFG, **(cfg or {})}
+    cfg.pop("proj_type", None)
+    mesh = init_device_mesh("cpu", (world_size,))
+
+    def fresh():
+        return fully_shard_qgalore(build_model(), QGaLoreConfig(**cfg), mesh, projection="sharded")
+
+    model, opt = fresh()
+    data = batches(32)
+    per_rank = GLOBAL_BATCH // world_size
+    out: dict = {}
+    saved: dict = {}
+    for i, (op, *args) in enumerate(ops):
+        if op == "train":
+            losses = []
+            for _ in range(args[0]):
+                x = data[opt.steps_taken, rank * per_rank:(rank + 1) * per_rank]
+                loss = model(input_ids=x, labels=x).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                total = loss.detach().clone()
+                dist.all_reduce(total)
+                losses.append(total.item() / world_size)
+            opt.check_replicas()
+            opt.check_shards()
+            out[f"train{i}"] = losses
+        elif op == "save":
+            save_checkpoint(model, opt, args[0])
+            saved[args[0]] = _moments(opt)
+        elif op == "load":
+            model, opt = fresh()
+            load_checkpoint(model, opt, args[0], raw=args[1] if len(args) > 1 else True)
+            if args[0] in saved:
+                out[f"moments{i}"] = _compare_moments(saved[args[0]], _moments(opt), opt._codec_8)
+        else:
+            raise ValueError(op)
+    return out
+
+
+def _moments(opt) -> list:
+    """Copies of every 8-bit moment, in parameter order."""
+    from qgalore_dist.quant import Moment
+
+    out = []
+    for p in opt.galore_params + opt.dense_params:
+        for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+            m = opt.state[p].get(name)
+            if m is not None and m.codes is not None:
+                out.append((signed, Moment(codes=m.codes.clone(), absmax=m.absmax.clone())))
+    return out
+
+
+def _compare_moments(a: list, b: list, codec) -> dict:
+    """Codes that differ between two lists of 8-bit moments, and the largest |dequantized
+    difference| relative to its tensor's max |value|."""
+    differing, total, rel = 0, 0, 0.0
+    assert len(a) == len(b) and a
+    for (signed, ma), (_, mb) in zip(a, b):
+        differing += int((ma.codes != mb.codes).sum())
+        total += ma.codes.numel()
+        va, vb = codec.decode(ma, signed=signed), codec.decode(mb, signed=signed)
+        rel = max(rel, float((va - vb).abs().max() / va.abs().max().clamp_min(1e-30)))
+    return {"differing_codes": differing, "codes": total, "max_rel_diff": rel}
