@@ -77,7 +77,6 @@ shard boundaries would cut a 256-element group (rejected by :func:`check_shardab
 
 from __future__ import annotations
 
-import logging
 from typing import Iterable
 
 import torch
@@ -98,8 +97,6 @@ __all__ = [
     "load_optimizer_state_dict", "optimizer_state_dict", "quantize_rows", "save_checkpoint", "shard_model",
     "uniform_from_key_at",
 ]
-
-logger = logging.getLogger(__name__)
 
 PROJECTIONS = ("sharded", "std")
 _META = ("weight_scales", "weight_zeros")
@@ -303,52 +300,37 @@ class FSDPQGaLoreAdamW8bit(QGaLoreAdamW8bit):
         return out
 
     # ------------------------------------------------------------------ step
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.svds_last_step = 0
-        self.comm.step_index = self.steps_taken
-        finite, with_grad = self._agree_on_gradients(self.galore_params + self.dense_params)
-        self.last_clip_coef = 1.0
-        self.last_step_applied = finite and bool(with_grad)
-        if not finite:
-            self.skipped_steps += 1
-            logger.warning("FSDPQGaLoreAdamW8bit: non-finite gradient, step skipped (%d so far)", self.skipped_steps)
-        else:
-            has = set(with_grad)
-            galore = [p for p in self.galore_params if p in has]
-            dense = [p for p in self.dense_params if p in has]
-            refreshing = [p for p in galore if self._is_refreshing(p)]
-            owner_lowrank = self._refresh(refreshing)  # full G to owners, SVD, INT4 broadcast
-            rows = [p for p in galore if self._sharded(p)]
-            left = [p for p in galore if not self._sharded(p)]
-            row_avg = self._reduce_rows(rows)
-            left_items = []
-            for p in left:
-                if p in set(refreshing):
-                    continue
-                kind, grad = self._local_grad(p)
-                left_items.append((p, self.owner[p], grad if kind == "lowrank" else self.state[p]["projector"].project(grad)))
-            left_avg = reduce_to_owners(self.comm, left_items, "lowrank_reduce", dtype=self._payload_dtype)
-            left_avg.update({p: owner_lowrank[p] for p in left if p in owner_lowrank})
-            dense_grads = {p: _local(p.grad) for p in dense}
-            coef = self._clip_coef_local(row_avg, left_avg, dense_grads)
-            for p in rows:
-                state = self.state[p]
-                state["step"] = state.get("step", 0) + 1
-                grad = row_avg[p] if coef == 1.0 else row_avg[p] * coef
-                numel = p.shape[0] * state["projector"].rank
-                self._apply_galore(p, self._adam_local(state, grad, self._group_of[p], numel))
-            self._update_galore(left, left_avg, coef)  # owner exchange; applies through _apply_galore
-            self._update_dense_local(dense, dense_grads, coef)
-        self._arm_grad_sinks()
+    def _update(self, galore: list[torch.Tensor], dense: list[torch.Tensor], *, extra_grad_sq=0.0) -> None:
+        """The sharded layout: rows of R reduce-scattered by FSDP row ranges and updated
+        locally; left-projected matrices through the owner exchange; dense shards locally."""
+        assert not extra_grad_sq, "FSDP2 owns no gradients outside this optimizer"
+        refreshing = [p for p in galore if self._is_refreshing(p)]
+        owner_lowrank = self._refresh(refreshing)  # full G to owners, SVD, INT4 broadcast
+        rows = [p for p in galore if self._sharded(p)]
+        left = [p for p in galore if not self._sharded(p)]
+        row_avg = self._reduce_rows(rows)
+        left_items = []
+        for p in left:
+            if p in set(refreshing):
+                continue
+            kind, grad = self._local_grad(p)
+            left_items.append((p, self.owner[p], grad if kind == "lowrank" else self.state[p]["projector"].project(grad)))
+        left_avg = reduce_to_owners(self.comm, left_items, "lowrank_reduce", dtype=self._payload_dtype)
+        left_avg.update({p: owner_lowrank[p] for p in left if p in owner_lowrank})
+        dense_grads = {p: _local(p.grad) for p in dense}
+        coef = self._clip_coef_local(row_avg, left_avg, dense_grads)
+        for p in rows:
+            state = self.state[p]
+            state["step"] = state.get("step", 0) + 1
+            grad = row_avg[p] if coef == 1.0 else row_avg[p] * coef
+            numel = p.shape[0] * state["projector"].rank
+            self._apply_galore(p, self._adam_local(state, grad, self._group_of[p], numel))
+        self._update_galore(left, left_avg, coef)  # owner exchange; applies through _apply_galore
+        self._update_dense_local(dense, dense_grads, coef)
+
+    def _end_step(self) -> None:
         for comm in {id(c): c for c in (self.comm, self.shard_comm, self.replicate_comm) if c is not None}.values():
             comm.meter.end_step()
-        self.steps_taken += 1
-        return loss
 
     def _clip_coef_local(self, row_avg: dict, left_avg: dict, dense_grads: dict) -> float:
         self.last_grad_norm = None

@@ -59,6 +59,17 @@ def train_single(steps: int, cfg: dict, codes_at: int = 3) -> dict:
     return {"losses": losses, "svds": svds, "codes": codes}
 
 
+def _train_step(model, opt, x: torch.Tensor, world_size: int) -> float:
+    """One optimizer step on this rank's micro-batch ``x``; returns the loss averaged over ranks."""
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return total.item() / world_size
+
+
 def train_fsdp(rank: int, world_size: int, steps: int, cfg: dict, projection: str, mesh_shape=None,
                codes_at: int = 3) -> dict:
     """``codes`` are the gathered INT8 codes after step ``codes_at`` (3: the last step of the
@@ -77,14 +88,7 @@ def train_fsdp(rank: int, world_size: int, steps: int, cfg: dict, projection: st
     per_rank = GLOBAL_BATCH // world_size
     losses, svds, placements = [], [], set()
     for step in range(steps):
-        x = data[step, rank * per_rank:(rank + 1) * per_rank]
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        losses.append(total.item() / world_size)
+        losses.append(_train_step(model, opt, data[step, rank * per_rank:(rank + 1) * per_rank], world_size))
         svds.append(opt.svds_last_step)
         opt.check_replicas()
         opt.check_shards()
@@ -127,13 +131,7 @@ def checkpoint_run(rank: int, world_size: int, ops: list, cfg: dict | None = Non
             losses = []
             for _ in range(args[0]):
                 x = data[opt.steps_taken, rank * per_rank:(rank + 1) * per_rank]
-                loss = model(input_ids=x, labels=x).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                total = loss.detach().clone()
-                dist.all_reduce(total)
-                losses.append(total.item() / world_size)
+                losses.append(_train_step(model, opt, x, world_size))
             opt.check_replicas()
             opt.check_shards()
             out[f"train{i}"] = losses

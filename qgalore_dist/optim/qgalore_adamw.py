@@ -241,6 +241,17 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        present = self._begin_step(extra_finite)
+        if present is not None:
+            self._update(*present, extra_grad_sq=extra_grad_sq)
+        self._arm_grad_sinks()
+        self._end_step()
+        self.steps_taken += 1
+        return loss
+
+    def _begin_step(self, extra_finite: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """Collective.  Every rank agrees whether all gradients are finite; returns the GaLore
+        and dense parameters that have gradients, or None when the step is skipped."""
         self.svds_last_step = 0
         self.comm.step_index = self.steps_taken
         managed = self.galore_params + (self.dense_params if self.manage_dense else [])
@@ -249,23 +260,25 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         self.last_step_applied = finite and bool(with_grad)
         if not finite:
             self.skipped_steps += 1
-            logger.warning("QGaLoreAdamW8bit: non-finite gradient, step skipped (%d skipped so far)", self.skipped_steps)
-        else:
-            has = set(with_grad)
-            galore = [p for p in self.galore_params if p in has]
-            dense = [p for p in self.dense_params if p in has]
-            lowrank_avg = self._reduce_galore(galore)
-            dense_avg = self._reduce_dense(dense)
-            coef = self._clip_coef({**lowrank_avg, **dense_avg}, extra_grad_sq)
-            self._update_galore(galore, lowrank_avg, coef)
-            self._update_dense(dense, dense_avg, coef)
-        self._arm_grad_sinks()
+            logger.warning("%s: non-finite gradient, step skipped (%d skipped so far)",
+                           type(self).__name__, self.skipped_steps)
+            return None
+        has = set(with_grad)
+        return [p for p in self.galore_params if p in has], [p for p in self.dense_params if p in has]
+
+    def _update(self, galore: list[torch.Tensor], dense: list[torch.Tensor], *, extra_grad_sq=0.0) -> None:
+        """Exchange, clip and apply one step's gradients (the data-parallel layout)."""
+        lowrank_avg = self._reduce_galore(galore)
+        dense_avg = self._reduce_dense(dense)
+        coef = self._clip_coef({**lowrank_avg, **dense_avg}, extra_grad_sq)
+        self._update_galore(galore, lowrank_avg, coef)
+        self._update_dense(dense, dense_avg, coef)
+
+    def _end_step(self) -> None:
         traffic = self.comm.meter.end_step()
         if self.comm.world_size > 1:
             logger.debug("step %d: %d SVDs, comm bytes %s", self.steps_taken, self.svds_last_step,
                          {k: v["bytes"] for k, v in traffic.items() if v["calls"]})
-        self.steps_taken += 1
-        return loss
 
     def _clip_coef(self, owned_grads: dict[torch.Tensor, torch.Tensor], extra_grad_sq) -> float:
         """Global gradient norm (see ``QGaLoreConfig.max_grad_norm``) from the averaged

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import yaml
 
 from .config import TrainConfig, parse_args
+from .schedule import warmup_cosine
 
 __all__ = ["main"]
 
@@ -262,15 +263,9 @@ def _lr_scheduler(cfg: TrainConfig, ds_config: dict):
 
     if "scheduler" in ds_config:
         return None
-    fn = partial(_lr_multiplier, total=cfg.schedule.steps, warmup=cfg.schedule.warmup_steps,
-                 floor=cfg.schedule.min_lr_ratio)
+    fn = partial(warmup_cosine, total_steps=cfg.schedule.steps, warmup_steps=cfg.schedule.warmup_steps,
+                 min_lr_ratio=cfg.schedule.min_lr_ratio)
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
-
-
-def _lr_multiplier(step: int, *, total: int, warmup: int, floor: float) -> float:
-    from .schedule import warmup_cosine
-
-    return warmup_cosine(step, total_steps=total, warmup_steps=warmup, min_lr_ratio=floor)
 
 
 def _pretrained_tokenizer(cfg: TrainConfig) -> None:

@@ -58,20 +58,6 @@ class Tokenizer:
         return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map of the 256 byte values to printable characters (the alphabet of
-    ``tokenizers``' ByteLevel pre-tokenizer)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
 def _save_fast(tok, directory: str) -> None:
     """Save a ``tokenizers.Tokenizer`` whose EOS is ``EOS_TOKEN`` as a PreTrainedTokenizerFast dir."""
     from transformers import PreTrainedTokenizerFast
@@ -98,8 +84,9 @@ class ByteTokenizer(Tokenizer):
     def save(self, directory: str) -> None:
         # The same mapping as a merge-free byte-level BPE, so HF code can load it.
         from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers
+        from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte alphabet
 
-        vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+        vocab = {ch: b for b, ch in bytes_to_unicode().items()}
         tok = HFTok(models.BPE(vocab=vocab, merges=[]))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         tok.decoder = decoders.ByteLevel()
