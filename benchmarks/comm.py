@@ -1,43 +1,52 @@
-"""Gradient-sync bytes per step per rank for LLaMA 60M-7B: DDP (bf16), ZeRO-2 (bf16), qgalore-dist;
-and the SVD makespan of a refresh step on 4 ranks, rank0 vs balanced ownership.
+"""Gradient-sync bytes per step per rank for LLaMA 60M-7B: qgalore-dist with and without payload
+compression against DDP (bf16), ZeRO-2 (bf16) and torch's PowerSGD DDP hook (rank 4); and the SVD
+makespan of a refresh step on 4 ranks, rank0 vs balanced ownership.
 
 What is computed (closed forms, per rank, ring-algorithm volumes as ``qgalore_dist.distributed.comm``
 meters them: all-reduce ``2 (N-1)/N * S``, reduce-scatter / all-gather / broadcast / reduce
 ``(N-1)/N * S``; P = all parameters, G = GaLore matrices (q/k/v/o/gate/up/down_proj weights),
 D = dense parameters (embeddings, norms, lm_head)):
 
-* ``ddp_bf16``   all-reduce of bf16 gradients: ``2 (N-1)/N * 2 * P``.
-* ``zero2_bf16`` reduce-scatter of bf16 gradients + all-gather of bf16 parameters:
-                 ``(N-1)/N * 2 * P + (N-1)/N * 2 * P`` (the same volume as DDP).
-* ``ours``       the steady-state step of ``QGaLoreAdamW8bit`` (``_reduce_galore`` / ``_update_galore`` / ``_reduce_dense`` / ``_update_dense``):
-                 ``lowrank_reduce``  reduce-scatter of every low-rank gradient to its owner,
-                                     ``(N-1)/N * sum_G max(m, n) * r * b``;
-                 ``update_gather``   owners broadcast the low-rank Adam directions,
-                                     ``(N-1)/N * sum_G max(m, n) * r * b``;
-                 ``dense``           reduce-scatter of dense gradients to their owner + broadcast of
-                                     the updated dense parameters, ``(N-1)/N * D * (b_grad + b_param)``;
-                 ``control``         the finite-gradient / has-gradient flags, an all-reduce of
-                                     ``1 + 2 * (#GaLore + #dense tensors)`` fp32 values.
-  Two payload variants:
-    - ``ours_fp32`` the default, `payload_dtype="float32"`: low-rank gradients and directions in fp32
-      (b = 4), dense gradients cast to fp32 by ``reduce_to_owners`` (4 B), dense parameters in their
-      own dtype (bf16 assumed here, 2 B, as the DDP baseline);
-    - ``ours_bf16`` bf16 payloads everywhere (b = 2, dense 2 + 2 B): DESIGN.md's closed form, not
-      implemented yet.  INT8 payloads (b ~ 1) exist only as the opt-in ``compress_lowrank`` (8-bit
-      low-rank gradients sent by all-to-all with error feedback; the update gather stays fp32), off
-      by default and not modelled or measured here.
+* baselines (``benchmarks/comm_baselines.py``, formulas in its docstring): ``ddp_bf16`` all-reduce of
+  bf16 gradients; ``zero2_bf16`` bf16 reduce-scatter + bf16 parameter all-gather (the same volume);
+  ``powersgd_r4`` torch's ``powerSGD_hook`` with ``matrix_approximation_rank=4`` after
+  ``start_powerSGD_iter`` (P and Q of every 2-D gradient worth compressing, the rest plainly), with
+  bf16 gradients (``powersgd_r4``) and fp32 gradients (``powersgd_r4_fp32``).
+* ``ours``  the steady-state step of ``QGaLoreAdamW8bit`` (``_reduce_galore`` / ``_update_galore`` /
+  ``_reduce_dense`` / ``_update_dense``), L = sum_G max(m, n) * r low-rank elements:
+    ``lowrank_reduce``  every low-rank gradient to its owner: reduce-scatter, ``(N-1)/N * L * b``;
+    ``update_gather``   owners broadcast the low-rank Adam directions, ``(N-1)/N * L * b``;
+    ``dense``           reduce-scatter of dense gradients to their owner + broadcast of the updated
+                        dense parameters, ``(N-1)/N * D * (b_grad + b_param)``;
+    ``control``         the finite-gradient / has-gradient flags, an all-reduce of
+                        ``1 + 2 * (#GaLore + #dense tensors)`` fp32 values.
+  Payload variants (dense parameters in bf16, 2 B, as in the DDP baseline):
+    - ``ours_fp32`` the default ``payload_dtype="float32"``: b = 4, dense gradients 4 B;
+    - ``ours_bf16`` ``payload_dtype="bfloat16"``: b = 2, dense gradients 2 B;
+    - ``ours_int8`` ``compress_lowrank=True`` with ``payload_dtype="bfloat16"`` (dense gradients 2 B):
+      low-rank gradients and directions as bitsandbytes 8-bit block-wise codes (1 B per element) +
+      one fp32 absmax per block of 256, per owner: ``B_o = L_o + 4 * ceil(L_o / 256)`` with L_o the
+      low-rank elements of the matrices owner o holds (``plan_ownership``, balanced).  The gradients
+      go by all-to-all (codes cannot be summed in transit): rank k sends ``sum_{o != k} B_o``, whose
+      mean over ranks is ``(N-1)/N * sum_o B_o`` (the table's figure; ``lowrank_reduce_max_rank``
+      in the JSON is the busiest rank).  The directions are per-owner broadcasts,
+      ``(N-1)/N * sum_o B_o``.  ``ours_int8_fp32_dense`` is ``compress_lowrank=True`` alone (dense
+      gradients stay 4 B).  Error feedback costs memory (fp32 residuals), not bytes.
   Refresh steps add ``full_grad_reduce`` (``(N-1)/N * m * n * 4``, the fp32 full gradient reduced to
   the owner, no low-rank reduce for that matrix) and ``proj_broadcast`` (packed INT4 codes + fp32
   scales/zeros per group + the fp64 schedule vector); reported separately, not in the per-step table.
 
-Validation (metered, not closed form)
-    2 gloo ranks on CPU (``tests/dist_harness.run_distributed``), a small LlamaForCausalLM (hidden
-    64, intermediate 160, 2 layers, vocab 128, rank 8) converted with ``prepare_model``, 2 steps:
-    step 0 refreshes every projector, step 1 is steady.  ``optimizer.comm.meter.last_step`` after
-    each step is compared kind by kind with the closed form above evaluated on the same model's
-    shapes; they must be equal exactly (not approximately).  Run once with fp32 dense parameters
-    (dense payload 4 + 4 B) and once with the model in bf16 (4 B gradients + 2 B parameters: the
-    ``ours_fp32`` assumption).
+Validation (metered / counted, not closed form), one launch of 2 gloo ranks on CPU
+(``tests/dist_harness.run_distributed``) on a small LlamaForCausalLM (hidden 64, intermediate 160,
+2 layers, vocab 128):
+    * ours: converted with ``prepare_model``, rank 8, 2 steps (step 0 refreshes every projector,
+      step 1 is steady), once per payload case (``CASES``); ``optimizer.comm.meter.last_step``
+      after each step is compared kind by kind and rank by rank with the closed form on the same
+      shapes and ownership plan: equality is exact (==).
+    * PowerSGD: the same model (without ``prepare_model``) in ``DistributedDataParallel`` with
+      ``powerSGD_hook`` (rank 4, ``start_powerSGD_iter=2``), 4 backward passes; the bytes of every
+      ``torch.distributed.all_reduce`` the hook issues are counted and must equal the DDP closed
+      form on steps 0-1 and the PowerSGD one on steps 2-3, in fp32 and in bf16.
 
 SVD makespan (measured on this CPU, 1 torch thread)
     ``torch.linalg.svd(full_matrices=False)`` (the ``exact`` method of ``svd_basis``) timed on a
@@ -68,15 +77,33 @@ for _p in (_REPO, _REPO / "tests"):
         sys.path.insert(0, str(_p))
 
 from benchmarks._common import RESULTS_DIR, environment, environment_md, load_config, write_outputs  # noqa: E402
+from benchmarks.comm_baselines import (  # noqa: E402
+    TINY_LLAMA, Tensors, check_powersgd, ddp_bytes, numel, powersgd_bytes, ring, run_powersgd_ddp, zero2_bytes,
+)
 from qgalore_dist.core import DEFAULT_TARGET_MODULES  # noqa: E402
 from qgalore_dist.distributed.plan import MatrixSpec, plan_ownership  # noqa: E402
 from qgalore_dist.quant import packed_numel  # noqa: E402
 
-GiB = 2**30
+MiB = 2**20
 MODELS = ("llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b")
 RANKS = (128, 256, 512, 1024)
+PAPER_RANK = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}
+"""The GaLore / Q-GaLore pre-training rank of each size (the plot's configuration)."""
 KINDS = ("lowrank_reduce", "full_grad_reduce", "proj_broadcast", "update_gather", "dense", "control")
 TARGET = {"model": "llama_7b", "rank": 1024, "ratio": 3.5}
+PAYLOAD_BLOCK, CODE_BYTES, ABSMAX_BYTES = 256, 1, 4
+"""``exchange._PAYLOAD_CODEC``: signed dynamic 8-bit codes, one fp32 absmax per 256 values."""
+VARIANTS = {  # name: (b_lowrank, b_dense_grad, compress); dense parameters 2 B (bf16) throughout
+    "ours_fp32": (4, 4, False), "ours_bf16": (2, 2, False),
+    "ours_int8": (1, 2, True), "ours_int8_fp32_dense": (1, 4, True),
+}
+CASES = {  # validation: name -> (model dtype, payload_dtype, compress_lowrank)
+    "fp32 model, fp32 payload": ("float32", "float32", False),
+    "bf16 model, fp32 payload (ours fp32)": ("bfloat16", "float32", False),
+    "bf16 model, bf16 payload (ours bf16)": ("bfloat16", "bfloat16", False),
+    "bf16 model, int8 low-rank + bf16 dense (ours int8)": ("bfloat16", "bfloat16", True),
+    "fp32 model, int8 low-rank + fp32 dense": ("float32", "float32", True),
+}
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -94,35 +121,58 @@ def meta_tensors(name: str):
         return model_tensors(LlamaForCausalLM(load_config(name)))
 
 
-def numel(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= s
+# ----------------------------------------------------------------------------- closed forms
+def lowrank_by_owner(tensors: Tensors, rank: int, world: int, placement: str = "balanced") -> list[int]:
+    """Low-rank elements (max(m, n) * r per matrix) each rank owns under ``plan_ownership``."""
+    specs = [MatrixSpec(name=n, shape=s, rank=rank) for n, s, g in tensors if g]
+    plan = plan_ownership(specs, world, placement)
+    out = [0] * world
+    for spec in specs:
+        out[plan.owner[spec.name]] += max(spec.shape) * rank
     return out
 
 
-# ----------------------------------------------------------------------------- closed forms
-def ours_steady(tensors, rank: int, world: int, *, b_lowrank: int, b_dense_grad: int, b_dense_param: int) -> dict[str, float]:
+def compressed_payload(elements: int) -> int:
+    """Bytes of ``elements`` values as 8-bit codes + one fp32 absmax per block."""
+    return CODE_BYTES * elements + ABSMAX_BYTES * -(-elements // PAYLOAD_BLOCK)
+
+
+def _lowrank_kinds(tensors: Tensors, rank: int, world: int, b_lowrank: int, compress: bool,
+                   at_rank: int | None) -> tuple[float, float]:
+    """(lowrank_reduce, update_gather) bytes; ``at_rank`` None gives the mean over ranks."""
+    f = ring(world)
+    if not compress:
+        lowrank = sum(max(s) * rank for _, s, g in tensors if g)
+        return f * lowrank * b_lowrank, f * lowrank * b_lowrank
+    per_owner = [compressed_payload(x) for x in lowrank_by_owner(tensors, rank, world)]
+    gather = sum(f * b for b in per_owner)
+    if at_rank is None:
+        return gather, gather
+    return float(sum(b for o, b in enumerate(per_owner) if o != at_rank)), gather  # all-to-all: no ring
+
+
+def ours_steady(tensors: Tensors, rank: int, world: int, *, b_lowrank: int, b_dense_grad: int, b_dense_param: int,
+                compress: bool = False, at_rank: int | None = None) -> dict[str, float]:
     """Per-rank bytes of one steady-state step of QGaLoreAdamW8bit, by meter kind."""
-    f = (world - 1) / world
-    galore = [s for _, s, g in tensors if g]
+    f = ring(world)
+    n_galore = sum(1 for *_, g in tensors if g)
     dense = [s for _, s, g in tensors if not g]
-    lowrank = sum(max(s) * rank for s in galore)
+    reduce, gather = _lowrank_kinds(tensors, rank, world, b_lowrank, compress, at_rank)
     return {
-        "lowrank_reduce": f * lowrank * b_lowrank,
+        "lowrank_reduce": reduce,
         "full_grad_reduce": 0.0,
         "proj_broadcast": 0.0,
-        "update_gather": f * lowrank * b_lowrank,
+        "update_gather": gather,
         "dense": f * sum(numel(s) for s in dense) * (b_dense_grad + b_dense_param),
-        "control": 2 * f * 4 * (1 + 2 * (len(galore) + len(dense))),
+        "control": 2 * f * 4 * (1 + 2 * (n_galore + len(dense))),
     }
 
 
-def ours_refresh_all(tensors, rank: int, world: int, *, b_lowrank: int, b_dense_grad: int, b_dense_param: int,
-                     proj_bits: int = 4, proj_group: int = 256, queue_size: int = 5) -> dict[str, float]:
+def ours_refresh_all(tensors: Tensors, rank: int, world: int, *, proj_bits: int = 4, proj_group: int = 256,
+                     queue_size: int = 5, **steady_kw: Any) -> dict[str, float]:
     """Per-rank bytes of a step on which every GaLore matrix refreshes (e.g. step 0)."""
-    f = (world - 1) / world
-    out = ours_steady(tensors, rank, world, b_lowrank=b_lowrank, b_dense_grad=b_dense_grad, b_dense_param=b_dense_param)
+    f = ring(world)
+    out = ours_steady(tensors, rank, world, **steady_kw)
     galore = [s for _, s, g in tensors if g]
     proj = 0
     for s in galore:
@@ -134,13 +184,26 @@ def ours_refresh_all(tensors, rank: int, world: int, *, b_lowrank: int, b_dense_
     return out
 
 
-def ddp_bf16(params: int, world: int) -> float:
-    return 2 * (world - 1) / world * 2 * params
-
-
-def zero2_bf16(params: int, world: int) -> float:
-    f = (world - 1) / world
-    return f * 2 * params + f * 2 * params
+def _world_row(tensors: Tensors, rank: int, world: int, params: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"ddp_bf16": ddp_bytes(params, world, b=2), "zero2_bf16": zero2_bytes(params, world, b=2),
+                           "powersgd_r4": powersgd_bytes(tensors, world, b=2, rank=4),
+                           "powersgd_r4_fp32": powersgd_bytes(tensors, world, b=4, rank=4)}
+    for name, (b_lowrank, b_grad, compress) in VARIANTS.items():
+        kw = dict(b_lowrank=b_lowrank, b_dense_grad=b_grad, b_dense_param=2, compress=compress)
+        steady = ours_steady(tensors, rank, world, **kw)
+        refresh = ours_refresh_all(tensors, rank, world, **kw)
+        row[name] = sum(steady.values())
+        row[f"{name}_by_kind"] = steady
+        row[f"{name}_refresh_extra"] = sum(refresh.values()) - row[name]
+        if compress:  # all-to-all: the rank that owns the fewest bytes sends the most
+            per_owner = [compressed_payload(x) for x in lowrank_by_owner(tensors, rank, world)]
+            row[f"{name}_lowrank_reduce_max_rank"] = float(sum(per_owner) - min(per_owner))
+    for name in (*VARIANTS, "powersgd_r4", "powersgd_r4_fp32", "zero2_bf16"):
+        row[f"ratio_ddp_over_{name}"] = row["ddp_bf16"] / row[name]
+    # GaLore matrices alone, equal payload widths: m*n / (max(m, n) * r) summed.
+    row["galore_only_ratio"] = (sum(numel(s) for _, s, g in tensors if g)
+                                / sum(max(s) * rank for _, s, g in tensors if g))
+    return row
 
 
 def model_table(name: str, worlds=(8, 64)) -> dict[str, Any]:
@@ -151,44 +214,29 @@ def model_table(name: str, worlds=(8, 64)) -> dict[str, Any]:
     out: dict[str, Any] = {"params": params, "galore_params": galore, "dense_params": params - galore,
                            "min_galore_dim": min_dim, "ranks": {}}
     for r in RANKS:
-        if r >= min_dim:
-            continue
-        row: dict[str, Any] = {}
-        for n in worlds:
-            fp32 = ours_steady(tensors, r, n, b_lowrank=4, b_dense_grad=4, b_dense_param=2)
-            bf16 = ours_steady(tensors, r, n, b_lowrank=2, b_dense_grad=2, b_dense_param=2)
-            refresh = ours_refresh_all(tensors, r, n, b_lowrank=4, b_dense_grad=4, b_dense_param=2)
-            ddp, z2 = ddp_bf16(params, n), zero2_bf16(params, n)
-            row[f"N{n}"] = {
-                "ddp_bf16": ddp, "zero2_bf16": z2,
-                "ours_fp32": sum(fp32.values()), "ours_bf16": sum(bf16.values()),
-                "ours_fp32_by_kind": fp32, "ours_bf16_by_kind": bf16,
-                "refresh_extra_fp32": refresh["full_grad_reduce"] + refresh["proj_broadcast"] - fp32["lowrank_reduce"],
-                "ratio_ddp_over_ours_fp32": ddp / sum(fp32.values()),
-                "ratio_ddp_over_ours_bf16": ddp / sum(bf16.values()),
-                # GaLore matrices alone, equal payload widths: m*n / (max(m, n) * r) summed.
-                "galore_only_ratio": galore / sum(max(s) * r for _, s, g in tensors if g),
-            }
-        out["ranks"][str(r)] = row
+        if r < min_dim:
+            out["ranks"][str(r)] = {f"N{n}": _world_row(tensors, r, n, params) for n in worlds}
     return out
 
 
 # ----------------------------------------------------------------------------- validation (metered)
-def _validate_rank(rank: int, world: int, dtype_name: str) -> dict:
+def _ours_case(rank: int, model_dtype: str, payload_dtype: str, compress: bool) -> dict:
+    """Two metered steps of QGaLoreAdamW8bit on the tiny LLaMA (inside the process group)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from qgalore_dist import QGaLoreAdamW8bit, QGaLoreConfig, prepare_model
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        hidden_size=64, intermediate_size=160, num_attention_heads=4, num_hidden_layers=2, vocab_size=128,
-        max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=2))
-    model.to(getattr(torch, dtype_name))
+    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).to(getattr(torch, model_dtype))
     prepare_model(model, group_size=64)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or p.dtype == torch.uint8]
-    cfg = QGaLoreConfig(lr=0.01, rank=8, update_proj_gap=100, proj_group_size=64)
+    cfg = QGaLoreConfig(lr=0.01, rank=8, update_proj_gap=100, proj_group_size=64, payload_dtype=payload_dtype,
+                        compress_lowrank=compress)
     opt = QGaLoreAdamW8bit([p for _, p in named], cfg, names={p: n for n, p in named})
-    data = torch.randint(0, 128, (2, 4, 32), generator=torch.Generator().manual_seed(1234))
+    # The constructor's agreement checks (all_gather_object of the config and the shapes) are
+    # metered as control traffic; close that "step" so step 0 holds only step 0's bytes.
+    construction = {k: v["bytes"] for k, v in opt.comm.meter.end_step().items() if v["bytes"]}
+    data = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 4, 32), generator=torch.Generator().manual_seed(1234))
     meters = []
     for step in range(2):  # step 0 refreshes every projector, step 1 is steady
         x = data[step, 2 * rank:2 * rank + 2]
@@ -197,35 +245,54 @@ def _validate_rank(rank: int, world: int, dtype_name: str) -> dict:
         opt.zero_grad()
         meters.append({k: v["bytes"] for k, v in opt.comm.meter.last_step.items()})
     tensors = [(n, tuple(p.shape), p.dtype == torch.uint8) for n, p in named]
-    dense_param_bytes = next(p.element_size() for _, p in named if p.dtype != torch.uint8)
-    return {"meters": meters, "tensors": tensors, "dense_param_bytes": dense_param_bytes,
-            "svds": opt.svd_count, "owners": sorted(set(opt.plan.owner.values()))}
+    return {"meters": meters, "construction": construction, "tensors": tensors, "svds": opt.svd_count,
+            "owners": sorted(set(opt.plan.owner.values())),
+            "dense_param_bytes": next(p.element_size() for _, p in named if p.dtype != torch.uint8),
+            "payload_bytes": torch.tensor([], dtype=getattr(torch, payload_dtype)).element_size()}
 
 
-def validate(world: int = 2) -> dict[str, Any]:
+def _validate_rank(rank: int, world: int, cases: dict[str, tuple[str, str, bool]],
+                   psgd_dtypes: tuple[str, ...]) -> dict:
+    return {"ours": {name: _ours_case(rank, *case) for name, case in cases.items()},
+            "powersgd": {d: run_powersgd_ddp(rank, d) for d in psgd_dtypes}}
+
+
+def _check_case(results: list[dict], world: int, compress: bool) -> dict[str, Any]:
+    res = results[0]
+    kw = dict(b_lowrank=res["payload_bytes"], b_dense_grad=res["payload_bytes"],
+              b_dense_param=res["dense_param_bytes"], compress=compress)
+    closed = [[ours_refresh_all(res["tensors"], 8, world, proj_group=64, at_rank=k, **kw) for k in range(world)],
+              [ours_steady(res["tensors"], 8, world, at_rank=k, **kw) for k in range(world)]]
+    steps = []
+    for step in range(2):
+        rows = {k: {"metered": [r["meters"][step][k] for r in results],
+                    "closed_form": [closed[step][rk][k] for rk in range(world)]} for k in KINDS}
+        exact = all(row["metered"] == row["closed_form"] for row in rows.values())
+        steps.append({"step": step, "kind": "refresh, all matrices" if step == 0 else "steady", "kinds": rows,
+                      "metered_total": [sum(r["meters"][step].values()) for r in results],
+                      "closed_form_total": [sum(c.values()) for c in closed[step]], "exact_match": exact})
+    return {"dense_bytes_per_elem": {"grad": res["payload_bytes"], "param": res["dense_param_bytes"]},
+            "payload_bytes": res["payload_bytes"], "compress_lowrank": compress,
+            "construction_bytes": [r["construction"] for r in results],
+            "galore_matrices": sum(1 for *_, g in res["tensors"] if g),
+            "dense_tensors": sum(1 for *_, g in res["tensors"] if not g), "steps": steps}
+
+
+def validate(world: int = 2, cases: dict[str, tuple[str, str, bool]] | None = None,
+             psgd_dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> dict[str, Any]:
+    """One gloo launch: every Q-GaLore case against the meter, PowerSGD against counted bytes."""
     from dist_harness import run_distributed
 
-    out: dict[str, Any] = {"world_size": world, "runs": {}}
-    for dtype_name in ("float32", "bfloat16"):
-        results = run_distributed(_validate_rank, world, dtype_name)
-        res = results[0]
-        kw = dict(b_lowrank=4, b_dense_grad=4, b_dense_param=res["dense_param_bytes"])
-        closed = [ours_refresh_all(res["tensors"], 8, world, proj_group=64, **kw),
-                  ours_steady(res["tensors"], 8, world, **kw)]
-        steps = []
-        for step in range(2):
-            rows = {k: {"metered": [r["meters"][step][k] for r in results], "closed_form": closed[step][k]} for k in KINDS}
-            exact = all(m == row["closed_form"] for row in rows.values() for m in row["metered"])
-            steps.append({"step": step, "kind": "refresh, all matrices" if step == 0 else "steady", "kinds": rows,
-                          "metered_total": sum(results[0]["meters"][step].values()),
-                          "closed_form_total": sum(closed[step].values()), "exact_match": exact})
-        out["runs"][dtype_name] = {
-            "dense_bytes_per_elem": {"grad": 4, "param": res["dense_param_bytes"]},
-            "galore_matrices": sum(1 for *_, g in res["tensors"] if g),
-            "dense_tensors": sum(1 for *_, g in res["tensors"] if not g),
-            "steps": steps,
-        }
-    out["all_exact"] = all(s["exact_match"] for run in out["runs"].values() for s in run["steps"])
+    cases = CASES if cases is None else cases
+    results = run_distributed(_validate_rank, world, cases, psgd_dtypes)
+    out: dict[str, Any] = {"world_size": world, "runs": {}, "powersgd": {}}
+    for name, (_, _, compress) in cases.items():
+        out["runs"][name] = _check_case([r["ours"][name] for r in results], world, compress)
+    for dtype in psgd_dtypes:
+        out["powersgd"][dtype] = check_powersgd([r["powersgd"][dtype] for r in results], world)
+    out["ours_exact"] = all(s["exact_match"] for run in out["runs"].values() for s in run["steps"])
+    out["powersgd_exact"] = all(v["all_exact"] for v in out["powersgd"].values())
+    out["all_exact"] = out["ours_exact"] and out["powersgd_exact"]
     return out
 
 
@@ -278,84 +345,135 @@ def makespan(world: int, repeats: int) -> dict[str, Any]:
     return out
 
 
+
 # ----------------------------------------------------------------------------- output
-def gib(x: float) -> str:
-    return f"{x / GiB:.3f}"
+COLUMNS = (("ddp_bf16", "DDP-bf16"), ("zero2_bf16", "ZeRO-2"), ("powersgd_r4", "PowerSGD r=4"),
+           ("ours_fp32", "ours fp32"), ("ours_bf16", "ours bf16"), ("ours_int8", "ours int8"))
+RATIOS = (("ours_fp32", "fp32"), ("ours_bf16", "bf16"), ("ours_int8", "int8"), ("powersgd_r4", "PowerSGD"))
 
 
-def markdown(p: dict[str, Any]) -> str:
-    v, ms, t = p["validation"], p["makespan"], p["target"]
-    lines = [
+def mib(x: float) -> str:
+    return f"{x / MiB:,.1f}"
+
+
+def _md_header(p: dict[str, Any]) -> list[str]:
+    return [
         "# Gradient-sync bytes per step per rank, and SVD makespan", "",
         environment_md(p["environment"]),
         f"- load average (1 min) before / after: {p['loadavg_before']:.1f} / {p['loadavg_after']:.1f} "
         f"(2 cores shared with other jobs); wall time {p['wall_s']:.0f} s", "",
-        "Everything in sections 1-2 is **closed form** (meta-device shapes of `configs/models/*.json`); "
-        "section 3 is **metered** (the package's `CommMeter` on a real 2-rank gloo run) and checks the "
-        "closed form; section 4 is **measured** SVD time on this CPU. Formulas: docstring of "
-        "`benchmarks/comm.py`. GiB = 2^30 bytes; exact bytes in `comm.json`.", "",
-        "- DDP-bf16: all-reduce of bf16 gradients, 2(N-1)/N * 2 * params.",
-        "- ZeRO-2: reduce-scatter of bf16 gradients + all-gather of bf16 parameters, (N-1)/N * 2 * params each "
-        "(same volume as DDP).",
-        "- ours fp32 (**the default, `payload_dtype="float32"`**): low-rank gradient reduce-scatter + low-rank update "
-        "gather, (N-1)/N * max(m,n) * r * 4 each per GaLore matrix; dense parameters: fp32 gradient reduce-scatter "
-        "(4 B) + broadcast of the bf16 parameter (2 B); plus the control flags.",
-        "- ours bf16 (DESIGN.md's closed form; `payload_dtype="bfloat16"`, added after this run; tests/test_distributed.py checks the metered low-rank and update bytes halve): the same with 2-byte payloads everywhere. "
-        "INT8 payloads (~1 B) exist only as the opt-in `compress_lowrank` config (8-bit low-rank gradients by "
-        "all-to-all with error feedback; the update gather stays fp32), off by default and not measured here.", "",
-        f"## 1. Steady-state step, N = {p['worlds'][0]} ranks (GiB per rank per step)", "",
-        "| model | params | r | DDP-bf16 | ZeRO-2 | ours fp32 (today) | ours bf16 | DDP / ours fp32 | DDP / ours bf16 "
-        f"| DDP / ours bf16 at N = {p['worlds'][1]} |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Sections 1-3 are **closed form** (meta-device shapes of `configs/models/*.json`); section 4 is "
+        "**metered** (the package's `CommMeter`, and counted `all_reduce` bytes of torch's PowerSGD hook, on a "
+        "real 2-rank gloo run) and checks the closed forms; section 5 is **measured** SVD time on this CPU. "
+        "Formulas: docstrings of `benchmarks/comm.py` and `benchmarks/comm_baselines.py`. MiB = 2^20 bytes; "
+        "exact bytes in `comm.json`; plot `comm.png`.", "",
+        "- DDP-bf16: all-reduce of bf16 gradients, 2(N-1)/N * 2 * params. ZeRO-2: bf16 reduce-scatter + bf16 "
+        "parameter all-gather, the same volume.",
+        "- PowerSGD r=4: torch's `powerSGD_hook` (`matrix_approximation_rank=4`, default "
+        "`min_compression_rate=2`) after `start_powerSGD_iter`: all-reduce of P (n x 4) and Q (m x 4) of every "
+        "2-D gradient (embeddings and lm_head included), the norms uncompressed; bf16 gradients (fp32 doubles it, "
+        "`powersgd_r4_fp32` in the JSON). Before `start_powerSGD_iter` (torch's default 1000) it sends the DDP "
+        "volume.",
+        "- ours: low-rank gradient to its owner + low-rank update from its owner, max(m,n) * r elements each per "
+        "GaLore matrix, plus dense gradient reduce-scatter + bf16 dense parameter broadcast and the control "
+        "flags. **fp32** = the default `payload_dtype=\"float32\"` (4 B low-rank, 4 B dense gradients); **bf16** "
+        "= `payload_dtype=\"bfloat16\"` (2 B everywhere); **int8** = `compress_lowrank=True` + "
+        "`payload_dtype=\"bfloat16\"`: 8-bit codes + one fp32 absmax per 256 values for both low-rank halves "
+        "(gradients by all-to-all, mean over ranks shown), dense gradients 2 B.", "",
     ]
-    n0, n1 = (f"N{w}" for w in p["worlds"])
+
+
+def _md_table(p: dict[str, Any], world: int) -> list[str]:
+    key = f"N{world}"
+    head = " | ".join(label for _, label in COLUMNS)
+    ratios = " | ".join(f"DDP / {label}" for _, label in RATIOS)
+    lines = [f"## {'1' if world == p['worlds'][0] else '1b'}. Steady-state step, N = {world} ranks "
+             "(MiB per rank per step)", "",
+             f"| model | params | r | {head} | {ratios} |", "|---" * (3 + len(COLUMNS) + len(RATIOS)) + "|"]
     for name, m in p["models"].items():
-        for r, row in m["ranks"].items():
-            a, b = row[n0], row[n1]
-            lines.append(f"| {name} | {m['params'] / 1e6:,.1f}M | {r} | {gib(a['ddp_bf16'])} | {gib(a['zero2_bf16'])} | "
-                         f"{gib(a['ours_fp32'])} | {gib(a['ours_bf16'])} | {a['ratio_ddp_over_ours_fp32']:.2f}x | "
-                         f"**{a['ratio_ddp_over_ours_bf16']:.2f}x** | {b['ratio_ddp_over_ours_bf16']:.2f}x |")
-    lines += [
-        "", f"At N = {p['worlds'][1]} every volume is scaled by (63/64)/(7/8); the ratios barely move (only the "
-        "control all-reduce, a few KiB, does not scale with model size).", "",
-        "## 2. The target: LLaMA-7B, r = 1024", "",
-        f"- closed form, bf16 payloads, no compression: DDP-bf16 / ours = **{t['ratio_bf16']:.3f}x** at N = 8 "
-        f"(target >= {t['target_ratio']}x: **{'met' if t['meets_target_bf16'] else 'NOT met'}**). "
-        f"GaLore matrices alone: {t['galore_only_ratio']:.2f}x (= min(m,n)/r = 4096/1024); the "
-        f"{t['dense_params'] / 1e6:.0f}M dense parameters (embeddings, head, norms; "
-        f"{100 * t['dense_fraction']:.1f}% of the model) move as many bytes as under DDP and pull the whole-model "
-        "ratio below 4.",
-        f"- as implemented today (fp32 low-rank payloads, fp32 dense gradients): **{t['ratio_fp32']:.3f}x** -- "
-        f"{'meets' if t['meets_target_fp32'] else 'does not meet'} the target; the fp32 payloads roughly halve "
-        "the ratio. Sending bf16 low-rank gradients/directions and bf16 dense gradients would reach the closed "
-        "form above; INT8 payloads on both halves would roughly double it again (the opt-in `compress_lowrank` "
-        "covers only the gradient half and is not measured here).",
-        f"- per rank per step at N = 8: DDP-bf16 {gib(t['ddp_bf16'])} GiB, ours fp32 {gib(t['ours_fp32'])} GiB, "
-        f"ours bf16 {gib(t['ours_bf16'])} GiB.",
-        f"- refresh steps (every matrix refreshing at once) add {gib(t['refresh_extra_fp32'])} GiB per rank "
-        "(the fp32 full gradients reduced to their owners, minus the low-rank reduce they replace, plus the "
-        "INT4 projector broadcast); at the initial gap T = 200 that is "
-        f"{gib(t['refresh_extra_fp32'] / 200)} GiB per step amortised, and less once the adaptive schedule "
-        "grows the gaps.", "",
-        f"## 3. Validation against the meter (metered, {v['world_size']} gloo ranks)", "",
-        "A LlamaForCausalLM with hidden 64, intermediate 160, 2 layers, vocab 128, rank 8, converted with "
-        "`prepare_model`; `optimizer.comm.meter.last_step` after step 0 (every projector refreshes) and step 1 "
-        "(steady) against the closed form on the same shapes. Equality is exact (==), on both ranks.", "",
-        "| dense dtype | step | lowrank_reduce | full_grad_reduce | proj_broadcast | update_gather | dense | control "
-        "| metered total | closed form total | exact |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        for r, rows in m["ranks"].items():
+            row = rows[key]
+            cells = " | ".join(mib(row[c]) for c, _ in COLUMNS)
+            ratio = " | ".join(f"{row[f'ratio_ddp_over_{c}']:.2f}x" for c, _ in RATIOS)
+            lines.append(f"| {name} | {m['params'] / 1e6:,.1f}M | {r} | {cells} | {ratio} |")
+    return lines + [""]
+
+
+def _md_target(t: dict[str, Any]) -> list[str]:
+    return [
+        "## 2. The target: LLaMA-7B, r = 1024, N = 8", "",
+        f"- bf16 payloads, no compression: DDP-bf16 / ours = **{t['ratio_bf16']:.3f}x** (target >= "
+        f"{t['target_ratio']}x: **{'met' if t['meets_target_bf16'] else 'NOT met'}**). GaLore matrices alone: "
+        f"{t['galore_only_ratio']:.2f}x (= min(m,n)/r); the {t['dense_params'] / 1e6:.0f}M dense parameters "
+        f"({100 * t['dense_fraction']:.1f}% of the model) move as many bytes as under DDP.",
+        f"- default fp32 payloads: {t['ratio_fp32']:.3f}x; int8 low-rank payloads (`compress_lowrank`) + bf16 "
+        f"dense: **{t['ratio_int8']:.3f}x**, of which the dense parameters are "
+        f"{100 * t['int8_dense_share']:.0f}% of the bytes; `compress_lowrank` with fp32 dense gradients: "
+        f"{t['ratio_int8_fp32_dense']:.3f}x.",
+        f"- PowerSGD r=4 sends {mib(t['powersgd_r4'])} MiB ({t['ratio_powersgd']:.0f}x less than DDP-bf16, "
+        f"{t['ours_int8'] / t['powersgd_r4']:.0f}x less than ours int8): it compresses every gradient, the "
+        "embeddings and head included, to rank 4 each step (lossy, with error feedback), while GaLore keeps a "
+        "rank-1024 subspace and exchanges it exactly or 8-bit.",
+        f"- per rank per step: DDP-bf16 {mib(t['ddp_bf16'])} MiB, ours fp32 {mib(t['ours_fp32'])}, bf16 "
+        f"{mib(t['ours_bf16'])}, int8 {mib(t['ours_int8'])} MiB.", "",
     ]
-    for dtype, run in v["runs"].items():
-        for s in run["steps"]:
-            cells = " | ".join(f"{s['kinds'][k]['metered'][0]:,.1f}" for k in KINDS)
-            lines.append(f"| {dtype} | {s['step']} ({s['kind']}) | {cells} | {s['metered_total']:,.1f} | "
-                         f"{s['closed_form_total']:,.1f} | {s['exact_match']} |")
+
+
+def _md_refresh(p: dict[str, Any]) -> list[str]:
+    lines = ["## 3. Refresh steps (N = 8)", "",
+             "A step on which every matrix refreshes reduces each fp32 full gradient to its owner instead of its "
+             "low-rank image and broadcasts the INT4 projectors; the table gives the bytes it adds to that "
+             "variant's steady step, and that excess amortised over the initial gap T = 200 (less once the "
+             "adaptive schedule grows the gaps).", "",
+             "| model | r | ours fp32 refresh extra | ours int8 refresh extra | amortised / step (fp32) "
+             "| amortised / step (int8) |", "|---|---|---|---|---|---|"]
+    for name, r in PAPER_RANK.items():
+        row = p["models"][name]["ranks"][str(r)]["N8"]
+        a, b = row["ours_fp32_refresh_extra"], row["ours_int8_refresh_extra"]
+        lines.append(f"| {name} | {r} | {mib(a)} | {mib(b)} | {mib(a / 200)} | {mib(b / 200)} |")
+    return lines + [""]
+
+
+def _cell(values: list[float]) -> str:
+    return f"{values[0]:,.1f}" if len(set(values)) == 1 else " / ".join(f"{v:,.1f}" for v in values)
+
+
+def _md_validation(v: dict[str, Any]) -> list[str]:
     if v.get("skipped"):
-        lines.append("| (skipped: --skip-validation) | | | | | | | | | | |")
-    lines += [
-        "", f"All exact: **{v['all_exact']}**. With the model in bf16 the dense kind is 4 B (fp32 gradient) + 2 B "
-        "(bf16 parameter) per element, confirming the `ours fp32` assumption.", "",
-        f"## 4. SVD makespan of a refresh step on {ms['world_size']} ranks", "",
+        return ["## 4. Validation: skipped (--skip-validation)", ""]
+    lines = [f"## 4. Validation against the meter ({v['world_size']} gloo ranks)", "",
+             "Ours: the tiny LlamaForCausalLM (hidden 64, intermediate 160, 2 layers, vocab 128, rank 8) converted "
+             "with `prepare_model`; `optimizer.comm.meter.last_step` after step 0 (every projector refreshes) and "
+             "step 1 (steady) against the closed form on the same shapes and ownership plan, kind by kind, rank by "
+             "rank (a / b: rank 0 / rank 1 where they differ: the int8 all-to-all).", "",
+             "| case | step | " + " | ".join(KINDS) + " | metered total | closed form total | exact |",
+             "|---" * (5 + len(KINDS)) + "|"]
+    for case, run in v["runs"].items():
+        for s in run["steps"]:
+            cells = " | ".join(_cell(s["kinds"][k]["metered"]) for k in KINDS)
+            lines.append(f"| {case} | {s['step']} ({s['kind']}) | {cells} | {_cell(s['metered_total'])} | "
+                         f"{_cell(s['closed_form_total'])} | {s['exact_match']} |")
+    first = " / ".join(f"{sum(c.values()):,.0f}" for c in next(iter(v["runs"].values()))["construction_bytes"])
+    lines += ["", "Not in any step: the optimizer's constructor checks that the config and the parameter shapes agree "
+              f"on every rank (two `all_gather_object`s, metered as `control`: {first} B on rank 0 / 1 in the first "
+              "case); the benchmark closes that meter step before step 0, a one-time cost.", "",
+              "PowerSGD: the same model (not converted) in `DistributedDataParallel` with `powerSGD_hook` "
+              "(rank 4, `start_powerSGD_iter=2`, error feedback and warm start on); ring bytes (2(N-1)/N * S) of "
+              "every `torch.distributed.all_reduce` the hook issued per backward.", "",
+              "| grad dtype | step | phase | all-reduces | counted (rank 0 / 1) | closed form | exact |",
+              "|---|---|---|---|---|---|---|"]
+    for dtype, run in v["powersgd"].items():
+        for s in run["steps"]:
+            lines.append(f"| {dtype} | {s['step']} | {s['phase']} | {s['all_reduce_calls']} | {_cell(s['counted'])} "
+                         f"| {s['closed_form']:,.1f} | {s['exact_match']} |")
+    lines += ["", f"Ours all exact: **{v['ours_exact']}**; PowerSGD all exact: **{v['powersgd_exact']}**.", ""]
+    return lines
+
+
+def _md_makespan(p: dict[str, Any]) -> list[str]:
+    ms = p["makespan"]
+    lines = [
+        f"## 5. SVD makespan of a refresh step on {ms['world_size']} ranks", "",
         "Measured: `torch.linalg.svd(full_matrices=False)` of a random fp32 matrix per distinct shape, this CPU, "
         f"1 torch thread, median of {p['args']['svd_repeats']} (after one warm-up); a rank's time is the sum over "
         "the matrices it owns when all refresh on the same step (step 0, and multiples of the gap while the "
@@ -387,7 +505,38 @@ def markdown(p: dict[str, Any]) -> str:
                      f"{row['balanced_max_cost']:.3e} | {row['speedup']:.2f}x | {row['balanced_imbalance']:.3f} |")
     lines += ["", "CPU timings on a machine shared with other jobs: read the ratios, not the absolute seconds; "
               "GPU SVD times scale differently with shape."]
+    return lines
+
+
+def markdown(p: dict[str, Any]) -> str:
+    lines = _md_header(p)
+    for world in p["worlds"]:
+        lines += _md_table(p, world)
+    lines += _md_target(p["target"]) + _md_refresh(p) + _md_validation(p["validation"]) + _md_makespan(p)
     return "\n".join(lines)
+
+
+def plot(p: dict[str, Any], path: Path) -> None:
+    """Grouped bars (log scale): bytes per rank per step at N = 8, each model at its paper rank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    width = 0.8 / len(COLUMNS)
+    for i, (key, label) in enumerate(COLUMNS):
+        values = [p["models"][m]["ranks"][str(r)]["N8"][key] / MiB for m, r in PAPER_RANK.items()]
+        ax.bar([x + (i - (len(COLUMNS) - 1) / 2) * width for x in range(len(PAPER_RANK))], values, width, label=label)
+    ax.set_xticks(range(len(PAPER_RANK)), [f"{m.removeprefix('llama_')}\nr={r}" for m, r in PAPER_RANK.items()])
+    ax.set_yscale("log")
+    ax.set_ylabel("MiB per rank per step (closed form)")
+    ax.set_title("Gradient-sync bytes, steady-state step, N = 8 ranks")
+    ax.legend(ncol=3, fontsize=8)
+    ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def parse_args(argv):
@@ -396,7 +545,25 @@ def parse_args(argv):
     ap.add_argument("--makespan-ranks", type=int, default=4)
     ap.add_argument("--skip-validation", action="store_true", help="closed forms only (no gloo run)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.svd_repeats < 1 or args.makespan_ranks < 1:
+        raise ValueError("--svd-repeats and --makespan-ranks must be >= 1")
+    return args
+
+
+def target_summary(models: dict[str, Any]) -> dict[str, Any]:
+    seven = models[TARGET["model"]]["ranks"][str(TARGET["rank"])]["N8"]
+    out = {"model": TARGET["model"], "rank": TARGET["rank"], "world_size": 8, "target_ratio": TARGET["ratio"],
+           "galore_only_ratio": seven["galore_only_ratio"], "dense_params": models[TARGET["model"]]["dense_params"],
+           "dense_fraction": models[TARGET["model"]]["dense_params"] / models[TARGET["model"]]["params"],
+           "int8_dense_share": seven["ours_int8_by_kind"]["dense"] / seven["ours_int8"],
+           "ratio_powersgd": seven["ratio_ddp_over_powersgd_r4"]}
+    for key in ("ddp_bf16", "powersgd_r4", *VARIANTS):
+        out[key] = seven[key]
+    for key in VARIANTS:
+        out[f"ratio_{key.removeprefix('ours_')}"] = seven[f"ratio_ddp_over_{key}"]
+        out[f"meets_target_{key.removeprefix('ours_')}"] = seven[f"ratio_ddp_over_{key}"] >= TARGET["ratio"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -406,19 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     worlds = (8, 64)
     models = {name: model_table(name, worlds) for name in MODELS}
-    seven = models[TARGET["model"]]["ranks"][str(TARGET["rank"])]["N8"]
-    target = {
-        "model": TARGET["model"], "rank": TARGET["rank"], "world_size": 8, "target_ratio": TARGET["ratio"],
-        "ratio_bf16": seven["ratio_ddp_over_ours_bf16"], "ratio_fp32": seven["ratio_ddp_over_ours_fp32"],
-        "meets_target_bf16": seven["ratio_ddp_over_ours_bf16"] >= TARGET["ratio"],
-        "meets_target_fp32": seven["ratio_ddp_over_ours_fp32"] >= TARGET["ratio"],
-        "galore_only_ratio": seven["galore_only_ratio"],
-        "dense_params": models["llama_7b"]["dense_params"],
-        "dense_fraction": models["llama_7b"]["dense_params"] / models["llama_7b"]["params"],
-        "ddp_bf16": seven["ddp_bf16"], "ours_fp32": seven["ours_fp32"], "ours_bf16": seven["ours_bf16"],
-        "refresh_extra_fp32": seven["refresh_extra_fp32"],
-    }
-    validation = {"skipped": True, "all_exact": None, "runs": {}, "world_size": 2} if args.skip_validation else validate(2)
+    validation = ({"skipped": True, "all_exact": None, "runs": {}, "powersgd": {}, "world_size": 2}
+                  if args.skip_validation else validate(2))
     payload = {
         "environment": environment(),
         "description": __doc__,
@@ -426,15 +582,16 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_before": load_before,
         "worlds": list(worlds),
         "models": models,
-        "target": target,
+        "target": target_summary(models),
         "validation": validation,
         "makespan": makespan(args.makespan_ranks, args.svd_repeats),
     }
     payload["loadavg_after"] = os.getloadavg()[0]
     payload["wall_s"] = time.perf_counter() - start
     json_path, md_path = write_outputs("comm", payload, markdown(payload), args.out_dir)
+    plot(payload, args.out_dir / "comm.png")
     print(markdown(payload))
-    print(f"\nwrote {json_path} and {md_path} ({payload['wall_s']:.0f} s)")
+    print(f"\nwrote {json_path}, {md_path} and comm.png ({payload['wall_s']:.0f} s)")
     return 0 if (args.skip_validation or validation["all_exact"]) else 1
 
 

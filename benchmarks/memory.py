@@ -37,7 +37,12 @@ Validation
     zeros / past vector) are compared, component by component, with the ``qgalore_dist`` formula
     evaluated on the meta-device shapes of the same config.
 
-Run from the repository root:  python benchmarks/memory.py
+Per rank (``benchmarks/memory_ranks.py``, whose docstring has the conventions)
+    Weights, gradients, optimizer, projectors, communication buffers and peak on the most loaded
+    of N = 1, 2, 4, 8, 64 ranks, ours vs. DDP/ZeRO-2 baselines; the 7B-at-8-ranks target; a PNG;
+    and the accounting checked against the measured RSS of 2 gloo ranks (exit code 1 if outside).
+
+Run from the repository root:  python benchmarks/memory.py   (about 1 min on 2 idle cores)
 """
 
 from __future__ import annotations
@@ -454,6 +459,98 @@ NOTES = [
 ]
 
 
+# ----------------------------------------------------------------------------- per rank (memory_ranks.py)
+def per_rank_payload(models: list[str], ranks: dict[str, int], skip_rss: bool) -> dict[str, Any]:
+    """Per-rank tables, 7B target verdict, RSS validation (lazy import: memory_ranks imports us)."""
+    from benchmarks import memory_ranks as mr
+
+    rows, buckets = mr.per_rank_rows(models, ranks), mr.ZeroBuckets.from_ds_config()
+    rss = {"ran": False, "ok": True, "reason": "--skip-rss-validation"} if skip_rss else mr.rss_validation()
+    return {"per_rank": rows, "per_rank_approaches": {k: d for k, (d, _) in mr.approaches(buckets).items()},
+            "per_rank_doc": mr.__doc__, "zero2_buckets": asdict(buckets),
+            "target": mr.target_verdict(rows), "rss_validation": rss}
+
+
+def per_rank_markdown(payload: dict[str, Any]) -> list[str]:
+    from benchmarks.memory_ranks import rss_markdown
+
+    rows, t, zb = payload["per_rank"], payload["target"], payload["zero2_buckets"]
+    worlds = list(rows[0]["approaches"]["ddp_adamw"])
+    lines = ["## Memory per rank (closed form, the most loaded rank), GiB", "",
+             "model states = weights + gradients + optimizer + projectors; peak = model states + communication "
+             "buffers + largest temporary. No activations, no library scratch. Conventions and every formula: "
+             "docstring of `benchmarks/memory_ranks.py`; ZeRO-2 reduce buckets from `configs/ds/zero2_bf16.json`: "
+             f"{zb['reduce_bucket_size']:,} elements x {2 if zb['overlap_comm'] else 1} (overlap_comm) x bf16. "
+             "`ours_*_refresh`: a step on which every GaLore matrix refreshes (step 0, and while the adaptive "
+             "schedules coincide).", ""]
+    if t.get("evaluated"):
+        lines += _target_md(t, next(r for r in rows if r["model"] == t["model"]), payload["per_rank_approaches"])
+    for r in rows:
+        lines += [f"### {r['model']} (r={r['rank']}, {r['params']:,} params): model states / peak", "",
+                  "| approach | " + " | ".join(f"N={n}" for n in worlds) + " |", "|---|" + "---|" * len(worlds)]
+        for key, by in r["approaches"].items():
+            cells = " | ".join(f"{gib(by[n]['model_states'])} / {gib(by[n]['peak'])}" for n in worlds)
+            lines.append(f"| `{key}` | {cells} |")
+        lines += ["", "DeepSpeed `estimate_zero2_model_states_mem_needs` (GiB): " + ", ".join(
+            f"N={n}: {gib(v)}" for n, v in r["deepspeed_zero2_estimate"].items())
+            + f"; equal to `zero2_adamw` model states: {all(r['zero2_matches_deepspeed'].values())}.", ""]
+    return lines + rss_markdown(payload["rss_validation"])
+
+
+def _target_md(t: dict[str, Any], row: dict[str, Any], desc: dict[str, str]) -> list[str]:
+    n, keys = str(t["world"]), ("weights", "gradients", "optimizer", "projectors", "model_states", "comm_buffers",
+                                "temporary", "peak")
+    lines = [f"### {t['model']} at {n} ranks: per-rank breakdown (GiB)", "",
+             "| approach | " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for key, by in row["approaches"].items():
+        lines.append(f"| `{key}`: {desc[key]} | " + " | ".join(gib(by[n][k]) for k in keys) + " |")
+
+    def margin(x: int) -> str:
+        return f"{gib(abs(x))} GiB {'over' if x > 0 else 'under'}"
+
+    lines += ["", f"**Target ({t['model']} model states <= {gib(t['target_bytes'])} GiB per rank at {n} ranks): "
+              f"{'MET' if t['met'] else 'NOT MET'}.** "
+              + "; ".join(f"`{k}` {gib(v)} GiB" for k, v in t["model_states"].items())
+              + f". Steady step {margin(t['steady_over_target_bytes'])}, worst (refresh) step "
+              f"{margin(t['worst_over_target_bytes'])}. ZeRO-2 + AdamW by DeepSpeed's estimator: "
+              f"{gib(t['deepspeed_zero2_adamw'])} GiB; Q-GaLore reference on one GPU (paper, incl. activations): "
+              f"{t['qgalore_reference_1gpu_gb_quoted']} GB.", "",
+              f"`estimate_zero2_model_states_mem_needs_all_cold({row['params']:,} params, {n} GPUs per node)` prints:",
+              "", "```", t["deepspeed_printout"], "```", ""]
+    return lines
+
+
+def plot_per_rank(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Per-rank GiB vs N for the target model (7B): model states (left), peak (right), the target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.memory_ranks import TARGET_GIB, TARGET_MODEL
+
+    row = next((r for r in rows if r["model"] == TARGET_MODEL), None)
+    if row is None:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, key, title in zip(axes, ("model_states", "peak"), ("model states", "peak")):
+        for name, by in row["approaches"].items():
+            worlds = [int(n) for n in by]
+            ax.plot(worlds, [by[n][key] / GiB for n in by], marker="o", label=name,
+                    linestyle="-" if name.startswith("ours") else "--")
+        ax.axhline(TARGET_GIB, color="black", linewidth=0.8, linestyle=":", label=f"target {TARGET_GIB:g} GiB")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(worlds, [str(n) for n in worlds])
+        ax.set(title=f"{TARGET_MODEL} (r={row['rank']}): {title} per rank", xlabel="data-parallel ranks N",
+               ylabel="GiB (most loaded rank)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["llama_60m", "llama_130m", "llama_350m", "llama_1b",
@@ -467,11 +564,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--val-dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--skip-rss-validation", action="store_true",
+                        help="leave out the 2-rank RSS measurement (about 40 s); the report then says so")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # One thread: the tensors are small, and on shared cores threaded LAPACK SVDs contend (10x slower).
+    torch.set_num_threads(1)
     ranks = {m: int(m.split("@r")[1]) if "@r" in m else SCRIPT_RANKS[m] for m in args.models}
     payload = {
         "environment": environment(),
@@ -485,10 +586,15 @@ def main(argv: list[str] | None = None) -> int:
         "validation": [validate(args.val_config, args.val_vocab, args.val_rank, getattr(torch, d), args.seed)
                        for d in args.val_dtypes],
     }
-    json_path, md_path = write_outputs("memory", payload, markdown(payload), args.out_dir)
-    print(markdown(payload))
-    print(f"\nwrote {json_path} and {md_path}")
+    payload.update(per_rank_payload(args.models, ranks, args.skip_rss_validation))
+    report = markdown(payload) + "\n" + "\n".join(per_rank_markdown(payload))
+    json_path, md_path = write_outputs("memory", payload, report, args.out_dir)
+    png_path = plot_per_rank(payload["per_rank"], args.out_dir / "memory.png")
+    print(report)
+    print(f"\nwrote {json_path}, {md_path} and {png_path}")
     ok = all(v["exact_match"] for v in payload["validation"]) and all(c["matches_doc_table"] for c in payload["configs"])
+    ok = ok and payload["rss_validation"]["ok"] and all(
+        all(r["zero2_matches_deepspeed"].values()) for r in payload["per_rank"])
     return 0 if ok else 1
 
 

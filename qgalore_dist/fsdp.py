@@ -315,7 +315,8 @@ class FSDPQGaLoreAdamW8bit(QGaLoreAdamW8bit):
                 continue
             kind, grad = self._local_grad(p)
             left_items.append((p, self.owner[p], grad if kind == "lowrank" else self.state[p]["projector"].project(grad)))
-        left_avg = reduce_to_owners(self.comm, left_items, "lowrank_reduce", dtype=self._payload_dtype)
+        left_avg = reduce_to_owners(self.comm, left_items, "lowrank_reduce", dtype=self._payload_dtype,
+                                    bucket_bytes=self._bucket_bytes)
         left_avg.update({p: owner_lowrank[p] for p in left if p in owner_lowrank})
         dense_grads = {p: _local(p.grad) for p in dense}
         coef = self._clip_coef_local(row_avg, left_avg, dense_grads)

@@ -218,3 +218,34 @@ def test_bf16_payloads_halve_bytes_and_keep_replicas_identical():
     plain = run_distributed(_train, 2, 1, {"update_proj_gap": 100}, False)[0]["meter"]
     for kind in ("lowrank_reduce", "update_gather"):
         assert results[0]["meter"][kind]["bytes"] == plain[kind]["bytes"] / 2
+
+
+def test_buckets_pack_in_order_within_the_cap():
+    from qgalore_dist.distributed import pack_buckets
+
+    gen = torch.Generator().manual_seed(0)
+    items = [(i, 0, torch.empty(int(n))) for i, n in enumerate(torch.randint(1, 700, (40,), generator=gen))]
+    items.insert(7, ("huge", 1, torch.empty(5000)))
+    for cap in (1024, 4096, 10**6):
+        buckets = pack_buckets(items, cap, lambda t: 4)
+        assert [item for bucket in buckets for item in bucket] == items  # order kept, nothing lost
+        for bucket in buckets:
+            size = sum(t.numel() * 4 for _, _, t in bucket)
+            assert size <= cap or len(bucket) == 1, (cap, size, len(bucket))
+        for first, second in zip(buckets, buckets[1:]):  # greedy: the next tensor did not fit
+            assert sum(t.numel() * 4 for _, _, t in first) + second[0][2].numel() * 4 > cap
+    assert pack_buckets(items, 0, lambda t: 4) == [items] and pack_buckets([], 1024, lambda t: 4) == []
+
+
+def test_bucket_cap_changes_calls_not_results_or_bytes():
+    """A 4 KiB cap splits every exchange into several collectives: losses and INT8 codes stay
+    bit-identical to one bucket per kind, the metered bytes are the same, the calls grow."""
+    steps = 6  # refreshes at steps 0 and 4: full-gradient reduce and projector broadcast too
+    one = run_distributed(_train, 2, 1, {"bucket_cap_mb": 0}, False, steps)
+    capped = run_distributed(_train, 2, 1, {"bucket_cap_mb": 4 / 1024}, True, steps)
+    for a, b in zip(one, capped):
+        assert a["losses"] == b["losses"]
+        assert all(torch.equal(a["codes"][n], b["codes"][n]) for n in a["codes"])
+    for kind in ("lowrank_reduce", "update_gather", "dense"):
+        assert capped[0]["meter"][kind]["bytes"] == one[0]["meter"][kind]["bytes"], kind
+        assert capped[0]["meter"][kind]["calls"] > one[0]["meter"][kind]["calls"], kind

@@ -5,6 +5,7 @@ from .comm import KINDS, Collectives, CommMeter
 from .exchange import (
     broadcast_from_owners,
     broadcast_from_owners_compressed,
+    pack_buckets,
     reduce_to_owners,
     reduce_to_owners_compressed,
 )
@@ -12,5 +13,5 @@ from .plan import PLACEMENTS, MatrixSpec, OwnershipPlan, plan_ownership
 
 __all__ = [
     "KINDS", "PLACEMENTS", "Collectives", "CommMeter", "MatrixSpec", "OwnershipPlan",
-    "broadcast_from_owners", "broadcast_from_owners_compressed", "plan_ownership", "reduce_to_owners", "reduce_to_owners_compressed",
+    "broadcast_from_owners", "broadcast_from_owners_compressed", "pack_buckets", "plan_ownership", "reduce_to_owners", "reduce_to_owners_compressed",
 ]

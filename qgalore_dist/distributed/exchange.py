@@ -1,6 +1,7 @@
 """Owner-grouped exchanges built on :class:`Collectives`: gradients to their owners, results
-from their owners back to every rank.  Each call coalesces all tensors of one owner into one
-flat buffer, so a step issues at most one collective per (kind, owner)."""
+from their owners back to every rank.  Tensors are coalesced into flat buffers, packed in
+order into buckets of at most ``bucket_bytes`` (``None``/0: one bucket), so a step issues one
+collective per bucket and kind -- few calls, bounded temporary memory, the same bytes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from .comm import Collectives
 from ..quant import BlockwiseCodec, Moment
 
 __all__ = [
-    "broadcast_from_owners", "broadcast_from_owners_compressed", "reduce_to_owners",
+    "broadcast_from_owners", "broadcast_from_owners_compressed", "pack_buckets", "reduce_to_owners",
     "reduce_to_owners_compressed",
 ]
 
@@ -34,6 +35,24 @@ def _group_by_owner(items, world_size: int) -> list[list[tuple[Hashable, torch.T
     return by_owner
 
 
+def pack_buckets(items: Sequence[tuple], bucket_bytes: int | None, elem_size) -> list[list[tuple]]:
+    """Consecutive runs of ``items`` (``(key, owner, tensor)``) whose payload, ``numel x
+    elem_size(tensor)`` bytes, stays within ``bucket_bytes``; a larger tensor gets a bucket of
+    its own.  The split depends only on shapes and order, so every rank cuts alike."""
+    if not bucket_bytes:
+        return [list(items)] if items else []
+    buckets: list[list[tuple]] = []
+    size = 0
+    for item in items:
+        nbytes = item[2].numel() * elem_size(item[2])
+        if not buckets or size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(item)
+        size += nbytes
+    return buckets
+
+
 def _split(flat: torch.Tensor, group: Sequence[tuple[Hashable, torch.Tensor]]) -> dict[Hashable, torch.Tensor]:
     """Views of ``flat`` shaped like the tensors of ``group``, in order."""
     out, offset = {}, 0
@@ -49,40 +68,45 @@ def reduce_to_owners(
     kind: str,
     *,
     dtype: torch.dtype = torch.float32,
+    bucket_bytes: int | None = None,
 ) -> dict[Hashable, torch.Tensor]:
     """``items``: ``(key, owner, local_tensor)`` in the same order on every rank.
 
-    Returns ``{key: mean over ranks}`` for the keys this rank owns (a reduce-scatter whose
-    chunk ``r`` holds all of rank ``r``'s tensors).
+    Returns ``{key: mean over ranks}`` for the keys this rank owns: one reduce-scatter per
+    bucket, whose chunk ``r`` holds the bucket's tensors owned by rank ``r``.
     """
-    if not items:
-        return {}
-    device = items[0][2].device
-    by_owner = _group_by_owner(items, coll.world_size)
-    chunks = [_flat([t for _, t in group], dtype, device) for group in by_owner]
-    return _split(coll.reduce_scatter_mean(chunks, kind), by_owner[coll.rank])
+    out: dict[Hashable, torch.Tensor] = {}
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    for bucket in pack_buckets(items, bucket_bytes, lambda t: itemsize):
+        by_owner = _group_by_owner(bucket, coll.world_size)
+        chunks = [_flat([t for _, t in group], dtype, bucket[0][2].device) for group in by_owner]
+        out.update(_split(coll.reduce_scatter_mean(chunks, kind), by_owner[coll.rank]))
+    return out
 
 
 def broadcast_from_owners(
     coll: Collectives,
     items: Sequence[tuple[Hashable, int, torch.Tensor]],
     kind: str,
+    *,
+    bucket_bytes: int | None = None,
 ) -> dict[Hashable, torch.Tensor]:
     """``items``: ``(key, owner, tensor)`` in the same order on every rank; the owner's tensor
     holds the value, other ranks' tensors give shape and dtype (their content is ignored).
 
-    Returns ``{key: owner's tensor}`` on every rank; one broadcast per (owner, dtype).
+    Returns ``{key: owner's tensor}`` on every rank; one broadcast per (owner, dtype, bucket).
     """
+    if coll.world_size == 1:
+        return {key: tensor for key, _, tensor in items}
     out: dict[Hashable, torch.Tensor] = {}
-    groups: dict[tuple[int, torch.dtype], list[tuple[Hashable, torch.Tensor]]] = {}
-    for key, owner, tensor in items:
-        groups.setdefault((owner, tensor.dtype), []).append((key, tensor))
+    groups: dict[tuple[int, torch.dtype], list[tuple[Hashable, int, torch.Tensor]]] = {}
+    for item in items:
+        groups.setdefault((item[1], item[2].dtype), []).append(item)
     for (owner, dtype), group in groups.items():
-        if coll.world_size == 1:
-            out.update(group)
-            continue
-        flat = _flat([t for _, t in group], dtype, group[0][1].device)
-        out.update(_split(coll.broadcast_from(flat, owner, kind), group))
+        for bucket in pack_buckets(group, bucket_bytes, lambda t: t.element_size()):
+            pairs = [(key, t) for key, _, t in bucket]
+            flat = _flat([t for _, t in pairs], dtype, pairs[0][1].device)
+            out.update(_split(coll.broadcast_from(flat, owner, kind), pairs))
     return out
 
 
@@ -91,14 +115,22 @@ def reduce_to_owners_compressed(
     items: Sequence[tuple[Hashable, int, torch.Tensor]],
     kind: str,
     residuals: dict[Hashable, torch.Tensor],
+    *,
+    bucket_bytes: int | None = None,
 ) -> dict[Hashable, torch.Tensor]:
     """As :func:`reduce_to_owners`, with 8-bit payloads and per-rank error feedback (the
     scheme of ZeRO++ qgZ / 1-bit Adam): each rank adds its residual, quantizes its chunk for
     every owner to 8-bit block-wise codes, keeps ``x - dequant(q)`` as the new residual (in
     ``residuals``, keyed like ``items``), and an all-to-all delivers the codes to the owners,
-    which dequantize and average.  Codes cannot be summed in transit, hence all-to-all."""
-    if not items:
-        return {}
+    which dequantize and average.  Codes cannot be summed in transit, hence all-to-all.
+    Buckets are cut on the fp32 staging size (4 B per value)."""
+    out: dict[Hashable, torch.Tensor] = {}
+    for bucket in pack_buckets(items, bucket_bytes, lambda t: 4):
+        out.update(_reduce_bucket_compressed(coll, bucket, kind, residuals))
+    return out
+
+
+def _reduce_bucket_compressed(coll: Collectives, items, kind: str, residuals) -> dict[Hashable, torch.Tensor]:
     device = items[0][2].device
     by_owner = _group_by_owner(items, coll.world_size)
     codes, absmaxes = [], []
@@ -127,13 +159,23 @@ def broadcast_from_owners_compressed(
     items: Sequence[tuple[Hashable, int, torch.Tensor]],
     kind: str,
     residuals: dict[Hashable, torch.Tensor],
+    *,
+    bucket_bytes: int | None = None,
 ) -> dict[Hashable, torch.Tensor]:
     """As :func:`broadcast_from_owners` for fp32 values, sent as 8-bit block-wise codes.
 
     Each owner adds its error-feedback residual to the values it owns, encodes them, keeps
     ``x - dequant(q)`` as the new residual and broadcasts codes + absmax; every rank, the
-    owner included, returns the *decoded* values, so replicas stay bit-identical."""
-    device = items[0][2].device if items else None
+    owner included, returns the *decoded* values, so replicas stay bit-identical.  Buckets are
+    cut on the fp32 size (4 B per value)."""
+    out: dict[Hashable, torch.Tensor] = {}
+    for bucket in pack_buckets(items, bucket_bytes, lambda t: 4):
+        out.update(_broadcast_bucket_compressed(coll, bucket, kind, residuals))
+    return out
+
+
+def _broadcast_bucket_compressed(coll: Collectives, items, kind: str, residuals) -> dict[Hashable, torch.Tensor]:
+    device = items[0][2].device
     payload = []
     by_owner = _group_by_owner(items, coll.world_size)
     for owner, group in enumerate(by_owner):

@@ -66,6 +66,12 @@ class QGaLoreConfig:
     feedback (costs one fp32 residual per low-rank gradient per rank, and one per owned
     update on its owner)."""
 
+    bucket_cap_mb: float = 25.0
+    """Largest flat buffer one exchange collective carries, in MiB (DDP's ``bucket_cap_mb``).
+    Tensors are packed in order into buckets up to this size (a larger tensor travels alone), so
+    the exchange's temporary memory stays bounded on large models; 0 puts every tensor of one
+    kind into a single collective (fewest calls).  Bytes sent do not depend on it."""
+
     max_grad_norm: float = 0.0
     """Clip the global L2 norm of the gradients the optimizer consumes to this value (0: off).
     The norm covers every dense gradient (averaged over ranks) and every GaLore matrix's
@@ -83,6 +89,8 @@ class QGaLoreConfig:
             ("eps", self.eps > 0, "a float > 0"),
             ("weight_decay", self.weight_decay >= 0, "a float >= 0"),
             ("max_grad_norm", self.max_grad_norm >= 0, "a float >= 0 (0 disables clipping)"),
+            ("bucket_cap_mb", isinstance(self.bucket_cap_mb, (int, float)) and not isinstance(self.bucket_cap_mb, bool)
+             and self.bucket_cap_mb >= 0, "a number >= 0 (0: no cap)"),
             ("proj_bits", self.proj_bits is None or self.proj_bits in SUPPORTED_BITS, f"None or one of {SUPPORTED_BITS}"),
             ("proj_group_size", isinstance(self.proj_group_size, int) and self.proj_group_size >= 1, "an int >= 1"),
             ("state_bits", self.state_bits in (8, 32), "8 or 32"),

@@ -38,6 +38,7 @@ from ..distributed import (
     MatrixSpec,
     broadcast_from_owners,
     broadcast_from_owners_compressed,
+    pack_buckets,
     plan_ownership,
     reduce_to_owners,
     reduce_to_owners_compressed,
@@ -83,6 +84,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.steps_taken = 0
         self._payload_dtype = getattr(torch, cfg.payload_dtype)
+        self._bucket_bytes = int(cfg.bucket_cap_mb * 2**20)
         self.comm_residuals: dict[torch.Tensor, torch.Tensor] = {}
         """Per-rank error feedback of compressed low-rank gradients (``compress_lowrank``)."""
         self.update_residuals: dict[torch.Tensor, torch.Tensor] = {}
@@ -310,31 +312,40 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
             kind, grad = self._local_grad(p)
             lowrank_items.append((p, self.owner[p], grad if kind == "lowrank" else self.state[p]["projector"].project(grad)))
         if self.config.compress_lowrank and self.comm.world_size > 1:
-            lowrank_avg = reduce_to_owners_compressed(self.comm, lowrank_items, "lowrank_reduce", self.comm_residuals)
+            lowrank_avg = reduce_to_owners_compressed(self.comm, lowrank_items, "lowrank_reduce", self.comm_residuals,
+                                                      bucket_bytes=self._bucket_bytes)
         else:
-            lowrank_avg = reduce_to_owners(self.comm, lowrank_items, "lowrank_reduce", dtype=self._payload_dtype)
+            lowrank_avg = reduce_to_owners(self.comm, lowrank_items, "lowrank_reduce", dtype=self._payload_dtype,
+                                           bucket_bytes=self._bucket_bytes)
         lowrank_avg.update(self._refresh(refreshing))
         return lowrank_avg
 
     def _update_galore(self, params: list[torch.Tensor], lowrank_avg: dict, coef: float) -> None:
-        rank = self.comm.rank
-        directions = []
-        for p in params:
-            state = self.state[p]
-            state["step"] = state.get("step", 0) + 1
-            if self.owner[p] == rank:
-                grad = lowrank_avg[p] if coef == 1.0 else lowrank_avg[p] * coef
-                direction = self._adam(state, grad, self._group_of[p])
+        """Owners run Adam on their averaged low-rank gradients; the directions reach every rank
+        one bucket (``bucket_cap_mb``) at a time and are applied as they arrive, so at most one
+        bucket of directions is alive -- not one low-rank tensor per matrix on every rank."""
+        compressed = self.config.compress_lowrank and self.comm.world_size > 1
+        itemsize = 4 if compressed else self._payload_dtype.itemsize
+        sized = [(p, self.owner[p], torch.empty(self.state[p]["projector"].lowrank_shape, device="meta")) for p in params]
+        for bucket in pack_buckets(sized, self._bucket_bytes, lambda t: itemsize):
+            directions = [(p, owner, self._direction(p, lowrank_avg, coef)) for p, owner, _ in bucket]
+            if compressed:
+                received = broadcast_from_owners_compressed(self.comm, directions, "update_gather", self.update_residuals)
             else:
-                direction = torch.empty(state["projector"].lowrank_shape, device=p.device)
-            # Every rank, the owner included, applies the payload-dtype value: replicas stay equal.
-            directions.append((p, self.owner[p], direction.to(self._payload_dtype)))
-        if self.config.compress_lowrank and self.comm.world_size > 1:
-            received = broadcast_from_owners_compressed(self.comm, directions, "update_gather", self.update_residuals)
-        else:
-            received = broadcast_from_owners(self.comm, directions, "update_gather")
-        for p, direction in received.items():
-            self._apply_galore(p, direction.to(torch.float32))
+                received = broadcast_from_owners(self.comm, directions, "update_gather")
+            for p, direction in received.items():
+                self._apply_galore(p, direction.to(torch.float32))
+
+    def _direction(self, p: torch.Tensor, lowrank_avg: dict, coef: float) -> torch.Tensor:
+        """Advance ``p``'s step; on its owner, the Adam direction in the payload dtype (every
+        rank, the owner included, applies that value, so replicas stay equal); elsewhere an
+        empty receive buffer of the same shape."""
+        state = self.state[p]
+        state["step"] = state.get("step", 0) + 1
+        if self.owner[p] != self.comm.rank:
+            return torch.empty(state["projector"].lowrank_shape, device=p.device, dtype=self._payload_dtype)
+        grad = lowrank_avg[p] if coef == 1.0 else lowrank_avg[p] * coef
+        return self._adam(state, grad, self._group_of[p]).to(self._payload_dtype)
 
     def _refresh(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Owners run the SVD on the averaged full gradient and broadcast the new projector
@@ -354,7 +365,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
             else:
                 payload = projector_payload_template(proj, p.device)
             payloads += [((p, k), owner, t) for k, t in payload.items()]
-        received = broadcast_from_owners(self.comm, payloads, "proj_broadcast")
+        received = broadcast_from_owners(self.comm, payloads, "proj_broadcast", bucket_bytes=self._bucket_bytes)
         for p in params:
             load_projector_payload(self.state[p]["projector"], {k: t for (q, k), t in received.items() if q is p})
         self.svds_last_step = len(params)
@@ -388,7 +399,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
     def _reduce_dense(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Averaged dense gradients on their owners (ZeRO-1 style)."""
         return reduce_to_owners(self.comm, [(p, self.owner[p], p.grad) for p in params], "dense",
-                                dtype=self._payload_dtype)
+                                dtype=self._payload_dtype, bucket_bytes=self._bucket_bytes)
 
     def _update_dense(self, params: list[torch.Tensor], grads: dict, coef: float) -> None:
         rank = self.comm.rank
@@ -403,7 +414,8 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
             if group["weight_decay"] > 0:
                 p.add_(p, alpha=-group["lr"] * group["weight_decay"])
         if self.comm.world_size > 1:
-            for p, value in broadcast_from_owners(self.comm, [(p, self.owner[p], p.data) for p in params], "dense").items():
+            for p, value in broadcast_from_owners(self.comm, [(p, self.owner[p], p.data) for p in params], "dense",
+                                                  bucket_bytes=self._bucket_bytes).items():
                 p.data.copy_(value)
 
     # ----------------------------------------------------------------- checkpointing

@@ -1,0 +1,61 @@
+"""benchmarks/memory_ranks.py's per-rank accounting: at one rank it is the single-rank total that
+benchmarks/memory.py validates byte for byte; sharded state summed over ranks is the unsharded
+state; ZeRO-2 + AdamW is DeepSpeed's own estimate (the 26.7 GB of the 7B target)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import memory, memory_ranks as mr  # noqa: E402
+
+SHAPES = mr.model_shapes("llama_60m", rank=128)
+
+
+def test_one_rank_is_the_validated_single_rank_total():
+    ours = mr.ours_rank_bytes(SHAPES, 1, 0, steady=True)
+    single = memory.account(list(SHAPES.tensors), SHAPES.lay, memory.qgalore_dist)
+    assert ours.weights == single["weights"]
+    assert ours.optimizer == single["state"]
+    assert ours.projectors == single["projector"]
+
+
+@pytest.mark.parametrize("world", [2, 3, 8, 64])
+def test_sharded_state_sums_to_the_unsharded_state(world):
+    one = mr.ours_rank_bytes(SHAPES, 1, 0, steady=True)
+    ranks = [mr.ours_rank_bytes(SHAPES, world, r, steady=True) for r in range(world)]
+    assert sum(b.optimizer for b in ranks) == one.optimizer
+    # Projector codes are replicated; only the previous singular vector lives on the owner.
+    past = sum(memory.qgalore_dist_components(t, SHAPES.lay)["proj_past_vector"] for t in SHAPES.galore)
+    assert sum(b.projectors for b in ranks) == world * (one.projectors - past) + past
+    # Replicated pieces are the same on every rank; gradients depend only on the step kind.
+    assert {b.weights for b in ranks} == {one.weights}
+    assert {b.gradients for b in ranks} == {one.gradients}
+    assert all(b.comm_buffers > 0 for b in ranks)
+
+
+def test_refresh_step_holds_full_fp32_gradients():
+    steady = mr.ours_rank_bytes(SHAPES, 4, 0, steady=True)
+    refresh = mr.ours_rank_bytes(SHAPES, 4, 0, steady=False)
+    galore = sum(t.numel for t in SHAPES.galore)
+    lowrank = sum(memory.lowrank_numel(t.shape, SHAPES.lay.rank) for t in SHAPES.galore)
+    assert refresh.gradients - steady.gradients == 4 * (galore - lowrank)
+
+
+def test_dense_owners_cover_every_dense_tensor_once():
+    owners = mr.dense_owners(SHAPES, 3)
+    assert set(owners) == {t.name for t in SHAPES.dense}
+    assert set(owners.values()) <= {0, 1, 2}
+
+
+def test_zero2_adamw_is_deepspeeds_estimate_for_7b_at_8_ranks():
+    shapes = mr.model_shapes("llama_7b", rank=1024)
+    zero = mr.ZeroBuckets.from_ds_config()
+    ours = mr.zero2_adamw(shapes, 8, 0, zero)
+    estimate = mr.deepspeed_zero2_estimate(shapes.total, 8)
+    assert abs(ours.model_states - estimate) <= 18
+    assert round(estimate / 2**30, 1) == 26.7
