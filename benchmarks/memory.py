@@ -41,6 +41,8 @@ Per rank (``benchmarks/memory_ranks.py``, whose docstring has the conventions)
     Weights, gradients, optimizer, projectors, communication buffers and peak on the most loaded
     of N = 1, 2, 4, 8, 64 ranks, ours vs. DDP/ZeRO-2 baselines; the 7B-at-8-ranks target; a PNG;
     and the accounting checked against the measured RSS of 2 gloo ranks (exit code 1 if outside).
+    The FSDP2 rows (``benchmarks/memory_fsdp.py``) are checked byte for byte against the tensors a
+    real 2-rank gloo FSDP2 run holds (exit code 1 if any component differs).
 
 Run from the repository root:  python benchmarks/memory.py   (about 1 min on 2 idle cores)
 """
@@ -462,16 +464,19 @@ NOTES = [
 # ----------------------------------------------------------------------------- per rank (memory_ranks.py)
 def per_rank_payload(models: list[str], ranks: dict[str, int], skip_rss: bool) -> dict[str, Any]:
     """Per-rank tables, 7B target verdict, RSS validation (lazy import: memory_ranks imports us)."""
-    from benchmarks import memory_ranks as mr
+    from benchmarks import memory_fsdp as mf, memory_ranks as mr
 
     rows, buckets = mr.per_rank_rows(models, ranks), mr.ZeroBuckets.from_ds_config()
     rss = {"ran": False, "ok": True, "reason": "--skip-rss-validation"} if skip_rss else mr.rss_validation()
+    fsdp = {"ran": False, "ok": True, "reason": "--skip-rss-validation"} if skip_rss else mf.validate_fsdp()
     return {"per_rank": rows, "per_rank_approaches": {k: d for k, (d, _) in mr.approaches(buckets).items()},
-            "per_rank_doc": mr.__doc__, "zero2_buckets": asdict(buckets),
-            "target": mr.target_verdict(rows), "rss_validation": rss}
+            "per_rank_doc": mr.__doc__, "per_rank_fsdp2_doc": mf.__doc__, "zero2_buckets": asdict(buckets),
+            "target": mr.target_verdict(rows), "rss_validation": rss,
+            "target_fsdp2": mf.fsdp_target(rows), "fsdp2_validation": fsdp}
 
 
 def per_rank_markdown(payload: dict[str, Any]) -> list[str]:
+    from benchmarks.memory_fsdp import fsdp_markdown
     from benchmarks.memory_ranks import rss_markdown
 
     rows, t, zb = payload["per_rank"], payload["target"], payload["zero2_buckets"]
@@ -489,12 +494,14 @@ def per_rank_markdown(payload: dict[str, Any]) -> list[str]:
         lines += [f"### {r['model']} (r={r['rank']}, {r['params']:,} params): model states / peak", "",
                   "| approach | " + " | ".join(f"N={n}" for n in worlds) + " |", "|---|" + "---|" * len(worlds)]
         for key, by in r["approaches"].items():
-            cells = " | ".join(f"{gib(by[n]['model_states'])} / {gib(by[n]['peak'])}" for n in worlds)
+            cells = " | ".join(f"{gib(by[n]['model_states'])} / {gib(by[n]['peak'])}" if "peak" in by[n] else "n/a"
+                               for n in worlds)  # n/a: FSDP2 cannot row-shard these shapes (memory_fsdp.py)
             lines.append(f"| `{key}` | {cells} |")
         lines += ["", "DeepSpeed `estimate_zero2_model_states_mem_needs` (GiB): " + ", ".join(
             f"N={n}: {gib(v)}" for n, v in r["deepspeed_zero2_estimate"].items())
             + f"; equal to `zero2_adamw` model states: {all(r['zero2_matches_deepspeed'].values())}.", ""]
-    return lines + rss_markdown(payload["rss_validation"])
+    return lines + rss_markdown(payload["rss_validation"]) + fsdp_markdown(payload["target_fsdp2"],
+                                                                          payload["fsdp2_validation"])
 
 
 def _target_md(t: dict[str, Any], row: dict[str, Any], desc: dict[str, str]) -> list[str]:
@@ -535,12 +542,13 @@ def plot_per_rank(rows: list[dict[str, Any]], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, key, title in zip(axes, ("model_states", "peak"), ("model states", "peak")):
         for name, by in row["approaches"].items():
-            worlds = [int(n) for n in by]
-            ax.plot(worlds, [by[n][key] / GiB for n in by], marker="o", label=name,
+            worlds = [int(n) for n in by if key in by[n]]
+            ax.plot(worlds, [by[n][key] / GiB for n in by if key in by[n]], marker="o", label=name,
                     linestyle="-" if name.startswith("ours") else "--")
         ax.axhline(TARGET_GIB, color="black", linewidth=0.8, linestyle=":", label=f"target {TARGET_GIB:g} GiB")
         ax.set_xscale("log", base=2)
-        ax.set_xticks(worlds, [str(n) for n in worlds])
+        ticks = [int(n) for n in next(iter(row["approaches"].values()))]
+        ax.set_xticks(ticks, [str(n) for n in ticks])
         ax.set(title=f"{TARGET_MODEL} (r={row['rank']}): {title} per rank", xlabel="data-parallel ranks N",
                ylabel="GiB (most loaded rank)")
         ax.grid(alpha=0.3)
@@ -593,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report)
     print(f"\nwrote {json_path}, {md_path} and {png_path}")
     ok = all(v["exact_match"] for v in payload["validation"]) and all(c["matches_doc_table"] for c in payload["configs"])
-    ok = ok and payload["rss_validation"]["ok"] and all(
+    ok = ok and payload["rss_validation"]["ok"] and payload["fsdp2_validation"]["ok"] and all(
         all(r["zero2_matches_deepspeed"].values()) for r in payload["per_rank"])
     return 0 if ok else 1
 

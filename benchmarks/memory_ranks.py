@@ -294,8 +294,14 @@ def ddp_galore8bit(shapes: Shapes, world: int, rank: int) -> RankBytes:
 RankFn = Callable[[Shapes, int, int], RankBytes]
 
 
+class Unsupported(Exception):
+    """Raised by a row's function for a (model, N) the approach cannot run (e.g. FSDP2 row shards)."""
+
+
 def approaches(zero: ZeroBuckets) -> dict[str, tuple[str, RankFn]]:
     """Every approach of the per-rank table: key -> (description, f(shapes, world, rank))."""
+    from benchmarks import memory_fsdp  # imports this module
+
     return {
         "ddp_adamw": ("DDP + AdamW (bf16 W/G, fp32 master+m+v, DDP buckets)", ddp_adamw),
         "zero2_adamw": ("ZeRO-2 + AdamW (DeepSpeed estimator convention + reduce buckets)",
@@ -309,12 +315,16 @@ def approaches(zero: ZeroBuckets) -> dict[str, tuple[str, RankFn]]:
                               lambda s, n, r: ours_rank_bytes(s, n, r, steady=True, zero=zero)),
         "ours_zero2_refresh": ("ours + DeepSpeed ZeRO-2, refresh step",
                                lambda s, n, r: ours_rank_bytes(s, n, r, steady=False, zero=zero)),
+        **memory_fsdp.approaches(),
     }
 
 
 def worst_rank(fn: RankFn, shapes: Shapes, world: int) -> dict[str, Any]:
     """The rank with the largest peak (every rank evaluated), with its components."""
-    per_rank = [fn(shapes, world, r) for r in range(world)]
+    try:
+        per_rank = [fn(shapes, world, r) for r in range(world)]
+    except Unsupported as exc:  # shown as n/a
+        return {"supported": False, "reason": str(exc)}
     rank = max(range(world), key=lambda r: (per_rank[r].peak, per_rank[r].model_states))
     return {"rank": rank, **per_rank[rank].as_dict(),
             "max_model_states": max(b.model_states for b in per_rank),

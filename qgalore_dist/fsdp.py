@@ -84,7 +84,7 @@ import torch.nn as nn
 
 from .core import Int8Linear, adam_step_size, int8_layer_of
 from .core.adam import lowrank_adam_update
-from .distributed import Collectives, reduce_to_owners
+from .distributed import Collectives, pack_buckets, reduce_to_owners
 from .distributed.projector_sync import projector_payload
 from .distributed.replicas import check_replicas
 from .optim import QGaLoreAdamW8bit, QGaLoreConfig
@@ -274,16 +274,22 @@ class FSDPQGaLoreAdamW8bit(QGaLoreAdamW8bit):
 
     def _reduce_rows(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Each rank's (m, r) low-rank gradients, averaged over ranks and scattered by row range:
-        returns ``{p: (m/N, r) mean rows}`` for this rank's rows.  HSDP: reduce-scatter inside
-        the shard group, then an all-reduce of the (m/S, r) rows across the replicate group --
-        the only GaLore tensors that cross it."""
-        if not params:
-            return {}
-        world = self.shard_comm.world_size
+        returns ``{p: (m/N, r) mean rows}`` for this rank's rows, one reduce-scatter per
+        ``bucket_cap_mb`` bucket.  HSDP: reduce-scatter inside the shard group, then an
+        all-reduce of the (m/S, r) rows across the replicate group -- the only GaLore tensors
+        that cross it."""
         full = {}
         for p in params:
             kind, grad = self._local_grad(p)
             full[p] = grad if kind == "lowrank" else self.state[p]["projector"].project(grad)
+        itemsize = self._payload_dtype.itemsize
+        out = {}
+        for bucket in pack_buckets([(p, 0, full[p]) for p in params], self._bucket_bytes, lambda t: itemsize):
+            out.update(self._reduce_rows_bucket([p for p, _, _ in bucket], full))
+        return out
+
+    def _reduce_rows_bucket(self, params: list[torch.Tensor], full: dict) -> dict[torch.Tensor, torch.Tensor]:
+        world = self.shard_comm.world_size
         chunks = []
         for k in range(world):
             parts = [full[p][k * p.shape[0] // world:(k + 1) * p.shape[0] // world].reshape(-1) for p in params]

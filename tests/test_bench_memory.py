@@ -59,3 +59,19 @@ def test_zero2_adamw_is_deepspeeds_estimate_for_7b_at_8_ranks():
     estimate = mr.deepspeed_zero2_estimate(shapes.total, 8)
     assert abs(ours.model_states - estimate) <= 18
     assert round(estimate / 2**30, 1) == 26.7
+
+
+@pytest.mark.parametrize("world", [2, 8])
+def test_fsdp2_rows_shard_weights_and_state_and_reject_unshardable_shapes(world):
+    from benchmarks import memory_fsdp as mf
+
+    one = mf.fsdp_rank_bytes(SHAPES, 1, 0, steady=True)
+    ranks = [mf.fsdp_rank_bytes(SHAPES, world, r, steady=True) for r in range(world)]
+    # llama_60m's rows divide evenly over 2 and 8 ranks: shards sum to the unsharded bytes.
+    assert sum(b.weights for b in ranks) == one.weights
+    assert sum(b.optimizer for b in ranks) == one.optimizer
+    # Every rank keeps every matrix's (m, r) fp32 low-rank gradient (it projects its own full gradient).
+    galore_steady = sum(4 * t.shape[0] * SHAPES.lay.rank for t in SHAPES.galore)
+    assert len({b.gradients for b in ranks}) == 1 and ranks[0].gradients > galore_steady
+    with pytest.raises(mr.Unsupported):  # intermediate 5461: no even row split
+        mf.fsdp_rank_bytes(mr.model_shapes("llama_1b", rank=1024), world, 0, steady=True)
