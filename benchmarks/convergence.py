@@ -143,7 +143,7 @@ def _zero2_engine(model, args, schedule):
 def _svd_count(opt, args) -> int:
     if hasattr(opt, "svd_count"):
         return int(opt.svd_count)
-    if opt.__class__.__name__ == "GaLoreAdamW":  # one SVD per matrix at steps 0, gap, 2 gap, ... (fixed)
+    if type(opt).__module__.startswith("galore_torch"):  # fixed: one SVD per matrix at steps 0, gap, 2 gap, ...
         return len(opt.param_groups[1]["params"]) * math.ceil(args.steps / args.gap)
     return 0
 
