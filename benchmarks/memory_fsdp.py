@@ -49,8 +49,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -59,7 +57,7 @@ import torch
 from benchmarks._common import load_config
 from benchmarks.memory import GiB, Layout, Tensor, moment_8bit_bytes
 from benchmarks.memory_ranks import (RankBytes, Shapes, Unsupported, _bucket, _bucket_cap, _payload_bytes,
-                                     _svd_temporary, galore_owners, model_shapes)
+                                     _svd_temporary, galore_owners, model_shapes, spawn_ranks)
 from qgalore_dist.quant import packed_numel
 
 TARGET_KEYS = ("ours_fsdp2_steady", "ours_fsdp2_refresh")
@@ -297,28 +295,7 @@ def _measure(spec: FsdpSpec, rank: int) -> dict[str, Any]:
 
 def _launch(spec: FsdpSpec) -> list[dict[str, Any]]:
     """Run ``_fsdp_worker`` on ``spec.world`` spawned gloo ranks; each rank's result."""
-    import torch.multiprocessing as mp
-
-    port = random.randint(29600, 29999)
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as outdir:
-        procs = [ctx.Process(target=_fsdp_worker, args=(r, spec.world, port, outdir, asdict(spec)))
-                 for r in range(spec.world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=spec.timeout_s)
-            if p.is_alive():
-                p.kill()
-        results = []
-        for r in range(spec.world):
-            path = os.path.join(outdir, f"rank{r}.json")
-            if not os.path.exists(path):
-                results.append({"error": "no result (crashed or timed out)"})
-                continue
-            with open(path) as f:
-                results.append(json.load(f))
-    return results
+    return spawn_ranks(_fsdp_worker, spec, spec.world, spec.timeout_s)
 
 
 def predicted_rank(shapes: Shapes, world: int, rank: int) -> dict[str, int]:

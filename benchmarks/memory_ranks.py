@@ -511,43 +511,48 @@ def _rss_worker(rank: int, world: int, port: int, outdir: str, spec_dict: dict[s
     dist.destroy_process_group()
 
 
-def _launch(spec: RssSpec) -> list[dict[str, Any]]:
-    """Run ``_rss_worker`` on ``spec.world`` spawned gloo ranks; each rank's result."""
+def spawn_ranks(worker, spec, world: int, timeout_s: float) -> list[dict[str, Any]]:
+    """Run ``worker(rank, world, port, outdir, asdict(spec))`` on ``world`` spawned gloo ranks;
+    each rank's JSON result (``{"error": ...}`` for a rank that crashed or timed out)."""
     import random
 
     import torch.multiprocessing as mp
 
     port = random.randint(29600, 29999)
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as outdir:
+        procs = [ctx.Process(target=worker, args=(r, world, port, outdir, asdict(spec))) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=timeout_s)
+            if p.is_alive():
+                p.kill()
+        results = []
+        for r in range(world):
+            path = os.path.join(outdir, f"rank{r}.json")
+            if not os.path.exists(path):
+                results.append({"error": "no result (crashed or timed out)"})
+                continue
+            with open(path) as f:
+                results.append(json.load(f))
+    return results
+
+
+def _launch(spec: RssSpec) -> list[dict[str, Any]]:
+    """Run ``_rss_worker`` on ``spec.world`` spawned gloo ranks; each rank's result."""
     # glibc's dynamic mmap threshold (up to 32 MiB) keeps freed tensors in the heap, so RSS stops
     # tracking live tensors; a fixed 64 KiB threshold gives every larger tensor its own mapping,
     # unmapped on free.  Read by the children's glibc at start-up.
     saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     try:
-        ctx = mp.get_context("spawn")
-        with tempfile.TemporaryDirectory() as outdir:
-            procs = [ctx.Process(target=_rss_worker, args=(r, spec.world, port, outdir, asdict(spec)))
-                     for r in range(spec.world)]
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join(timeout=spec.timeout_s)
-                if p.is_alive():
-                    p.kill()
-            results = []
-            for r in range(spec.world):
-                path = os.path.join(outdir, f"rank{r}.json")
-                if not os.path.exists(path):
-                    results.append({"error": "no result (crashed or timed out)"})
-                    continue
-                with open(path) as f:
-                    results.append(json.load(f))
+        return spawn_ranks(_rss_worker, spec, spec.world, spec.timeout_s)
     finally:
         if saved is None:
             os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
         else:
             os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
-    return results
 
 
 def rss_predictions(spec: RssSpec, rank: int, update_temporary: int) -> dict[str, int]:
