@@ -31,7 +31,12 @@ D = dense parameters (embeddings, norms, lm_head)):
       mean over ranks is ``(N-1)/N * sum_o B_o`` (the table's figure; ``lowrank_reduce_max_rank``
       in the JSON is the busiest rank).  The directions are per-owner broadcasts,
       ``(N-1)/N * sum_o B_o``.  ``ours_int8_fp32_dense`` is ``compress_lowrank=True`` alone (dense
-      gradients stay 4 B).  Error feedback costs memory (fp32 residuals), not bytes.
+      gradients stay 4 B).  ``ours_int8_all`` adds ``compress_dense=True``: the dense gradients
+      go to their owners by the same 8-bit all-to-all and the owners' dense Adam directions come
+      back as 8-bit per-owner broadcasts (no bf16 parameter broadcast): ``dense`` becomes
+      ``(N-1)/N * sum_o D'_o`` twice (mean over ranks), ``D'_o = D_o + 4 * ceil(D_o / 256)`` with
+      D_o the dense elements owner o holds (the optimizer's greedy largest-first placement).
+      Error feedback costs memory (fp32 residuals), not bytes.
   Refresh steps add ``full_grad_reduce`` (``(N-1)/N * m * n * 4``, the fp32 full gradient reduced to
   the owner, no low-rank reduce for that matrix) and ``proj_broadcast`` (packed INT4 codes + fp32
   scales/zeros per group + the fp64 schedule vector); reported separately, not in the per-step table.
@@ -90,19 +95,21 @@ RANKS = (128, 256, 512, 1024)
 PAPER_RANK = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}
 """The GaLore / Q-GaLore pre-training rank of each size (the plot's configuration)."""
 KINDS = ("lowrank_reduce", "full_grad_reduce", "proj_broadcast", "update_gather", "dense", "control")
-TARGET = {"model": "llama_7b", "rank": 1024, "ratio": 3.5}
+TARGET = {"model": "llama_7b", "rank": 1024, "ratio": 3.5, "compressed_ratio": 7.0}
 PAYLOAD_BLOCK, CODE_BYTES, ABSMAX_BYTES = 256, 1, 4
 """``exchange._PAYLOAD_CODEC``: signed dynamic 8-bit codes, one fp32 absmax per 256 values."""
-VARIANTS = {  # name: (b_lowrank, b_dense_grad, compress); dense parameters 2 B (bf16) throughout
-    "ours_fp32": (4, 4, False), "ours_bf16": (2, 2, False),
-    "ours_int8": (1, 2, True), "ours_int8_fp32_dense": (1, 4, True),
+VARIANTS = {  # name: (b_lowrank, b_dense_grad, compress_lowrank, compress_dense); dense parameters 2 B (bf16)
+    "ours_fp32": (4, 4, False, False), "ours_bf16": (2, 2, False, False),
+    "ours_int8": (1, 2, True, False), "ours_int8_fp32_dense": (1, 4, True, False),
+    "ours_int8_all": (1, 1, True, True),
 }
-CASES = {  # validation: name -> (model dtype, payload_dtype, compress_lowrank)
-    "fp32 model, fp32 payload": ("float32", "float32", False),
-    "bf16 model, fp32 payload (ours fp32)": ("bfloat16", "float32", False),
-    "bf16 model, bf16 payload (ours bf16)": ("bfloat16", "bfloat16", False),
-    "bf16 model, int8 low-rank + bf16 dense (ours int8)": ("bfloat16", "bfloat16", True),
-    "fp32 model, int8 low-rank + fp32 dense": ("float32", "float32", True),
+CASES = {  # validation: name -> (model dtype, payload_dtype, compress_lowrank, compress_dense)
+    "fp32 model, fp32 payload": ("float32", "float32", False, False),
+    "bf16 model, fp32 payload (ours fp32)": ("bfloat16", "float32", False, False),
+    "bf16 model, bf16 payload (ours bf16)": ("bfloat16", "bfloat16", False, False),
+    "bf16 model, int8 low-rank + bf16 dense (ours int8)": ("bfloat16", "bfloat16", True, False),
+    "fp32 model, int8 low-rank + fp32 dense": ("float32", "float32", True, False),
+    "bf16 model, int8 low-rank + int8 dense (ours int8 all)": ("bfloat16", "bfloat16", True, True),
 }
 
 
@@ -132,6 +139,16 @@ def lowrank_by_owner(tensors: Tensors, rank: int, world: int, placement: str = "
     return out
 
 
+def dense_by_owner(tensors: Tensors, world: int) -> list[int]:
+    """Dense elements each rank owns: the optimizer's placement (largest first, to the least
+    loaded rank, ties to the lower index)."""
+    dense = [(i, numel(s)) for i, (_, s, g) in enumerate(tensors) if not g]
+    load = [0] * world
+    for _, n in sorted(dense, key=lambda d: (-d[1], d[0])):
+        load[min(range(world), key=lambda k: (load[k], k))] += n
+    return load
+
+
 def compressed_payload(elements: int) -> int:
     """Bytes of ``elements`` values as 8-bit codes + one fp32 absmax per block."""
     return CODE_BYTES * elements + ABSMAX_BYTES * -(-elements // PAYLOAD_BLOCK)
@@ -151,8 +168,20 @@ def _lowrank_kinds(tensors: Tensors, rank: int, world: int, b_lowrank: int, comp
     return float(sum(b for o, b in enumerate(per_owner) if o != at_rank)), gather  # all-to-all: no ring
 
 
+def _dense_bytes(tensors: Tensors, world: int, b_dense_grad: int, b_dense_param: int, compress_dense: bool,
+                 at_rank: int | None) -> float:
+    """``dense`` kind: gradients to owners + parameters (or, compressed, directions) back."""
+    f = ring(world)
+    if not compress_dense:
+        return f * sum(numel(s) for _, s, g in tensors if not g) * (b_dense_grad + b_dense_param)
+    per_owner = [compressed_payload(x) for x in dense_by_owner(tensors, world)]
+    gather = f * sum(per_owner)
+    reduce = gather if at_rank is None else float(sum(b for o, b in enumerate(per_owner) if o != at_rank))
+    return reduce + gather
+
+
 def ours_steady(tensors: Tensors, rank: int, world: int, *, b_lowrank: int, b_dense_grad: int, b_dense_param: int,
-                compress: bool = False, at_rank: int | None = None) -> dict[str, float]:
+                compress: bool = False, compress_dense: bool = False, at_rank: int | None = None) -> dict[str, float]:
     """Per-rank bytes of one steady-state step of QGaLoreAdamW8bit, by meter kind."""
     f = ring(world)
     n_galore = sum(1 for *_, g in tensors if g)
@@ -163,7 +192,7 @@ def ours_steady(tensors: Tensors, rank: int, world: int, *, b_lowrank: int, b_de
         "full_grad_reduce": 0.0,
         "proj_broadcast": 0.0,
         "update_gather": gather,
-        "dense": f * sum(numel(s) for s in dense) * (b_dense_grad + b_dense_param),
+        "dense": _dense_bytes(tensors, world, b_dense_grad, b_dense_param, compress_dense, at_rank),
         "control": 2 * f * 4 * (1 + 2 * (n_galore + len(dense))),
     }
 
@@ -188,8 +217,9 @@ def _world_row(tensors: Tensors, rank: int, world: int, params: int) -> dict[str
     row: dict[str, Any] = {"ddp_bf16": ddp_bytes(params, world, b=2), "zero2_bf16": zero2_bytes(params, world, b=2),
                            "powersgd_r4": powersgd_bytes(tensors, world, b=2, rank=4),
                            "powersgd_r4_fp32": powersgd_bytes(tensors, world, b=4, rank=4)}
-    for name, (b_lowrank, b_grad, compress) in VARIANTS.items():
-        kw = dict(b_lowrank=b_lowrank, b_dense_grad=b_grad, b_dense_param=2, compress=compress)
+    for name, (b_lowrank, b_grad, compress, compress_dense) in VARIANTS.items():
+        kw = dict(b_lowrank=b_lowrank, b_dense_grad=b_grad, b_dense_param=2, compress=compress,
+                  compress_dense=compress_dense)
         steady = ours_steady(tensors, rank, world, **kw)
         refresh = ours_refresh_all(tensors, rank, world, **kw)
         row[name] = sum(steady.values())
@@ -220,7 +250,7 @@ def model_table(name: str, worlds=(8, 64)) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- validation (metered)
-def _ours_case(rank: int, model_dtype: str, payload_dtype: str, compress: bool) -> dict:
+def _ours_case(rank: int, model_dtype: str, payload_dtype: str, compress: bool, compress_dense: bool) -> dict:
     """Two metered steps of QGaLoreAdamW8bit on the tiny LLaMA (inside the process group)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -231,7 +261,7 @@ def _ours_case(rank: int, model_dtype: str, payload_dtype: str, compress: bool) 
     prepare_model(model, group_size=64)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or p.dtype == torch.uint8]
     cfg = QGaLoreConfig(lr=0.01, rank=8, update_proj_gap=100, proj_group_size=64, payload_dtype=payload_dtype,
-                        compress_lowrank=compress)
+                        compress_lowrank=compress, compress_dense=compress_dense)
     opt = QGaLoreAdamW8bit([p for _, p in named], cfg, names={p: n for n, p in named})
     # The constructor's agreement checks (all_gather_object of the config and the shapes) are
     # metered as control traffic; close that "step" so step 0 holds only step 0's bytes.
@@ -251,16 +281,16 @@ def _ours_case(rank: int, model_dtype: str, payload_dtype: str, compress: bool) 
             "payload_bytes": torch.tensor([], dtype=getattr(torch, payload_dtype)).element_size()}
 
 
-def _validate_rank(rank: int, world: int, cases: dict[str, tuple[str, str, bool]],
+def _validate_rank(rank: int, world: int, cases: dict[str, tuple[str, str, bool, bool]],
                    psgd_dtypes: tuple[str, ...]) -> dict:
     return {"ours": {name: _ours_case(rank, *case) for name, case in cases.items()},
             "powersgd": {d: run_powersgd_ddp(rank, d) for d in psgd_dtypes}}
 
 
-def _check_case(results: list[dict], world: int, compress: bool) -> dict[str, Any]:
+def _check_case(results: list[dict], world: int, compress: bool, compress_dense: bool) -> dict[str, Any]:
     res = results[0]
     kw = dict(b_lowrank=res["payload_bytes"], b_dense_grad=res["payload_bytes"],
-              b_dense_param=res["dense_param_bytes"], compress=compress)
+              b_dense_param=res["dense_param_bytes"], compress=compress, compress_dense=compress_dense)
     closed = [[ours_refresh_all(res["tensors"], 8, world, proj_group=64, at_rank=k, **kw) for k in range(world)],
               [ours_steady(res["tensors"], 8, world, at_rank=k, **kw) for k in range(world)]]
     steps = []
@@ -272,13 +302,13 @@ def _check_case(results: list[dict], world: int, compress: bool) -> dict[str, An
                       "metered_total": [sum(r["meters"][step].values()) for r in results],
                       "closed_form_total": [sum(c.values()) for c in closed[step]], "exact_match": exact})
     return {"dense_bytes_per_elem": {"grad": res["payload_bytes"], "param": res["dense_param_bytes"]},
-            "payload_bytes": res["payload_bytes"], "compress_lowrank": compress,
+            "payload_bytes": res["payload_bytes"], "compress_lowrank": compress, "compress_dense": compress_dense,
             "construction_bytes": [r["construction"] for r in results],
             "galore_matrices": sum(1 for *_, g in res["tensors"] if g),
             "dense_tensors": sum(1 for *_, g in res["tensors"] if not g), "steps": steps}
 
 
-def validate(world: int = 2, cases: dict[str, tuple[str, str, bool]] | None = None,
+def validate(world: int = 2, cases: dict[str, tuple[str, str, bool, bool]] | None = None,
              psgd_dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> dict[str, Any]:
     """One gloo launch: every Q-GaLore case against the meter, PowerSGD against counted bytes."""
     from dist_harness import run_distributed
@@ -286,8 +316,8 @@ def validate(world: int = 2, cases: dict[str, tuple[str, str, bool]] | None = No
     cases = CASES if cases is None else cases
     results = run_distributed(_validate_rank, world, cases, psgd_dtypes)
     out: dict[str, Any] = {"world_size": world, "runs": {}, "powersgd": {}}
-    for name, (_, _, compress) in cases.items():
-        out["runs"][name] = _check_case([r["ours"][name] for r in results], world, compress)
+    for name, (_, _, compress, compress_dense) in cases.items():
+        out["runs"][name] = _check_case([r["ours"][name] for r in results], world, compress, compress_dense)
     for dtype in psgd_dtypes:
         out["powersgd"][dtype] = check_powersgd([r["powersgd"][dtype] for r in results], world)
     out["ours_exact"] = all(s["exact_match"] for run in out["runs"].values() for s in run["steps"])
@@ -348,8 +378,10 @@ def makespan(world: int, repeats: int) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- output
 COLUMNS = (("ddp_bf16", "DDP-bf16"), ("zero2_bf16", "ZeRO-2"), ("powersgd_r4", "PowerSGD r=4"),
-           ("ours_fp32", "ours fp32"), ("ours_bf16", "ours bf16"), ("ours_int8", "ours int8"))
-RATIOS = (("ours_fp32", "fp32"), ("ours_bf16", "bf16"), ("ours_int8", "int8"), ("powersgd_r4", "PowerSGD"))
+           ("ours_fp32", "ours fp32"), ("ours_bf16", "ours bf16"), ("ours_int8", "ours int8"),
+           ("ours_int8_all", "ours int8 all"))
+RATIOS = (("ours_fp32", "fp32"), ("ours_bf16", "bf16"), ("ours_int8", "int8"), ("ours_int8_all", "int8 all"),
+          ("powersgd_r4", "PowerSGD"))
 
 
 def mib(x: float) -> str:
@@ -410,6 +442,9 @@ def _md_target(t: dict[str, Any]) -> list[str]:
         f"dense: **{t['ratio_int8']:.3f}x**, of which the dense parameters are "
         f"{100 * t['int8_dense_share']:.0f}% of the bytes; `compress_lowrank` with fp32 dense gradients: "
         f"{t['ratio_int8_fp32_dense']:.3f}x.",
+        f"- everything 8-bit (`compress_lowrank` + `compress_dense`: dense gradients and dense Adam directions "
+        f"as 8-bit codes too): **{t['ratio_int8_all']:.3f}x** (target >= {TARGET['compressed_ratio']}x with "
+        f"compression: **{'met' if t['ratio_int8_all'] >= TARGET['compressed_ratio'] else 'NOT met'}**).",
         f"- PowerSGD r=4 sends {mib(t['powersgd_r4'])} MiB ({t['ratio_powersgd']:.0f}x less than DDP-bf16, "
         f"{t['ours_int8'] / t['powersgd_r4']:.0f}x less than ours int8): it compresses every gradient, the "
         "embeddings and head included, to rank 4 each step (lossy, with error feedback), while GaLore keeps a "

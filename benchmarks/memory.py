@@ -464,20 +464,20 @@ NOTES = [
 # ----------------------------------------------------------------------------- per rank (memory_ranks.py)
 def per_rank_payload(models: list[str], ranks: dict[str, int], skip_rss: bool) -> dict[str, Any]:
     """Per-rank tables, 7B target verdict, RSS validation (lazy import: memory_ranks imports us)."""
-    from benchmarks import memory_fsdp as mf, memory_ranks as mr
+    from benchmarks import memory_fsdp as mf, memory_ranks as mr, memory_rss
 
     rows, buckets = mr.per_rank_rows(models, ranks), mr.ZeroBuckets.from_ds_config()
-    rss = {"ran": False, "ok": True, "reason": "--skip-rss-validation"} if skip_rss else mr.rss_validation()
+    rss = {"ran": False, "ok": True, "reason": "--skip-rss-validation"} if skip_rss else memory_rss.rss_validation()
     fsdp = {"ran": False, "ok": True, "reason": "--skip-rss-validation"} if skip_rss else mf.validate_fsdp()
     return {"per_rank": rows, "per_rank_approaches": {k: d for k, (d, _) in mr.approaches(buckets).items()},
-            "per_rank_doc": mr.__doc__, "per_rank_fsdp2_doc": mf.__doc__, "zero2_buckets": asdict(buckets),
+            "per_rank_doc": mr.__doc__, "rss_doc": memory_rss.__doc__, "per_rank_fsdp2_doc": mf.__doc__, "zero2_buckets": asdict(buckets),
             "target": mr.target_verdict(rows), "rss_validation": rss,
             "target_fsdp2": mf.fsdp_target(rows), "fsdp2_validation": fsdp}
 
 
 def per_rank_markdown(payload: dict[str, Any]) -> list[str]:
     from benchmarks.memory_fsdp import fsdp_markdown
-    from benchmarks.memory_ranks import rss_markdown
+    from benchmarks.memory_rss import rss_markdown
 
     rows, t, zb = payload["per_rank"], payload["target"], payload["zero2_buckets"]
     worlds = list(rows[0]["approaches"]["ddp_adamw"])

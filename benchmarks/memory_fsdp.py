@@ -57,7 +57,8 @@ import torch
 from benchmarks._common import load_config
 from benchmarks.memory import GiB, Layout, Tensor, moment_8bit_bytes
 from benchmarks.memory_ranks import (RankBytes, Shapes, Unsupported, _bucket, _bucket_cap, _payload_bytes,
-                                     _svd_temporary, galore_owners, model_shapes, spawn_ranks)
+                                     _svd_temporary, galore_owners, model_shapes)
+from benchmarks.memory_rss import spawn_ranks
 from qgalore_dist.quant import packed_numel
 
 TARGET_KEYS = ("ours_fsdp2_steady", "ours_fsdp2_refresh")

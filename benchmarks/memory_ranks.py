@@ -31,6 +31,11 @@ What is computed
                            (refresh step: all matrices at step 0 and while schedules coincide);
                            buffers: the exchange's coalesced fp32 payloads (``exchange.py``), one
                            ``bucket_cap_mb`` bucket at a time (``_exchange_buffers``).
+    * ``ours_overlap``     ``ours`` with ``overlap_comm=True`` (steady steps): the low-rank gradients
+                           are reduce-scattered during backward, so a rank keeps the fp32 sums of
+                           the matrices it owns plus one bucket of local low-rank gradients still
+                           being filled; one bucket of send chunks in flight (assumed: each
+                           collective ends before backward fills the next bucket).
     * ``ours_zero2``       the same GaLore part under ``qgalore_dist.initialize`` with ZeRO-2, which
                            partitions the dense gradients (DeepSpeed's 2 + 4 B/param), fp32 master
                            and 8-bit moments over N, and adds ZeRO-2's reduce buckets.
@@ -40,24 +45,14 @@ What is computed
     exchange buffers then alive.  Baselines count none (optimizer temporaries such as foreach
     AdamW's, or GaLore's per-matrix projection, are left out: this favours the baselines).
 
-Validation (``rss_validation``)
-    A 2-layer model with llama_60m widths trains three steps (refresh, steady, refresh) on 2 gloo
-    ranks.  Each rank records its resident set size (VmRSS) after building the model, after each
-    backward, after each step, and the peak (VmHWM, reset through ``/proc/self/clear_refs`` before
-    each step); the growth over a baseline taken after a warm-up run must match ``ours`` evaluated
-    for that rank on the same shapes.  Two CPU facts enter the prediction, both stated in the
-    report: receive slots made by ``torch.empty`` and never written do not enter RSS, and the
-    temporary of the CPU (torch) INT8 update path is measured separately on the largest matrix.
+Validation against measured RSS: ``benchmarks/memory_rss.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any, Callable
@@ -187,7 +182,7 @@ def _bucket(total_bytes: int, largest_bytes: int, cap: int) -> int:
 
 
 def _exchange_buffers(lowrank: tuple[int, int, int], dense: tuple[int, int, int], world: int, dense_bytes: int,
-                      *, steady: bool, receive_slots: bool, cap: int) -> int:
+                      *, steady: bool, receive_slots: bool, cap: int, overlap: bool = False) -> int:
     """Largest set of exchange buffers alive at once during ``QGaLoreAdamW8bit.step``.
     ``lowrank`` and ``dense`` are element counts ``(all, owned by this rank, largest tensor)``;
     bytes out, payloads in ``payload_dtype``, flat buffers cut into ``bucket_cap_mb`` buckets
@@ -202,15 +197,20 @@ def _exchange_buffers(lowrank: tuple[int, int, int], dense: tuple[int, int, int]
     4. dense update: both results + one bucket of concatenated dense parameters (N > 1).
 
     ``receive_slots=False`` leaves out the never-written ``torch.empty`` slots of non-owned
-    directions (they take no resident memory on CPU; a CUDA allocator does reserve them)."""
+    directions (they take no resident memory on CPU; a CUDA allocator does reserve them).
+
+    ``overlap`` (``overlap_comm``, steady steps): phase 1 happens during backward, with one
+    bucket of send chunks in flight (a collective finishing before backward fills the next
+    bucket); the owned low-rank sums are counted as gradients, not as results here."""
     b, multi = _payload_bytes(), world > 1
     (lr_all, lr_own, lr_max), (d_all, d_own, d_max) = lowrank, dense
     lr_bucket, d_bucket = _bucket(b * lr_all, b * lr_max, cap), _bucket(b * d_all, b * d_max, cap)
-    results = b * (lr_own + d_own)
+    overlap = overlap and steady
+    results = b * ((0 if overlap else lr_own) + d_own)
     slots = lr_bucket if receive_slots or not multi else min(lr_bucket, b * lr_own)
     phases = [
-        lr_bucket + multi * b * lr_own if steady else 0,
-        b * lr_own + d_bucket + multi * b * d_own,
+        (lr_bucket if overlap else lr_bucket + multi * b * lr_own) if steady else 0,
+        b * (0 if overlap else lr_own) + d_bucket + multi * b * d_own,
         results + slots + multi * lr_bucket,
         results + multi * _bucket(dense_bytes * d_all, dense_bytes * d_max, cap),
     ]
@@ -225,9 +225,12 @@ def _svd_temporary(t: Tensor, k_bytes: int = 4) -> int:
 
 
 def ours_rank_bytes(shapes: Shapes, world: int, rank: int, *, steady: bool, zero: ZeroBuckets | None = None,
-                    receive_slots: bool = True, update_temporary: int | None = None) -> RankBytes:
+                    receive_slots: bool = True, update_temporary: int | None = None,
+                    overlap: bool = False) -> RankBytes:
     """``QGaLoreAdamW8bit`` on rank ``rank`` of ``world``; ``zero`` given: dense tensors under
     DeepSpeed ZeRO-2 (``qgalore_dist.initialize``) instead of the optimizer's own owners.
+    ``overlap``: ``overlap_comm`` -- on steady steps a rank keeps the fp32 low-rank sums it owns
+    plus one bucket of local low-rank gradients still being filled, instead of all of them.
 
     ``update_temporary`` defaults to the fp32 back-projected update of the largest matrix (what
     the fused CUDA INT8 update reads); the CPU validation passes its measured torch-path value."""
@@ -241,6 +244,8 @@ def ours_rank_bytes(shapes: Shapes, world: int, rank: int, *, steady: bool, zero
     lowrank_own = sum(lowrank_numel(t.shape, lay.rank) for t in mine)
     lowrank = (lowrank_all, lowrank_own, max(lowrank_numel(t.shape, lay.rank) for t in shapes.galore))
     galore_grads = 4 * (lowrank_all if steady else sum(t.numel for t in shapes.galore))
+    if overlap and steady:
+        galore_grads = 4 * lowrank_own + _bucket(4 * lowrank_all, 4 * lowrank[2], _bucket_cap())
     galore_state = sum(qgalore_dist_components(t, lay)["lowrank_state"] for t in mine)
     dense_all = sum(t.numel for t in shapes.dense)
     if zero is None:
@@ -249,12 +254,13 @@ def ours_rank_bytes(shapes: Shapes, world: int, rank: int, *, steady: bool, zero
         dense_state = sum(2 * moment_8bit_bytes(t.numel, lay) for t in shapes.dense if d_owner[t.name] == rank)
         dense_grads = lay.dense_bytes * dense_all
         buffers = _exchange_buffers(lowrank, (dense_all, dense_own, max(t.numel for t in shapes.dense)), world,
-                                    lay.dense_bytes, steady=steady, receive_slots=receive_slots, cap=_bucket_cap())
+                                    lay.dense_bytes, steady=steady, receive_slots=receive_slots, cap=_bucket_cap(),
+                                    overlap=overlap)
     else:  # ZeRO-2 partitions: DeepSpeed's 2 + 4 B/param gradients, fp32 master + 8-bit moments
         part = -(-dense_all // world)
         dense_grads, dense_state = 6 * part, 4 * part + 2 * moment_8bit_bytes(part, lay)
         buffers = zero.nbytes + _exchange_buffers(lowrank, (0, 0, 0), world, lay.dense_bytes, steady=steady,
-                                                  receive_slots=receive_slots, cap=_bucket_cap())
+                                                  receive_slots=receive_slots, cap=_bucket_cap(), overlap=overlap)
     largest = max(shapes.galore, key=lambda t: t.numel)
     temporary = 4 * largest.numel if update_temporary is None else update_temporary
     if not steady:  # the SVD runs before the update exchange: count it where it exceeds that phase
@@ -309,10 +315,14 @@ def approaches(zero: ZeroBuckets) -> dict[str, tuple[str, RankFn]]:
         "zero2_adamw8bit": ("ZeRO-2 + bnb AdamW8bit", lambda s, n, r: zero2_adamw8bit(s, n, r, zero)),
         "ddp_galore8bit": ("GaLore AdamW8bit under DDP (bf16)", ddp_galore8bit),
         "ours_steady": ("ours, torch.distributed, steady step", lambda s, n, r: ours_rank_bytes(s, n, r, steady=True)),
+        "ours_overlap_steady": ("ours, torch.distributed + `overlap_comm`, steady step",
+                                lambda s, n, r: ours_rank_bytes(s, n, r, steady=True, overlap=True)),
         "ours_refresh": ("ours, torch.distributed, refresh step (all matrices)",
                          lambda s, n, r: ours_rank_bytes(s, n, r, steady=False)),
         "ours_zero2_steady": ("ours + DeepSpeed ZeRO-2, steady step",
                               lambda s, n, r: ours_rank_bytes(s, n, r, steady=True, zero=zero)),
+        "ours_zero2_overlap_steady": ("ours + DeepSpeed ZeRO-2 + `overlap_comm`, steady step",
+                                      lambda s, n, r: ours_rank_bytes(s, n, r, steady=True, zero=zero, overlap=True)),
         "ours_zero2_refresh": ("ours + DeepSpeed ZeRO-2, refresh step",
                                lambda s, n, r: ours_rank_bytes(s, n, r, steady=False, zero=zero)),
         **memory_fsdp.approaches(),
@@ -381,250 +391,3 @@ def target_verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "deepspeed_zero2_adamw": row["deepspeed_zero2_estimate"][n],
             "deepspeed_printout": deepspeed_zero2_printout(row["params"], TARGET_WORLD),
             "qgalore_reference_1gpu_gb_quoted": QGALORE_REF_7B_GB}
-
-
-# ----------------------------------------------------------------------------- validation against RSS
-@dataclass(frozen=True)
-class RssSpec:
-    """The validation run: a ``config``-width LLaMA cut to ``layers`` layers, on ``world`` gloo ranks."""
-
-    config: str = "llama_60m"
-    layers: int = 2
-    vocab: int = 2048
-    rank: int = 256
-    seq: int = 16
-    world: int = 2
-    update_proj_gap: int = 2       # steps 0 and 2 refresh every matrix, step 1 is a steady step
-    svd_method: str = "randomized"  # same projector bytes as exact; its workspace stays below the update buffers
-    seed: int = 0
-    abs_tol_mib: float = 2.0
-    rel_tol: float = 0.04
-    timeout_s: float = 300.0
-
-    def shapes(self, layers: int | None = None) -> Shapes:
-        return model_shapes(self.config, self.rank, **self.overrides(layers))
-
-    def overrides(self, layers: int | None = None) -> dict[str, int]:
-        return dict(num_hidden_layers=layers or self.layers, vocab_size=self.vocab,
-                    max_position_embeddings=4 * self.seq)
-
-
-def _proc_status() -> dict[str, int]:
-    """VmRSS and VmHWM of this process, in bytes."""
-    with open("/proc/self/status") as f:
-        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)
-                if k in ("VmRSS", "VmHWM")}
-
-
-def _reset_peak() -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _build(spec: RssSpec, layers: int | None = None):
-    """A bf16 LLaMA of ``spec`` converted by ``prepare_model`` and its ``QGaLoreAdamW8bit``."""
-    from transformers import LlamaForCausalLM
-
-    from qgalore_dist import QGaLoreAdamW8bit, prepare_model
-
-    model = prepare_model(LlamaForCausalLM(load_config(spec.config, **spec.overrides(layers))).to(torch.bfloat16))
-    gc.collect()
-    names = {p: n for n, p in model.named_parameters()}
-    params = [p for p in model.parameters() if p.requires_grad or p.dtype == torch.uint8]
-    config = QGaLoreConfig(rank=spec.rank, update_proj_gap=spec.update_proj_gap, svd_method=spec.svd_method,
-                           seed=spec.seed)
-    return model, QGaLoreAdamW8bit(params, config, names=names)
-
-
-def _train(model, opt, spec: RssSpec, steps: int, probe: Callable[[str, bool], None]) -> None:
-    """``steps`` steps; ``probe(tag, peak)`` after each backward, step (peak since the reset
-    just before ``step()``) and ``zero_grad``."""
-    gen = torch.Generator().manual_seed(spec.seed)
-    for step in range(steps):
-        tokens = torch.randint(0, spec.vocab, (1, spec.seq), generator=gen)
-        out = model(input_ids=tokens, labels=tokens, use_cache=False)
-        out.loss.backward()
-        del out
-        gc.collect(1)  # young generations only: a full collection costs about 1 s with transformers loaded
-        probe(f"backward{step}", False)
-        _reset_peak()
-        opt.step()
-        probe(f"peak{step}", True)
-        opt.zero_grad()
-        gc.collect(1)
-        probe(f"after{step}", False)
-
-
-def _update_temporary(model, opt, spec: RssSpec) -> int:
-    """Peak bytes of ``_apply_galore``'s work on the largest matrix (torch CPU path): back-projection,
-    dequantize, update, stochastic requantization -- the calls the optimizer makes."""
-    from qgalore_dist.core import Int8Linear
-    from qgalore_dist.quant import StreamKey
-
-    layer = max((m for m in model.modules() if isinstance(m, Int8Linear)), key=lambda m: m.weight.numel())
-    proj = opt.state[layer.weight]["projector"]
-    direction = torch.randn(proj.lowrank_shape, generator=torch.Generator().manual_seed(spec.seed)) * 1e-3
-    gc.collect()
-    _reset_peak()
-    before = _proc_status()["VmRSS"]
-    delta = proj.project_back(direction)
-    layer.apply_update_(delta, step_size=1e-3, decay=0.0, stochastic_key=StreamKey(spec.seed, 10**6, 0))
-    del delta
-    return _proc_status()["VmHWM"] - before
-
-
-def _measure(spec: RssSpec) -> dict[str, Any]:
-    """One rank: warm-up, then RSS growth over the baseline at every probe of a 3-step run."""
-    warm_model, warm_opt = _build(spec, layers=1)  # same widths: kernels, LAPACK and gloo paths at these sizes
-    _train(warm_model, warm_opt, spec, 2, lambda tag, peak: None)  # a refresh and a steady step
-    del warm_model, warm_opt
-    gc.collect()
-    base = _proc_status()["VmRSS"]
-    measured: dict[str, int] = {}
-
-    def probe(tag: str, peak: bool) -> None:
-        measured[tag] = _proc_status()["VmHWM" if peak else "VmRSS"] - base
-
-    model, opt = _build(spec)
-    probe("built", False)
-    _train(model, opt, spec, 3, probe)
-    return {"measured": measured, "update_temporary": _update_temporary(model, opt, spec),
-            "owners": {opt.name_of(p): r for p, r in opt.owner.items()}}
-
-
-def _rss_worker(rank: int, world: int, port: int, outdir: str, spec_dict: dict[str, Any]) -> None:
-    import datetime
-
-    import torch.distributed as dist
-
-    spec = RssSpec(**spec_dict)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=spec.timeout_s))
-    try:
-        result = _measure(spec)
-    except Exception as exc:  # reported to the parent
-        result = {"error": f"{type(exc).__name__}: {exc}"}
-    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.destroy_process_group()
-
-
-def spawn_ranks(worker, spec, world: int, timeout_s: float) -> list[dict[str, Any]]:
-    """Run ``worker(rank, world, port, outdir, asdict(spec))`` on ``world`` spawned gloo ranks;
-    each rank's JSON result (``{"error": ...}`` for a rank that crashed or timed out)."""
-    import random
-
-    import torch.multiprocessing as mp
-
-    port = random.randint(29600, 29999)
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as outdir:
-        procs = [ctx.Process(target=worker, args=(r, world, port, outdir, asdict(spec))) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=timeout_s)
-            if p.is_alive():
-                p.kill()
-        results = []
-        for r in range(world):
-            path = os.path.join(outdir, f"rank{r}.json")
-            if not os.path.exists(path):
-                results.append({"error": "no result (crashed or timed out)"})
-                continue
-            with open(path) as f:
-                results.append(json.load(f))
-    return results
-
-
-def _launch(spec: RssSpec) -> list[dict[str, Any]]:
-    """Run ``_rss_worker`` on ``spec.world`` spawned gloo ranks; each rank's result."""
-    # glibc's dynamic mmap threshold (up to 32 MiB) keeps freed tensors in the heap, so RSS stops
-    # tracking live tensors; a fixed 64 KiB threshold gives every larger tensor its own mapping,
-    # unmapped on free.  Read by the children's glibc at start-up.
-    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    try:
-        return spawn_ranks(_rss_worker, spec, spec.world, spec.timeout_s)
-    finally:
-        if saved is None:
-            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
-
-
-def rss_predictions(spec: RssSpec, rank: int, update_temporary: int) -> dict[str, int]:
-    """``ours`` for ``rank`` on the validation shapes, at every probe of ``_train``."""
-    shapes = spec.shapes()
-    buffers = sum(b.numel() * b.element_size() for b in meta_model(load_config(spec.config, **spec.overrides()))
-                  .to(torch.bfloat16).buffers())  # RoPE inv_freq
-    kw = dict(receive_slots=False, update_temporary=update_temporary)
-    steady = ours_rank_bytes(shapes, spec.world, rank, steady=True, **kw)
-    refresh = ours_rank_bytes(shapes, spec.world, rank, steady=False, **kw)
-    weights = steady.weights + buffers
-    persistent = weights + steady.optimizer + steady.projectors
-    return {"built": weights, "backward0": weights + refresh.gradients, "after0": persistent,
-            "backward1": persistent + steady.gradients, "peak1": buffers + steady.peak, "after1": persistent,
-            "backward2": persistent + refresh.gradients, "peak2": buffers + refresh.peak, "after2": persistent}
-
-
-def rss_validation(spec: RssSpec = RssSpec()) -> dict[str, Any]:
-    """Measured RSS growth vs. ``ours`` per rank and probe; ``ok`` when all are within tolerance
-    and the optimizer's owners are the ones the formulas assume."""
-    if not os.path.exists("/proc/self/clear_refs"):
-        return {"ran": False, "ok": True, "reason": "no /proc/self/clear_refs (not Linux): RSS validation skipped"}
-    results = _launch(spec)
-    errors = [f"rank {r}: {res['error']}" for r, res in enumerate(results) if "error" in res]
-    if errors:
-        return {"ran": True, "ok": False, "spec": asdict(spec), "errors": errors}
-    shapes = spec.shapes()
-    expected_owners = {**galore_owners(shapes, spec.world), **dense_owners(shapes, spec.world)}
-    ranks = []
-    for rank, res in enumerate(results):
-        pred = rss_predictions(spec, rank, res["update_temporary"])
-        rows = {}
-        for tag, p in pred.items():
-            m = res["measured"][tag]
-            tol = max(spec.abs_tol_mib * MiB, spec.rel_tol * p)
-            rows[tag] = {"measured": m, "predicted": p, "difference": m - p, "tolerance": int(tol),
-                         "ok": abs(m - p) <= tol}
-        ranks.append({"rank": rank, "update_temporary": res["update_temporary"], "probes": rows,
-                      "unchecked": {t: v for t, v in res["measured"].items() if t not in pred},
-                      "owners_match": res["owners"] == expected_owners})
-    ok = all(r["owners_match"] and all(p["ok"] for p in r["probes"].values()) for r in ranks)
-    return {"ran": True, "ok": ok, "spec": asdict(spec), "ranks": ranks}
-
-
-_PROBES = {"built": "weights", "backward0": "weights + full fp32 gradients (step 0 refreshes all; no state yet)",
-           "after0": "weights + optimizer + projectors", "backward1": "+ low-rank fp32 gradients (steady step)",
-           "peak1": "peak of the steady step()", "after1": "weights + optimizer + projectors",
-           "backward2": "+ full fp32 gradients (refresh step)", "peak2": "peak of the refresh step()",
-           "after2": "weights + optimizer + projectors"}
-
-
-def rss_markdown(v: dict[str, Any]) -> list[str]:
-    """The validation as markdown lines."""
-    lines = ["## Validation: per-rank accounting vs. measured RSS (2 gloo ranks)", ""]
-    if not v["ran"] or "errors" in v:
-        return lines + [f"Not run: {v.get('reason') or v.get('errors')}.", ""]
-    s = v["spec"]
-    lines += [f"`{s['config']}` widths, {s['layers']} layers, vocab {s['vocab']}, rank {s['rank']}, bf16, "
-              f"update_proj_gap {s['update_proj_gap']} (steps 0 and 2 refresh, step 1 steady), svd {s['svd_method']}, "
-              f"batch 1 x {s['seq']}, {s['world']} ranks, `MALLOC_MMAP_THRESHOLD_=65536`. Growth of VmRSS (VmHWM for "
-              "peaks, reset before each step) over a baseline taken after a warm-up run; predicted: `ours` for that "
-              "rank, without never-written receive slots, with the temporary of the torch INT8 update path measured "
-              f"on the largest matrix. Tolerance: max({s['abs_tol_mib']} MiB, {s['rel_tol']:.0%}) (heap allocations "
-              "under 64 KiB, Python objects, lazily created library state).", "",
-              "| rank | probe | holds | measured MiB | predicted MiB | difference MiB | ok |",
-              "|---|---|---|---|---|---|---|"]
-    for r in v["ranks"]:
-        for tag, p in r["probes"].items():
-            lines.append(f"| {r['rank']} | {tag} | {_PROBES[tag]} | {p['measured'] / 2**20:.2f} | "
-                         f"{p['predicted'] / 2**20:.2f} | {p['difference'] / 2**20:+.2f} | {p['ok']} |")
-    lines += ["", "; ".join(f"rank {r['rank']}: update temporary {r['update_temporary'] / 2**20:.2f} MiB, owners as "
-                            f"formulas assume: {r['owners_match']}, step-0 peak (not checked: state is created "
-                            f"mid-step) {r['unchecked'].get('peak0', 0) / 2**20:.2f} MiB" for r in v["ranks"]),
-              "", f"All within tolerance: **{v['ok']}**.", ""]
-    return lines

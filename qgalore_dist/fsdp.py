@@ -233,6 +233,12 @@ class FSDPQGaLoreAdamW8bit(QGaLoreAdamW8bit):
         world_group = mesh.get_group() if mesh.ndim == 1 else None  # HSDP: the whole world
         super().__init__(params, config, names=names, collectives=Collectives(world_group),
                          manage_dense=True, **overrides)
+        if self.config.compress_dense:
+            raise ValueError("QGaLoreConfig.compress_dense: under FSDP2 the dense gradients are reduced by "
+                             "fully_shard itself, not by the optimizer; leave it False")
+        if self.config.overlap_comm:
+            raise ValueError("QGaLoreConfig.overlap_comm is not implemented under FSDP2 yet (its row "
+                             "reduce-scatter runs in step()); leave it False")
         # Row shards live on the shard dim; low-rank rows are averaged across the replicate dim.
         self.shard_comm = self.comm if mesh.ndim == 1 else Collectives(mesh.get_group(1))
         self.replicate_comm = Collectives(mesh.get_group(0)) if mesh.ndim == 2 else None

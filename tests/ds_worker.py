@@ -53,7 +53,7 @@ def train_step(engine, step: int, gas: int) -> float:
     return float(step_loss) / world
 
 
-def ds_config(stage: int, dtype: str, gas: int, world: int, clip: float, lr: float) -> dict:
+def ds_config(stage: int, dtype: str, gas: int, world: int, clip: float, lr: float, overlap: bool = False) -> dict:
     return {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": gas,
@@ -64,7 +64,7 @@ def ds_config(stage: int, dtype: str, gas: int, world: int, clip: float, lr: flo
         "optimizer": {"type": "QGaLoreAdamW8bit", "params": {
             "lr": lr, "rank": 8, "update_proj_gap": 3, "scale": 0.25, "proj_bits": 4, "weight_bits": 8,
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-            "svd_method": "exact", "weight_decay": 0.01}},
+            "svd_method": "exact", "weight_decay": 0.01, "overlap_comm": overlap}},
         "steps_per_print": 10**9,
     }
 
@@ -76,7 +76,7 @@ def run_combo(stage: int, dtype: str, gas: int, args, config: dict | None = None
     world = dist.get_world_size()
     model = build_model()
     if config is None:
-        config = ds_config(stage, dtype, gas, world, args.clip, args.lr)
+        config = ds_config(stage, dtype, gas, world, args.clip, args.lr, args.overlap)
     engine, optimizer, _, _ = qgalore_dist.initialize(model=model, config=config)
     galore = engine.qgalore
     losses, norms, coefs, svds, checked = [], [], [], [], 0
@@ -99,7 +99,9 @@ def run_combo(stage: int, dtype: str, gas: int, args, config: dict | None = None
                   svd_count=galore.svd_count, dense=dense, codes=codes, world=world,
                   engine_optimizer=type(engine.optimizer).__name__,
                   engine_gradient_clipping=engine.gradient_clipping(),  # DeepSpeed's own (dense-only) clipping
-                  comm=galore.comm.meter.total_bytes and dict(galore.comm.meter.total_bytes))
+                  comm=galore.comm.meter.total_bytes and dict(galore.comm.meter.total_bytes),
+                  overlap_launches=galore.overlap and [galore.overlap.launches_in_backward,
+                                                       galore.overlap.launches_at_step])
     engine.destroy() if hasattr(engine, "destroy") else None
     return record
 
@@ -144,6 +146,7 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--config-file", default=None, help="one run with this ds_config file (see config_file_run)")
     parser.add_argument("--passthrough", action="store_true", help="ds_config optimizer AdamW instead (run_passthrough)")
+    parser.add_argument("--overlap", action="store_true", help="the optimizer's overlap_comm on")
     parser.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher appends it
     args = parser.parse_args()
     torch.set_num_threads(1)

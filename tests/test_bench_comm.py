@@ -42,10 +42,16 @@ def test_compressed_all_to_all_mean_is_the_ring_volume():
 
 def test_closed_forms_equal_meter_and_counted_bytes_on_two_ranks():
     case = "bf16 model, int8 low-rank + bf16 dense (ours int8)"
+    all_int8 = "bf16 model, int8 low-rank + int8 dense (ours int8 all)"
     torch.set_num_threads(1)
-    out = comm.validate(2, cases={case: comm.CASES[case]}, psgd_dtypes=("float32",))
+    out = comm.validate(2, cases={c: comm.CASES[c] for c in (case, all_int8)}, psgd_dtypes=("float32",))
     steady = out["runs"][case]["steps"][1]["kinds"]
     assert steady["lowrank_reduce"]["metered"] == steady["lowrank_reduce"]["closed_form"]
     assert steady["lowrank_reduce"]["metered"][0] > 0
+    # compress_dense: the dense kind is 8-bit both ways (+ one fp32 absmax per 256): about half of
+    # bf16 gradients + bf16 parameters.
+    dense_int8 = out["runs"][all_int8]["steps"][1]["kinds"]["dense"]
+    assert dense_int8["metered"] == dense_int8["closed_form"]
+    assert 0.5 < dense_int8["metered"][0] / steady["dense"]["metered"][0] < 0.52
     assert out["ours_exact"], out["runs"]
     assert out["powersgd_exact"], out["powersgd"]

@@ -46,6 +46,33 @@ def test_refresh_step_holds_full_fp32_gradients():
     assert refresh.gradients - steady.gradients == 4 * (galore - lowrank)
 
 
+@pytest.mark.parametrize("world", [2, 8])
+def test_overlap_keeps_one_copy_of_the_lowrank_gradients_over_all_ranks(world):
+    """``overlap_comm``: each rank holds the low-rank sums it owns plus one bucket being filled,
+    so over all ranks the owned parts add up to exactly one copy of every low-rank gradient."""
+    lowrank = 4 * sum(memory.lowrank_numel(t.shape, SHAPES.lay.rank) for t in SHAPES.galore)
+    largest = 4 * max(memory.lowrank_numel(t.shape, SHAPES.lay.rank) for t in SHAPES.galore)
+    bucket = mr._bucket(lowrank, largest, mr._bucket_cap())
+    plain = [mr.ours_rank_bytes(SHAPES, world, r, steady=True) for r in range(world)]
+    overlap = [mr.ours_rank_bytes(SHAPES, world, r, steady=True, overlap=True) for r in range(world)]
+    dense_grads = plain[0].gradients - lowrank
+    assert sum(b.gradients - dense_grads - bucket for b in overlap) == lowrank
+    # llama_60m's low-rank gradients fit in one 25 MiB bucket (no saving); 7B's are 24 GiB:
+    assert bucket == lowrank and all(o.gradients >= p.gradients for o, p in zip(overlap, plain))
+    big = mr.model_shapes("llama_7b", rank=1024)
+    big_lowrank = 4 * sum(memory.lowrank_numel(t.shape, 1024) for t in big.galore)
+    big_bucket = mr._bucket(big_lowrank, 4 * max(memory.lowrank_numel(t.shape, 1024) for t in big.galore),
+                            mr._bucket_cap())
+    saved = [mr.ours_rank_bytes(big, world, r, steady=True).gradients
+             - mr.ours_rank_bytes(big, world, r, steady=True, overlap=True).gradients for r in range(world)]
+    assert big_bucket < big_lowrank / 100 and min(saved) > 0
+    assert sum(saved) == (world - 1) * big_lowrank - world * big_bucket
+    assert all(o.optimizer == p.optimizer and o.weights == p.weights for o, p in zip(overlap, plain))
+    # refresh steps are not overlapped: the same bytes
+    assert mr.ours_rank_bytes(SHAPES, world, 0, steady=False, overlap=True) == mr.ours_rank_bytes(
+        SHAPES, world, 0, steady=False)
+
+
 def test_dense_owners_cover_every_dense_tensor_once():
     owners = mr.dense_owners(SHAPES, 3)
     assert set(owners) == {t.name for t in SHAPES.dense}

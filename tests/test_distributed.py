@@ -7,6 +7,8 @@ match the closed form; bad input fails on every rank with the same error.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -41,18 +43,23 @@ def _batches(steps: int, accum: int):
     return torch.randint(0, 128, (steps, accum, GLOBAL_BATCH, SEQ), generator=gen)
 
 
-def _train(rank: int, world_size: int, accum: int, cfg: dict, check_every_step: bool, steps: int = STEPS) -> dict:
+def _train(rank: int, world_size: int, accum: int, cfg: dict, check_every_step: bool, steps: int = STEPS,
+           no_sync: bool = False) -> dict:
     model, opt = _build(**cfg)
     data = _batches(steps, accum)
     per_rank = GLOBAL_BATCH // world_size
-    losses, svds = [], []
+    losses, svds, held = [], [], []
     for step in range(steps):
         total = torch.zeros(())
         for micro in range(accum):
             x = data[step, micro, rank * per_rank:(rank + 1) * per_rank]
-            loss = model(input_ids=x, labels=x).loss / accum
-            loss.backward()
+            with opt.no_sync() if no_sync and micro < accum - 1 else contextlib.nullcontext():
+                loss = model(input_ids=x, labels=x).loss / accum
+                loss.backward()
             total += loss.detach()
+        if opt.overlap is not None:
+            opt.overlap.wait_all()  # so that what is held does not depend on timing
+        held.append(opt.lowrank_grad_bytes())
         opt.step()
         opt.zero_grad()
         if world_size > 1:
@@ -63,8 +70,9 @@ def _train(rank: int, world_size: int, accum: int, cfg: dict, check_every_step: 
         if check_every_step:
             opt.check_replicas()
     codes = {n: t.clone() for n, t in opt.replicated_tensors() if n.endswith(".codes")}  # INT8 weights
+    launches = (opt.overlap.launches_in_backward, opt.overlap.launches_at_step) if opt.overlap else (0, 0)
     return {"losses": losses, "svds": svds, "codes": codes, "meter": opt.comm.meter.last_step,
-            "plan": opt.plan.owner}
+            "plan": opt.plan.owner, "lowrank_held": held, "launches": launches}
 
 
 def _single(accum: int, cfg: dict, steps: int = STEPS) -> dict:
@@ -195,15 +203,16 @@ def test_metered_bytes_match_closed_form():
 
 
 def test_compressed_payloads_stay_within_one_percent():
-    """8-bit low-rank gradients and updates with error feedback: replicas identical (checked
-    every step), loss within 1% of one process, about a quarter of the fp32 payload's bytes."""
-    cfg = {"compress_lowrank": True, "update_proj_gap": 100}
+    """8-bit low-rank gradients and updates, and 8-bit dense gradients and updates
+    (``compress_dense``), with error feedback: replicas identical (checked every step), loss
+    within 1% of one process, about a quarter of the fp32 payload's bytes for every kind."""
+    cfg = {"compress_lowrank": True, "compress_dense": True, "update_proj_gap": 100}
     reference = _single(1, {"update_proj_gap": 100})
     results = run_distributed(_train, 2, 1, cfg, True)
     for r in results:
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(reference["losses"]), rtol=1e-2, atol=0)
     plain = run_distributed(_train, 2, 1, {"update_proj_gap": 100}, False)[0]["meter"]
-    for kind in ("lowrank_reduce", "update_gather"):
+    for kind in ("lowrank_reduce", "update_gather", "dense"):
         compressed = results[0]["meter"][kind]["bytes"]
         assert 0.25 <= compressed / plain[kind]["bytes"] <= 0.27, (kind, compressed, plain[kind])
 
@@ -249,3 +258,40 @@ def test_bucket_cap_changes_calls_not_results_or_bytes():
     for kind in ("lowrank_reduce", "update_gather", "dense"):
         assert capped[0]["meter"][kind]["bytes"] == one[0]["meter"][kind]["bytes"], kind
         assert capped[0]["meter"][kind]["calls"] > one[0]["meter"][kind]["calls"], kind
+
+
+def test_overlap_comm_reduces_during_backward_and_keeps_only_owned_lowrank_gradients():
+    """``overlap_comm`` with 4 KiB buckets: buckets are reduce-scattered from the gradient sinks
+    during backward (none left for ``step()``), losses and INT8 codes are bit-identical to the
+    exchange in ``step()``, the bytes are the same, and after backward each rank holds only the
+    low-rank gradients it owns (about half of them on 2 ranks, instead of all)."""
+    steps = 6  # refreshes at steps 0 and 4: those layers keep the full gradient, not overlapped
+    plain = run_distributed(_train, 2, 1, {"bucket_cap_mb": 4 / 1024}, False, steps)
+    overlapped = run_distributed(_train, 2, 1, {"bucket_cap_mb": 4 / 1024, "overlap_comm": True}, True, steps)
+    for a, b in zip(plain, overlapped):
+        assert a["losses"] == b["losses"]
+        assert all(torch.equal(a["codes"][n], b["codes"][n]) for n in a["codes"])
+        launched_in_backward, launched_at_step = b["launches"]
+        assert launched_in_backward > 4 * steps and launched_at_step == 0, b["launches"]
+        for step in (1, 2, 3, 5):  # steady steps: every INT8 layer's low-rank gradient was held
+            assert b["lowrank_held"][step] < 0.75 * a["lowrank_held"][step], (step, a["lowrank_held"], b["lowrank_held"])
+    held_total = [sum(r["lowrank_held"][1] for r in overlapped), plain[0]["lowrank_held"][1]]
+    assert held_total[0] == held_total[1]  # owners together hold exactly one copy of every matrix's
+    for kind in ("lowrank_reduce", "update_gather", "dense"):
+        assert overlapped[0]["meter"][kind]["bytes"] == plain[0]["meter"][kind]["bytes"], kind
+
+
+def test_overlap_comm_with_gradient_accumulation():
+    """Accumulation 2: with ``no_sync`` on the first micro-batch the result is bit-identical to
+    the exchange in ``step()`` with the same bytes; without it every micro-batch is reduced
+    (twice the low-rank bytes) and the owners sum the averages, equal up to rounding."""
+    steps = 4
+    plain = run_distributed(_train, 2, 2, {}, False, steps)
+    with_no_sync = run_distributed(_train, 2, 2, {"overlap_comm": True}, False, steps, True)
+    every_micro = run_distributed(_train, 2, 2, {"overlap_comm": True}, True, steps)
+    assert with_no_sync[0]["losses"] == plain[0]["losses"]
+    assert all(torch.equal(with_no_sync[0]["codes"][n], plain[0]["codes"][n]) for n in plain[0]["codes"])
+    assert with_no_sync[0]["meter"]["lowrank_reduce"]["bytes"] == plain[0]["meter"]["lowrank_reduce"]["bytes"]
+    torch.testing.assert_close(torch.tensor(every_micro[0]["losses"]), torch.tensor(plain[0]["losses"]),
+                               rtol=1e-4, atol=0)
+    assert every_micro[0]["meter"]["lowrank_reduce"]["bytes"] == 2 * plain[0]["meter"]["lowrank_reduce"]["bytes"]

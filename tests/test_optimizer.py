@@ -293,6 +293,17 @@ def test_proj_bits_outside_2_4_8_lists_allowed_values(bits):
     assert "proj_bits" in str(err.value) and "(2, 4, 8)" in str(err.value)
 
 
+def test_compress_dense_is_rejected_where_an_engine_owns_the_dense_gradients():
+    with pytest.raises(ValueError, match=r"compress_dense.*engine \(DeepSpeed, FSDP2\)"):
+        QGaLoreAdamW8bit(list(_float_matrix_model().parameters()), QGaLoreConfig(compress_dense=True),
+                         manage_dense=False)
+
+
+def test_overlap_comm_with_compress_lowrank_is_rejected_naming_both():
+    with pytest.raises(ValueError, match=r"overlap_comm cannot be combined with compress_lowrank"):
+        QGaLoreConfig(overlap_comm=True, compress_lowrank=True)
+
+
 def test_unknown_config_key_lists_allowed_keys():
     with pytest.raises(ValueError) as err:
         QGaLoreConfig.from_dict({"lr": 1e-3, "rnak": 8})

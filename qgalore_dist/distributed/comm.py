@@ -118,6 +118,30 @@ class Collectives:
         self._run("reduce_scatter", kind, dist.reduce_scatter, out, [c.contiguous() for c in chunks])
         return out.div_(self.world_size)
 
+    def reduce_scatter_start(self, chunks: list[torch.Tensor], kind: str):
+        """Start an asynchronous reduce-scatter (sum) of ``chunks`` as :meth:`reduce_scatter_mean`
+        does; returns ``(out, handle)``.  ``out`` (this rank's chunk) holds the *sum* only after
+        :meth:`wait` on the handle; ``chunks`` must stay alive until then.  At world size 1,
+        ``out`` is ``chunks[0]`` and the handle is None."""
+        assert len(chunks) == self.world_size, f"{len(chunks)} chunks for world size {self.world_size}"
+        if self.world_size == 1:
+            return chunks[0], None
+        self.meter.record(kind, self.ring_factor * sum(_nbytes(c) for c in chunks))
+        out = torch.empty_like(chunks[self.rank])
+        handle = self._run("reduce_scatter(async)", kind, dist.reduce_scatter, out, chunks, async_op=True)
+        return out, handle
+
+    def wait(self, handle, what: str, kind: str) -> None:
+        """Complete an asynchronous collective; a failure names it like :meth:`_run` does."""
+        if handle is None:
+            return
+        try:
+            handle.wait()
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"qgalore-dist: {what} ({kind}) failed at optimizer step {self.step_index} "
+                f"on rank {self.rank} of {self.world_size}: {exc}") from exc
+
     def reduce_mean_to(self, tensor: torch.Tensor, owner: int, kind: str) -> torch.Tensor:
         """Sum ``tensor`` onto ``owner`` (in place); on the owner it is divided by the world size."""
         if self.world_size == 1:

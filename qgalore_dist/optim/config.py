@@ -65,6 +65,22 @@ class QGaLoreConfig:
     """Send low-rank gradients and low-rank updates as 8-bit block-wise codes with error
     feedback (costs one fp32 residual per low-rank gradient per rank, and one per owned
     update on its owner)."""
+    compress_dense: bool = False
+    """Also send dense parameters' gradients (to their owners) and their Adam updates (from
+    their owners) as 8-bit block-wise codes with error feedback -- ZeRO++ qgZ/qwZ's bytes.
+    Every rank, the owner included, applies the same decoded update, so replicas stay
+    bit-identical without an fp32 master.  Costs one fp32 residual per dense parameter per
+    rank, plus one per owned parameter on its owner.  Only where the optimizer manages the
+    dense parameters (plain torch.distributed); under DeepSpeed or FSDP2 the engine reduces
+    them and this is rejected."""
+
+    overlap_comm: bool = False
+    """Reduce low-rank gradients to their owners during backward, a bucket at a time as the
+    layers finish (DDP's and DeepSpeed's ``overlap_comm``), instead of in ``step()``; after
+    backward only owners hold low-rank gradients.  Needs every rank's backward to reach the
+    same INT8 layers in the same order (DDP's contract); with gradient accumulation use
+    ``optimizer.no_sync()`` on all but the last micro-batch, or every micro-batch is reduced.
+    Not combined with ``compress_lowrank`` yet; not under FSDP2."""
 
     bucket_cap_mb: float = 25.0
     """Largest flat buffer one exchange collective carries, in MiB (DDP's ``bucket_cap_mb``).
@@ -104,6 +120,9 @@ class QGaLoreConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"QGaLoreConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+        if self.overlap_comm and self.compress_lowrank:
+            raise ValueError("QGaLoreConfig.overlap_comm cannot be combined with compress_lowrank yet "
+                             "(the compressed exchange runs in step()): set one of them to False")
 
     @classmethod
     def from_dict(cls, params: dict) -> "QGaLoreConfig":

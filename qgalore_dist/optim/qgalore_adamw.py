@@ -25,6 +25,7 @@ untouched) and counted in ``skipped_steps``.  ``state_dict()`` holds only tensor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import zlib
 from typing import Any, Iterable
@@ -36,6 +37,7 @@ from ..core.adam import lowrank_adam_update
 from ..distributed import (
     Collectives,
     MatrixSpec,
+    OverlappedLowrankReduce,
     broadcast_from_owners,
     broadcast_from_owners_compressed,
     pack_buckets,
@@ -81,6 +83,10 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         self.comm = collectives or Collectives()
         self.codec = BlockwiseCodec(bits=cfg.state_bits)
         self.manage_dense = manage_dense
+        if cfg.compress_dense and not manage_dense:
+            raise ValueError("QGaLoreConfig.compress_dense compresses the dense gradients the optimizer exchanges "
+                             "itself; here an engine (DeepSpeed, FSDP2) reduces them: leave it False (DeepSpeed's "
+                             "own quantized gradients are ZeRO++'s zero_quantized_gradients)")
         self.skipped_steps = 0
         self.steps_taken = 0
         self._payload_dtype = getattr(torch, cfg.payload_dtype)
@@ -115,6 +121,9 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         validate_agreement(self.comm, "GaLore/dense parameter shapes",
                            [(self.name_of(p), tuple(p.shape), str(p.dtype)) for p in all_params])
         self._plan_owners()
+        self._overlap = (OverlappedLowrankReduce(self.comm, dtype=self._payload_dtype, bucket_bytes=self._bucket_bytes)
+                         if cfg.overlap_comm else None)
+        """The low-rank reduce launched during backward (``overlap_comm``), or None."""
         self._arm_grad_sinks()
 
     # ----------------------------------------------------------------- construction
@@ -152,14 +161,45 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
 
     def _arm_grad_sinks(self) -> None:
         """Before each backward: INT8 layers whose projector refreshes at the coming step keep
-        the full gradient, all others project at once (low-rank accumulation)."""
+        the full gradient, all others project at once (low-rank accumulation) -- and, with
+        ``overlap_comm``, report to the overlapped reduce, planned here for the coming step."""
+        steady = []
         for p in self.galore_params:
             layer = int8_layer_of(p)
             if layer is None:
                 continue
             proj = self.state[p]["projector"]
-            refreshing = proj.schedule.is_due(self.state[p].get("step", 0), proj.has_matrix())
-            layer.grad_sink = accumulate_full_grad if refreshing else lowrank_sink(proj.project)
+            if proj.schedule.is_due(self.state[p].get("step", 0), proj.has_matrix()):
+                layer.grad_sink = accumulate_full_grad
+            elif self._overlap is None:
+                layer.grad_sink = lowrank_sink(proj.project)
+            else:
+                layer.grad_sink = self._reporting_sink(p, lowrank_sink(proj.project))
+                steady.append((p, self.owner[p], torch.Size(proj.lowrank_shape)))
+        if self._overlap is not None:
+            self._overlap.plan(steady[::-1])  # backward meets the last layers first
+
+    def _reporting_sink(self, p: torch.Tensor, accumulate):
+        overlap = self._overlap
+
+        def sink(layer, weight_grad: torch.Tensor) -> None:
+            accumulate(layer, weight_grad)
+            overlap.ready(p)
+        return sink
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward passes inside accumulate gradients locally without any exchange (DDP's
+        ``no_sync``): use it on all but the last micro-batch with ``overlap_comm``.  Without
+        ``overlap_comm`` nothing is exchanged before ``step()`` anyway, and this does nothing."""
+        if self._overlap is None:
+            yield
+            return
+        self._overlap.sync = False
+        try:
+            yield
+        finally:
+            self._overlap.sync = True
 
     # ----------------------------------------------------------------- gradients
     @staticmethod
@@ -174,6 +214,8 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
+        if self._overlap is not None:
+            self._overlap.reset()
         for p in self.galore_params:
             layer = int8_layer_of(p)
             if layer is not None:
@@ -184,7 +226,11 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         """(all ranks finite, params that have a gradient) -- identical on every rank."""
         grads = [self._local_grad(p) for p in params]
         finite = extra_finite and all(bool(torch.isfinite(g[1]).all()) for g in grads if g is not None)
-        has = torch.tensor([1.0 if g is not None else 0.0 for g in grads])
+        reported = set()
+        if self._overlap is not None:  # those gradients already left (see _begin_step)
+            finite = finite and self._overlap.local_finite()
+            reported = self._overlap.reported
+        has = torch.tensor([1.0 if g is not None or p in reported else 0.0 for p, g in zip(params, grads)])
         flags = torch.cat([torch.tensor([1.0 if finite else 0.0]), has, -has])
         self.comm.all_reduce_min(flags)
         lo, hi = flags[1:1 + len(params)], -flags[1 + len(params):]
@@ -228,6 +274,19 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         return sum(t.numel() * t.element_size() for t in residuals)
 
     @property
+    def overlap(self) -> OverlappedLowrankReduce | None:
+        """The low-rank reduce overlapped with backward (``overlap_comm``), or None."""
+        return self._overlap
+
+    def lowrank_grad_bytes(self) -> int:
+        """Bytes of low-rank gradients this rank holds now: the layers' local accumulators plus,
+        with ``overlap_comm``, the owned reduced sums and the buffers still in flight."""
+        local = [layer.lowrank_grad for layer in map(int8_layer_of, self.galore_params)
+                 if layer is not None and layer.lowrank_grad is not None]
+        held = self._overlap.held_bytes() if self._overlap is not None else 0
+        return sum(t.numel() * t.element_size() for t in local) + held
+
+    @property
     def svd_count(self) -> int:
         return sum(self.state[p]["projector"].schedule.svd_count for p in self.galore_params)
 
@@ -246,6 +305,8 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         present = self._begin_step(extra_finite)
         if present is not None:
             self._update(*present, extra_grad_sq=extra_grad_sq)
+        if self._overlap is not None:
+            self._overlap.reset()
         self._arm_grad_sinks()
         self._end_step()
         self.steps_taken += 1
@@ -257,6 +318,8 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         self.svds_last_step = 0
         self.comm.step_index = self.steps_taken
         managed = self.galore_params + (self.dense_params if self.manage_dense else [])
+        if self._overlap is not None:  # the rest of the overlapped reduce, before any other collective
+            self._overlap.flush()
         finite, with_grad = self._agree_on_gradients(managed, extra_finite)
         self.last_clip_coef = 1.0
         self.last_step_applied = finite and bool(with_grad)
@@ -306,7 +369,8 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
     def _reduce_galore(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Averaged low-rank gradients on their owners (refreshing layers: after the SVD)."""
         refreshing = [p for p in params if self._is_refreshing(p)]
-        steady = [p for p in params if p not in set(refreshing)]
+        overlapped = self._overlap.members if self._overlap is not None else set()
+        steady = [p for p in params if p not in set(refreshing) and p not in overlapped]
         lowrank_items = []
         for p in steady:
             kind, grad = self._local_grad(p)
@@ -317,6 +381,9 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         else:
             lowrank_avg = reduce_to_owners(self.comm, lowrank_items, "lowrank_reduce", dtype=self._payload_dtype,
                                            bucket_bytes=self._bucket_bytes)
+        if overlapped:
+            kept = set(params)
+            lowrank_avg.update({p: g for p, g in self._overlap.collect().items() if p in kept})
         lowrank_avg.update(self._refresh(refreshing))
         return lowrank_avg
 
@@ -398,10 +465,16 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
 
     def _reduce_dense(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Averaged dense gradients on their owners (ZeRO-1 style)."""
+        if self.config.compress_dense and self.comm.world_size > 1:
+            return reduce_to_owners_compressed(self.comm, [(p, self.owner[p], p.grad) for p in params], "dense",
+                                               self.comm_residuals, bucket_bytes=self._bucket_bytes)
         return reduce_to_owners(self.comm, [(p, self.owner[p], p.grad) for p in params], "dense",
                                 dtype=self._payload_dtype, bucket_bytes=self._bucket_bytes)
 
     def _update_dense(self, params: list[torch.Tensor], grads: dict, coef: float) -> None:
+        if self.config.compress_dense and self.comm.world_size > 1:
+            self._update_dense_compressed(params, grads, coef)
+            return
         rank = self.comm.rank
         for p in params:
             state, group = self.state[p], self._group_of[p]
@@ -417,6 +490,29 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
             for p, value in broadcast_from_owners(self.comm, [(p, self.owner[p], p.data) for p in params], "dense",
                                                   bucket_bytes=self._bucket_bytes).items():
                 p.data.copy_(value)
+
+    def _update_dense_compressed(self, params: list[torch.Tensor], grads: dict, coef: float) -> None:
+        """``compress_dense``: owners' Adam directions reach every rank as 8-bit codes with the
+        owner's error feedback, one bucket at a time; every rank applies the decoded direction
+        and the decay itself (no parameter broadcast, replicas stay bit-identical)."""
+        rank = self.comm.rank
+        sized = [(p, self.owner[p], p) for p in params]
+        for bucket in pack_buckets(sized, self._bucket_bytes, lambda t: 4):
+            directions = []
+            for p, owner, _ in bucket:
+                state = self.state[p]
+                state["step"] = state.get("step", 0) + 1
+                if owner == rank:
+                    grad = grads[p] if coef == 1.0 else grads[p] * coef
+                    directions.append((p, owner, self._adam(state, grad, self._group_of[p])))
+                else:
+                    directions.append((p, owner, torch.empty(p.shape, dtype=torch.float32, device=p.device)))
+            received = broadcast_from_owners_compressed(self.comm, directions, "dense", self.update_residuals)
+            for p, direction in received.items():
+                group = self._group_of[p]
+                p.add_(direction.to(p.dtype), alpha=-adam_step_size(group["lr"], group["betas"], self.state[p]["step"]))
+                if group["weight_decay"] > 0:
+                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
     # ----------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict:

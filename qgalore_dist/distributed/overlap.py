@@ -1,0 +1,185 @@
+"""The low-rank gradient reduce overlapped with backward (``QGaLoreConfig.overlap_comm``).
+
+Plan (:meth:`OverlappedLowrankReduce.plan`, before each backward): the INT8 GaLore matrices
+that do not refresh at the coming step, in reverse order of the optimizer's parameters --
+roughly the order backward produces their gradients -- packed into ``bucket_cap_mb``
+buckets by :func:`~qgalore_dist.distributed.pack_buckets`.  The plan depends only on shapes,
+owners and the refresh schedule, so it is the same on every rank.
+
+During backward, each layer's gradient sink projects the gradient into
+``layer.lowrank_grad`` and calls :meth:`~OverlappedLowrankReduce.ready`.  Once every member of
+the next bucket (in plan order) has reported, the bucket is reduce-scattered to its owners
+asynchronously and every rank drops its local low-rank gradients of that bucket; the owner
+adds the averaged result to its own sum when the collective completes.  So the exchange runs
+while backward computes the earlier layers, and between backward and ``step()`` only owners
+hold low-rank gradients: ZeRO-2's gradient partitioning applied to the low-rank tensors.
+
+Buckets launch strictly in plan order, so all ranks issue the same collectives in the same
+order provided every rank's backward reaches the same INT8 layers in the same order: the
+contract of DDP without ``find_unused_parameters``.  :meth:`flush` (first thing in
+``step()``) launches what is still pending, in order; :meth:`collect` waits for everything and
+returns the owner's sums.
+
+Gradient accumulation: inside ``optimizer.no_sync()`` contributions accumulate locally and
+nothing is launched (DDP's ``no_sync``); without it every micro-batch is reduced and the owner
+sums the averages, as DeepSpeed ZeRO-2 does: the same result up to rounding, for one exchange
+per micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core import int8_layer_of
+from .comm import Collectives
+from .exchange import pack_buckets
+
+__all__ = ["OverlappedLowrankReduce"]
+
+_KIND = "lowrank_reduce"
+
+
+@dataclass(kw_only=True, slots=True)
+class _Bucket:
+    members: list[tuple[torch.Tensor, int, torch.Size]]
+    """``(weight, owner_rank, lowrank_shape)`` in plan order."""
+    reported: set[torch.Tensor] = field(default_factory=set)
+    """Members that reported a gradient since the bucket last launched (sync mode only)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class _InFlight:
+    mine: list[tuple[torch.Tensor, torch.Size]]
+    """This rank's members of the bucket (it owns them), in the order of its output chunk."""
+    out: torch.Tensor
+    chunks: list[torch.Tensor]
+    """The send buffers, kept alive until the collective completes."""
+    handle: object
+
+
+class OverlappedLowrankReduce:
+    """Bucketed, asynchronous reduce-scatter of low-rank gradients to their owners, launched
+    from the gradient sinks during backward (module doc)."""
+
+    def __init__(self, comm: Collectives, *, dtype: torch.dtype, bucket_bytes: int | None) -> None:
+        self.comm, self.dtype, self.bucket_bytes = comm, dtype, bucket_bytes
+        self.buckets: list[_Bucket] = []
+        self.bucket_of: dict[torch.Tensor, int] = {}
+        self.sync = True
+        """False inside ``no_sync()``: gradients accumulate locally, nothing is launched."""
+        self.next_bucket = 0
+        self.in_flight: list[_InFlight] = []
+        self.owned_sum: dict[torch.Tensor, torch.Tensor] = {}
+        self.reported: set[torch.Tensor] = set()
+        """Matrices that received a gradient since the last step (presence, for the agreement)."""
+        self._finite: list[torch.Tensor] = []
+        """One flag per launched chunk (device tensors: no host sync during backward)."""
+        self.launches_in_backward = 0
+        self.launches_at_step = 0
+
+    @property
+    def members(self) -> set[torch.Tensor]:
+        return set(self.bucket_of)
+
+    def plan(self, items: list[tuple[torch.Tensor, int, torch.Size]]) -> None:
+        """Buckets for the coming backward; ``items`` are ``(weight, owner, lowrank_shape)``
+        in backward order.  Nothing may be in flight or pending."""
+        assert not self.in_flight and not self.owned_sum, "re-planned with a reduce in progress"
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        sized = [(p, owner, torch.empty(shape, device="meta")) for p, owner, shape in items]
+        self.buckets = [_Bucket(members=[(p, owner, t.shape) for p, owner, t in bucket])
+                        for bucket in pack_buckets(sized, self.bucket_bytes, lambda t: itemsize)]
+        self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p, _, _ in b.members}
+        self.next_bucket = 0
+
+    def ready(self, p: torch.Tensor) -> None:
+        """``p``'s layer added a gradient to its ``lowrank_grad``; launch every bucket that is
+        complete, in order."""
+        self.reported.add(p)
+        if not self.sync:
+            return
+        self.buckets[self.bucket_of[p]].reported.add(p)
+        while self.next_bucket < len(self.buckets):
+            bucket = self.buckets[self.next_bucket]
+            if len(bucket.reported) < len(bucket.members):
+                return
+            self._launch(bucket)
+            self.launches_in_backward += 1
+            self.next_bucket += 1
+        self.next_bucket = 0  # every bucket went: the next backward (micro-batch) starts over
+
+    def flush(self) -> None:
+        """Launch, in plan order, every bucket that still holds a local gradient."""
+        for bucket in self.buckets:
+            if any(int8_layer_of(p).lowrank_grad is not None for p, _, _ in bucket.members):
+                self._launch(bucket)
+                self.launches_at_step += 1
+        self.next_bucket = 0
+
+    def collect(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Wait for every launched reduce; ``{weight: averaged low-rank gradient summed over
+        micro-batches}`` for the matrices this rank owns (fp32)."""
+        self._reap(block=True)
+        out, self.owned_sum = self.owned_sum, {}
+        return out
+
+    def wait_all(self) -> None:
+        """Complete every launched reduce now (``collect`` does it too)."""
+        self._reap(block=True)
+
+    def held_bytes(self) -> int:
+        """Bytes this reduce holds: the owner's sums and the buffers of reduces in flight."""
+        tensors = [*self.owned_sum.values()] + [t for f in self.in_flight for t in (f.out, *f.chunks)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def local_finite(self) -> bool:
+        """Whether every gradient this rank sent since the last step was finite."""
+        return all(bool(flag) for flag in self._finite)
+
+    def reset(self) -> None:
+        """Drop everything of this step (after ``step()``, a skipped step or ``zero_grad``)."""
+        self._reap(block=True)
+        self.owned_sum.clear()
+        self.reported.clear()
+        self._finite.clear()
+        self.next_bucket = 0
+        for bucket in self.buckets:
+            bucket.reported.clear()
+
+    def _launch(self, bucket: _Bucket) -> None:
+        rank, world = self.comm.rank, self.comm.world_size
+        device = bucket.members[0][0].device
+        by_owner: list[list[torch.Tensor]] = [[] for _ in range(world)]
+        mine = []
+        for p, owner, shape in bucket.members:
+            layer = int8_layer_of(p)
+            grad = layer.lowrank_grad
+            by_owner[owner].append(torch.zeros(shape, device=device) if grad is None else grad)
+            layer.lowrank_grad = None  # only the owner keeps it, as the reduced sum
+            if owner == rank:
+                mine.append((p, shape))
+        chunks = [torch.cat([t.reshape(-1).to(self.dtype) for t in group]) if group
+                  else torch.empty(0, dtype=self.dtype, device=device) for group in by_owner]
+        self._finite += [torch.isfinite(chunk).all() for chunk in chunks]
+        out, handle = self.comm.reduce_scatter_start(chunks, _KIND)
+        self.in_flight.append(_InFlight(mine=mine, out=out, chunks=chunks, handle=handle))
+        bucket.reported.clear()
+        self._reap(block=False)
+
+    def _reap(self, *, block: bool) -> None:
+        """Complete launched reduces in launch order (all of them when ``block``; otherwise
+        those already done), adding the averages into ``owned_sum`` and freeing the buffers."""
+        while self.in_flight:
+            first = self.in_flight[0]
+            if not block and first.handle is not None and not first.handle.is_completed():
+                return
+            self.comm.wait(first.handle, "reduce_scatter(async)", _KIND)
+            mean = first.out.to(torch.float32).div_(self.comm.world_size)
+            offset = 0
+            for p, shape in first.mine:
+                piece = mean[offset:offset + shape.numel()].view(shape)
+                offset += shape.numel()
+                self.owned_sum[p] = piece if p not in self.owned_sum else self.owned_sum[p].add_(piece)
+            self.in_flight.pop(0)
