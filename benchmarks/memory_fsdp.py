@@ -46,9 +46,7 @@ Validation (``validate_fsdp``)
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -249,24 +247,6 @@ def _gradient_bytes(model) -> dict[str, int]:
             "dense": _storage_bytes(p.grad for p in model.parameters() if p.grad is not None)}
 
 
-def _fsdp_worker(rank: int, world: int, port: int, outdir: str, spec_dict: dict[str, Any]) -> None:
-    import datetime
-
-    import torch.distributed as dist
-
-    spec = FsdpSpec(**spec_dict)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=spec.timeout_s))
-    try:
-        result = _measure(spec, rank)
-    except Exception as exc:  # reported to the parent
-        result = {"error": f"{type(exc).__name__}: {exc}"}
-    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.destroy_process_group()
-
-
 def _measure(spec: FsdpSpec, rank: int) -> dict[str, Any]:
     """Build, shard, train a refresh and a steady step; bytes held after each backward and at the end."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -295,8 +275,8 @@ def _measure(spec: FsdpSpec, rank: int) -> dict[str, Any]:
 
 
 def _launch(spec: FsdpSpec) -> list[dict[str, Any]]:
-    """Run ``_fsdp_worker`` on ``spec.world`` spawned gloo ranks; each rank's result."""
-    return spawn_ranks(_fsdp_worker, spec, spec.world, spec.timeout_s)
+    """Run ``_measure`` on ``spec.world`` spawned gloo ranks; each rank's result."""
+    return spawn_ranks(_measure, spec, spec.world, spec.timeout_s)
 
 
 def predicted_rank(shapes: Shapes, world: int, rank: int) -> dict[str, int]:

@@ -199,18 +199,19 @@ def _exchange_buffers(lowrank: tuple[int, int, int], dense: tuple[int, int, int]
     ``receive_slots=False`` leaves out the never-written ``torch.empty`` slots of non-owned
     directions (they take no resident memory on CPU; a CUDA allocator does reserve them).
 
-    ``overlap`` (``overlap_comm``, steady steps): phase 1 happens during backward, with one
-    bucket of send chunks in flight (a collective finishing before backward fills the next
-    bucket); the owned low-rank sums are counted as gradients, not as results here."""
+    ``overlap`` (``overlap_comm``, steady steps): phases 1 and 2 happen during backward, with
+    one bucket of send chunks in flight (a collective finishing before backward fills the next
+    bucket); the owned sums are counted as gradients, not as results here.  ``dense=(0, 0, 0)``
+    (ZeRO-2 owns them) leaves the dense phases empty."""
     b, multi = _payload_bytes(), world > 1
     (lr_all, lr_own, lr_max), (d_all, d_own, d_max) = lowrank, dense
     lr_bucket, d_bucket = _bucket(b * lr_all, b * lr_max, cap), _bucket(b * d_all, b * d_max, cap)
     overlap = overlap and steady
-    results = b * ((0 if overlap else lr_own) + d_own)
+    results = 0 if overlap else b * (lr_own + d_own)
     slots = lr_bucket if receive_slots or not multi else min(lr_bucket, b * lr_own)
     phases = [
         (lr_bucket if overlap else lr_bucket + multi * b * lr_own) if steady else 0,
-        b * (0 if overlap else lr_own) + d_bucket + multi * b * d_own,
+        d_bucket if overlap else b * lr_own + d_bucket + multi * b * d_own,
         results + slots + multi * lr_bucket,
         results + multi * _bucket(dense_bytes * d_all, dense_bytes * d_max, cap),
     ]
@@ -230,7 +231,9 @@ def ours_rank_bytes(shapes: Shapes, world: int, rank: int, *, steady: bool, zero
     """``QGaLoreAdamW8bit`` on rank ``rank`` of ``world``; ``zero`` given: dense tensors under
     DeepSpeed ZeRO-2 (``qgalore_dist.initialize``) instead of the optimizer's own owners.
     ``overlap``: ``overlap_comm`` -- on steady steps a rank keeps the fp32 low-rank sums it owns
-    plus one bucket of local low-rank gradients still being filled, instead of all of them.
+    plus one bucket of local low-rank gradients still being filled, instead of all of them; the
+    same for the dense gradients where the optimizer owns them (payload-dtype sums of its own
+    dense tensors + one bucket of local ``p.grad``).
 
     ``update_temporary`` defaults to the fp32 back-projected update of the largest matrix (what
     the fused CUDA INT8 update reads); the CPU validation passes its measured torch-path value."""
@@ -253,6 +256,10 @@ def ours_rank_bytes(shapes: Shapes, world: int, rank: int, *, steady: bool, zero
         dense_own = sum(t.numel for t in shapes.dense if d_owner[t.name] == rank)
         dense_state = sum(2 * moment_8bit_bytes(t.numel, lay) for t in shapes.dense if d_owner[t.name] == rank)
         dense_grads = lay.dense_bytes * dense_all
+        if overlap and steady:
+            dense_max = max(t.numel for t in shapes.dense)
+            dense_grads = _payload_bytes() * dense_own + _bucket(lay.dense_bytes * dense_all,
+                                                                 lay.dense_bytes * dense_max, _bucket_cap())
         buffers = _exchange_buffers(lowrank, (dense_all, dense_own, max(t.numel for t in shapes.dense)), world,
                                     lay.dense_bytes, steady=steady, receive_slots=receive_slots, cap=_bucket_cap(),
                                     overlap=overlap)

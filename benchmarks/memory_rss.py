@@ -117,7 +117,7 @@ def _update_temporary(model, opt, spec: RssSpec) -> int:
     return _proc_status()["VmHWM"] - before
 
 
-def _measure(spec: RssSpec) -> dict[str, Any]:
+def _measure(spec: RssSpec, rank: int) -> dict[str, Any]:
     """One rank: warm-up, then RSS growth over the baseline at every probe of a 3-step run."""
     warm_model, warm_opt = _build(spec, layers=1)  # same widths: kernels, LAPACK and gloo paths at these sizes
     _train(warm_model, warm_opt, spec, 2, lambda tag, peak: None)  # a refresh and a steady step
@@ -136,17 +136,17 @@ def _measure(spec: RssSpec) -> dict[str, Any]:
             "owners": {opt.name_of(p): r for p, r in opt.owner.items()}}
 
 
-def _rss_worker(rank: int, world: int, port: int, outdir: str, spec_dict: dict[str, Any]) -> None:
+def _rank_worker(measure, rank: int, world: int, port: int, outdir: str, spec) -> None:
+    """One spawned gloo rank: ``measure(spec, rank)`` written to ``outdir/rank<r>.json``."""
     import datetime
 
     import torch.distributed as dist
 
-    spec = RssSpec(**spec_dict)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=spec.timeout_s))
     try:
-        result = _measure(spec)
+        result = measure(spec, rank)
     except Exception as exc:  # reported to the parent
         result = {"error": f"{type(exc).__name__}: {exc}"}
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
@@ -154,9 +154,10 @@ def _rss_worker(rank: int, world: int, port: int, outdir: str, spec_dict: dict[s
     dist.destroy_process_group()
 
 
-def spawn_ranks(worker, spec, world: int, timeout_s: float) -> list[dict[str, Any]]:
-    """Run ``worker(rank, world, port, outdir, asdict(spec))`` on ``world`` spawned gloo ranks;
-    each rank's JSON result (``{"error": ...}`` for a rank that crashed or timed out)."""
+def spawn_ranks(measure, spec, world: int, timeout_s: float) -> list[dict[str, Any]]:
+    """Run ``measure(spec, rank)`` (a module-level function; ``spec`` a picklable dataclass with
+    ``timeout_s``) on ``world`` spawned gloo ranks; each rank's JSON result (``{"error": ...}``
+    for a rank that crashed or timed out)."""
     import random
 
     import torch.multiprocessing as mp
@@ -164,7 +165,7 @@ def spawn_ranks(worker, spec, world: int, timeout_s: float) -> list[dict[str, An
     port = random.randint(29600, 29999)
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as outdir:
-        procs = [ctx.Process(target=worker, args=(r, world, port, outdir, asdict(spec))) for r in range(world)]
+        procs = [ctx.Process(target=_rank_worker, args=(measure, r, world, port, outdir, spec)) for r in range(world)]
         for p in procs:
             p.start()
         for p in procs:
@@ -183,14 +184,14 @@ def spawn_ranks(worker, spec, world: int, timeout_s: float) -> list[dict[str, An
 
 
 def _launch(spec: RssSpec) -> list[dict[str, Any]]:
-    """Run ``_rss_worker`` on ``spec.world`` spawned gloo ranks; each rank's result."""
+    """Run ``_measure`` on ``spec.world`` spawned gloo ranks; each rank's result."""
     # glibc's dynamic mmap threshold (up to 32 MiB) keeps freed tensors in the heap, so RSS stops
     # tracking live tensors; a fixed 64 KiB threshold gives every larger tensor its own mapping,
     # unmapped on free.  Read by the children's glibc at start-up.
     saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     try:
-        return spawn_ranks(_rss_worker, spec, spec.world, spec.timeout_s)
+        return spawn_ranks(_measure, spec, spec.world, spec.timeout_s)
     finally:
         if saved is None:
             os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)

@@ -162,10 +162,13 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def shard_model(model: nn.Module, mesh=None, *, layers: Iterable[nn.Module] | None = None,
-                reshard_after_forward: bool = True) -> nn.Module:
+                reshard_after_forward: bool | None = None) -> nn.Module:
     """``fully_shard`` every decoder layer, then the root (torchtitan's recipe), on the 1-D
     ``mesh`` (default: the world).  INT8 layers' scales/zeros become frozen Parameters first,
-    so they are row-sharded with the codes.  Returns ``model`` (sharded in place)."""
+    so they are row-sharded with the codes.  ``reshard_after_forward`` is ``fully_shard``'s:
+    None (FSDP2's default) reshards the decoder layers after forward but keeps the root
+    (embeddings, final norm, head) gathered into backward -- passing True for the root would
+    all-gather it twice per step.  Returns ``model`` (sharded in place)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -449,7 +452,7 @@ def build_optimizer(model: nn.Module, config: QGaLoreConfig | None = None, mesh=
 
 def fully_shard_qgalore(model: nn.Module, config: QGaLoreConfig | None = None, mesh=None, *,
                         projection: str = "sharded", layers: Iterable[nn.Module] | None = None,
-                        reshard_after_forward: bool = True, **overrides):
+                        reshard_after_forward: bool | None = None, **overrides):
     """:func:`shard_model` then :func:`build_optimizer`; returns ``(model, optimizer)``."""
     if mesh is None:
         from torch.distributed.device_mesh import init_device_mesh

@@ -32,7 +32,9 @@ The checkpoint is one DCP directory holding ``{"model": ..., "optim": ...}``:
     ``blocks`` when every rank's moment holds a whole number of 256-element blocks (shard
     boundaries are block boundaries: the local blocks are the global tensor's, and any world
     size with that property -- e.g. LLaMA shapes at power-of-two world sizes -- takes the
-    codes exactly), else ``raw<mesh shape>`` (taken only by a load on that mesh shape).
+    codes exactly), else ``raw<S>`` with ``S`` the number of shards (taken only by a load on a
+    mesh with ``S`` shards: an HSDP mesh's replicas hold the same row shards as a 1-D mesh of
+    ``S`` ranks, so an ``(R, S)`` HSDP checkpoint and an ``S``-rank FSDP one share them).
   - owner-held moments of left-projected matrices (``projection="std"``): plain tensors
     (codes + absmax, or fp32 values) of the whole ``(r, n)`` moment, saved by its owner and
     read by whichever rank owns the matrix after the load (exact at any world size).
@@ -108,10 +110,11 @@ def _as_dtensor(p: torch.Tensor, local: torch.Tensor, global_shape: tuple[int, .
 def _raw_tag(opt, p: torch.Tensor) -> str:
     """``"blocks"`` when every shard boundary of ``p``'s moments is an absmax block boundary
     (the local blocks are then the global tensor's blocks, valid at any such world size),
-    else ``"raw<mesh shape>"`` (valid on the saving mesh only)."""
+    else ``"raw<shards>"``: valid on any mesh with the saving mesh's number of shards (the
+    replicate dim of an HSDP mesh does not change which rows a shard holds)."""
     if _aligned(opt, p):
         return "blocks"
-    return "raw" + "x".join(str(s) for s in opt.mesh.shape)
+    return f"raw{opt.shard_comm.world_size}"
 
 
 def _aligned(opt, p: torch.Tensor) -> bool:
@@ -293,7 +296,7 @@ def load_optimizer_state_dict(opt, sd: dict[str, Any]) -> None:
                 continue
             codes = next((v for k, v in fields.items() if k.startswith(".codes")), None)
             absmax = next((v for k, v in fields.items() if k.startswith(".absmax")), None)
-            if codes is not None:  # as stored (same mesh, or owner-held): bit-identical
+            if codes is not None:  # as stored (same shard count, or owner-held): bit-identical
                 state[moment] = Moment(codes=codes.to(p.device).contiguous(), absmax=absmax.to(p.device).contiguous())
             elif "" in fields:  # fp32 values: kept (32-bit state) or re-encoded on this rank's blocks
                 state[moment] = codec.encode(fields[""].to(p.device), signed=signed)
@@ -337,7 +340,7 @@ def load_checkpoint(model: nn.Module, opt, path: str, *, raw: bool = True) -> di
     :class:`~qgalore_dist.fsdp.FSDPQGaLoreAdamW8bit` at any world size whose mesh the shapes
     shard over; returns the saved optimizer meta (steps, mesh shape, ...).  ``raw=False``
     ignores the stored 8-bit codes of the saving mesh and re-encodes the fp32 moments, as a
-    load on another mesh does (to measure that difference)."""
+    load on a mesh with another number of shards does (to measure that difference)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 

@@ -1,5 +1,6 @@
 """Workers of tests/test_fsdp.py: the tiny LLaMA of test_distributed, trained single-process
-with QGaLoreAdamW8bit or sharded with FSDP2 (qgalore_dist.fsdp) on a 1-D gloo mesh."""
+with QGaLoreAdamW8bit or sharded with FSDP2 (qgalore_dist.fsdp) on a 1-D or (HSDP) 2-D gloo
+mesh, and DCP checkpoint save/load/resume runs."""
 
 from __future__ import annotations
 
@@ -102,13 +103,20 @@ def train_fsdp(rank: int, world_size: int, steps: int, cfg: dict, projection: st
             "lowrank_shapes": [(tuple(p.shape), opt.state[p]["projector"].lowrank_shape) for p in opt.galore_params]}
 
 
-def checkpoint_run(rank: int, world_size: int, ops: list, cfg: dict | None = None) -> dict:
-    """Run ``ops`` in order on a 1-D mesh of ``world_size`` ranks (FSDP2, projection="sharded"):
-    ``("train", n)`` n steps on the global batches from ``opt.steps_taken`` on (losses recorded
-    under ``"train<i>"``), ``("save", path)``, ``("load", path[, raw])``: a *fresh* model and
-    optimizer loaded from ``path`` (``raw=False``: re-encode the fp32 moments).  A load of a path
-    this run saved also records how the loaded 8-bit moments (codes, dequantized values)
-    compare with the saved optimizer's (``"moments<i>"``)."""
+def checkpoint_run(rank: int, world_size: int, ops: list, cfg: dict | None = None, mesh_shape=None,
+                   projection: str = "sharded") -> dict:
+    """Run ``ops`` in order on a mesh of ``world_size`` ranks (default 1-D FSDP2; ``mesh_shape``
+    ``(replicas, shards)``: HSDP) with ``projection``: ``("train", n)`` n steps on the global
+    batches from ``opt.steps_taken`` on (losses recorded under ``"train<i>"``; each rank takes its
+    ``GLOBAL_BATCH / world_size`` rows, so the global batch is the same at every world size),
+    ``("save", path)``, ``("load", path[, raw])``: a *fresh* model and optimizer loaded from
+    ``path`` (``raw=False``: re-encode the fp32 moments).  A load of a path this run saved also
+    records how the loaded 8-bit moments (codes, dequantized values) compare with the saved
+    optimizer's (``"moments<i>"``).  Saves and loads record this rank's 8-bit moments
+    (``"state<i>"``, :func:`_moments`) and the owner-held moments of left-projected matrices
+    it holds (``"held<i>"``, ``{name: {field: tensor}}``).
+    Replicas (projectors; HSDP: every local shard across the replicate group) are checked
+    after every op."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from qgalore_dist import QGaLoreConfig
@@ -116,10 +124,11 @@ def checkpoint_run(rank: int, world_size: int, ops: list, cfg: dict | None = Non
 
     cfg = {**CFG, **(cfg or {})}
     cfg.pop("proj_type", None)
-    mesh = init_device_mesh("cpu", (world_size,))
+    mesh_shape = tuple(mesh_shape or (world_size,))
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard")[-len(mesh_shape):])
 
     def fresh():
-        return fully_shard_qgalore(build_model(), QGaLoreConfig(**cfg), mesh, projection="sharded")
+        return fully_shard_qgalore(build_model(), QGaLoreConfig(**cfg), mesh, projection=projection)
 
     model, opt = fresh()
     data = batches(32)
@@ -132,20 +141,56 @@ def checkpoint_run(rank: int, world_size: int, ops: list, cfg: dict | None = Non
             for _ in range(args[0]):
                 x = data[opt.steps_taken, rank * per_rank:(rank + 1) * per_rank]
                 losses.append(_train_step(model, opt, x, world_size))
-            opt.check_replicas()
-            opt.check_shards()
             out[f"train{i}"] = losses
         elif op == "save":
             save_checkpoint(model, opt, args[0])
-            saved[args[0]] = _moments(opt)
+            saved[args[0]] = out[f"state{i}"] = _moments(opt)
+            out[f"held{i}"] = _owner_held(opt)
         elif op == "load":
             model, opt = fresh()
             load_checkpoint(model, opt, args[0], raw=args[1] if len(args) > 1 else True)
+            out[f"state{i}"] = _moments(opt)
+            out[f"held{i}"] = _owner_held(opt)
             if args[0] in saved:
                 out[f"moments{i}"] = _compare_moments(saved[args[0]], _moments(opt), opt._codec_8)
         else:
             raise ValueError(op)
+        opt.check_replicas()
+        opt.check_shards()
+        _check_replicate_group(model, opt)
     return out
+
+
+def _owner_held(opt) -> dict:
+    """Copies of the owner-held moments (left-projected matrices) this rank holds."""
+    out = {}
+    for p in opt.galore_params:
+        state = opt.state[p]
+        if opt._sharded(p) or "exp_avg" not in state:
+            continue
+        assert opt.owner[p] == opt.comm.rank, f"{opt.name_of(p)}: moments held off their owner"
+        out[opt.name_of(p)] = {f"{name}.{field}": getattr(state[name], field).clone()
+                               for name in ("exp_avg", "exp_avg_sq") for field in ("values", "codes", "absmax")
+                               if getattr(state[name], field) is not None}
+    return out
+
+
+def _check_replicate_group(model, opt) -> None:
+    """HSDP: every rank's local shards (parameters, INT8 codes/scales/zeros, moments) are
+    bit-identical to those of the same shard on the other replicas."""
+    if opt.replicate_comm is None:
+        return
+    mine = {n: t.to_local().clone() for n, t in model.state_dict().items() if hasattr(t, "to_local")}
+    for p in opt.galore_params + opt.dense_params:
+        for name in ("exp_avg", "exp_avg_sq"):
+            m = opt.state[p].get(name)
+            for field in ("values", "codes", "absmax"):
+                if m is not None and getattr(m, field) is not None:
+                    mine[f"{opt.name_of(p)}.{name}.{field}"] = getattr(m, field).clone()
+    for other in opt.replicate_comm.all_gather_object(mine):
+        assert other.keys() == mine.keys()
+        differing = [k for k in mine if not torch.equal(other[k], mine[k])]
+        assert not differing, f"replicas differ in {differing[:5]}"
 
 
 def _moments(opt) -> list:

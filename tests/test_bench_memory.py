@@ -47,27 +47,29 @@ def test_refresh_step_holds_full_fp32_gradients():
 
 
 @pytest.mark.parametrize("world", [2, 8])
-def test_overlap_keeps_one_copy_of_the_lowrank_gradients_over_all_ranks(world):
-    """``overlap_comm``: each rank holds the low-rank sums it owns plus one bucket being filled,
-    so over all ranks the owned parts add up to exactly one copy of every low-rank gradient."""
-    lowrank = 4 * sum(memory.lowrank_numel(t.shape, SHAPES.lay.rank) for t in SHAPES.galore)
-    largest = 4 * max(memory.lowrank_numel(t.shape, SHAPES.lay.rank) for t in SHAPES.galore)
-    bucket = mr._bucket(lowrank, largest, mr._bucket_cap())
+def test_overlap_keeps_one_copy_of_the_gradients_over_all_ranks(world):
+    """``overlap_comm``: each rank holds the (fp32) sums of the gradients it owns plus one bucket
+    of local gradients being filled, low-rank and dense alike, so over all ranks the owned parts
+    add up to exactly one copy of every gradient."""
+    def one_bucket(elements: list[int], elem_bytes: int) -> int:
+        return mr._bucket(elem_bytes * sum(elements), elem_bytes * max(elements), mr._bucket_cap())
+
+    lowrank = [memory.lowrank_numel(t.shape, SHAPES.lay.rank) for t in SHAPES.galore]
+    dense = [t.numel for t in SHAPES.dense]
+    buckets = one_bucket(lowrank, 4) + one_bucket(dense, SHAPES.lay.dense_bytes)
     plain = [mr.ours_rank_bytes(SHAPES, world, r, steady=True) for r in range(world)]
     overlap = [mr.ours_rank_bytes(SHAPES, world, r, steady=True, overlap=True) for r in range(world)]
-    dense_grads = plain[0].gradients - lowrank
-    assert sum(b.gradients - dense_grads - bucket for b in overlap) == lowrank
-    # llama_60m's low-rank gradients fit in one 25 MiB bucket (no saving); 7B's are 24 GiB:
-    assert bucket == lowrank and all(o.gradients >= p.gradients for o, p in zip(overlap, plain))
-    big = mr.model_shapes("llama_7b", rank=1024)
-    big_lowrank = 4 * sum(memory.lowrank_numel(t.shape, 1024) for t in big.galore)
-    big_bucket = mr._bucket(big_lowrank, 4 * max(memory.lowrank_numel(t.shape, 1024) for t in big.galore),
-                            mr._bucket_cap())
-    saved = [mr.ours_rank_bytes(big, world, r, steady=True).gradients
-             - mr.ours_rank_bytes(big, world, r, steady=True, overlap=True).gradients for r in range(world)]
-    assert big_bucket < big_lowrank / 100 and min(saved) > 0
-    assert sum(saved) == (world - 1) * big_lowrank - world * big_bucket
+    assert sum(b.gradients - buckets for b in overlap) == 4 * sum(lowrank) + 4 * sum(dense)
     assert all(o.optimizer == p.optimizer and o.weights == p.weights for o, p in zip(overlap, plain))
+    # llama_60m's low-rank gradients fit in one 25 MiB bucket (no saving there); 7B's are 24 GiB:
+    assert one_bucket(lowrank, 4) == 4 * sum(lowrank)
+    big = mr.model_shapes("llama_7b", rank=1024)
+    big_lowrank = [memory.lowrank_numel(t.shape, 1024) for t in big.galore]
+    saved = [mr.ours_rank_bytes(big, world, r, steady=True, zero=mr.ZeroBuckets.from_ds_config()).gradients
+             - mr.ours_rank_bytes(big, world, r, steady=True, overlap=True,
+                                  zero=mr.ZeroBuckets.from_ds_config()).gradients for r in range(world)]
+    assert one_bucket(big_lowrank, 4) < 4 * sum(big_lowrank) / 100 and min(saved) > 0
+    assert sum(saved) == (world - 1) * 4 * sum(big_lowrank) - world * one_bucket(big_lowrank, 4)
     # refresh steps are not overlapped: the same bytes
     assert mr.ours_rank_bytes(SHAPES, world, 0, steady=False, overlap=True) == mr.ours_rank_bytes(
         SHAPES, world, 0, steady=False)

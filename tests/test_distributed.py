@@ -48,7 +48,7 @@ def _train(rank: int, world_size: int, accum: int, cfg: dict, check_every_step: 
     model, opt = _build(**cfg)
     data = _batches(steps, accum)
     per_rank = GLOBAL_BATCH // world_size
-    losses, svds, held = [], [], []
+    losses, svds, held, dense_held = [], [], [], []
     for step in range(steps):
         total = torch.zeros(())
         for micro in range(accum):
@@ -60,6 +60,7 @@ def _train(rank: int, world_size: int, accum: int, cfg: dict, check_every_step: 
         if opt.overlap is not None:
             opt.overlap.wait_all()  # so that what is held does not depend on timing
         held.append(opt.lowrank_grad_bytes())
+        dense_held.append(sum(p.grad.numel() for p in opt.dense_params if p.grad is not None))
         opt.step()
         opt.zero_grad()
         if world_size > 1:
@@ -70,9 +71,10 @@ def _train(rank: int, world_size: int, accum: int, cfg: dict, check_every_step: 
         if check_every_step:
             opt.check_replicas()
     codes = {n: t.clone() for n, t in opt.replicated_tensors() if n.endswith(".codes")}  # INT8 weights
-    launches = (opt.overlap.launches_in_backward, opt.overlap.launches_at_step) if opt.overlap else (0, 0)
+    launches = {name: (r.launches_in_backward, r.launches_at_step) if r else (0, 0)
+                for name, r in (("lowrank", opt.overlap), ("dense", opt.dense_overlap))}
     return {"losses": losses, "svds": svds, "codes": codes, "meter": opt.comm.meter.last_step,
-            "plan": opt.plan.owner, "lowrank_held": held, "launches": launches}
+            "plan": opt.plan.owner, "lowrank_held": held, "dense_grads_held": dense_held, "launches": launches}
 
 
 def _single(accum: int, cfg: dict, steps: int = STEPS) -> dict:
@@ -261,18 +263,22 @@ def test_bucket_cap_changes_calls_not_results_or_bytes():
 
 
 def test_overlap_comm_reduces_during_backward_and_keeps_only_owned_lowrank_gradients():
-    """``overlap_comm`` with 4 KiB buckets: buckets are reduce-scattered from the gradient sinks
-    during backward (none left for ``step()``), losses and INT8 codes are bit-identical to the
-    exchange in ``step()``, the bytes are the same, and after backward each rank holds only the
-    low-rank gradients it owns (about half of them on 2 ranks, instead of all)."""
+    """``overlap_comm`` with 4 KiB buckets: low-rank and dense buckets are reduce-scattered from
+    the gradient sinks / hooks during backward (none left for ``step()``), losses and INT8 codes
+    are bit-identical to the exchange in ``step()``, the bytes are the same, and after backward
+    each rank holds only the low-rank gradients it owns (about half on 2 ranks, instead of all)
+    and no dense ``p.grad``."""
     steps = 6  # refreshes at steps 0 and 4: those layers keep the full gradient, not overlapped
     plain = run_distributed(_train, 2, 1, {"bucket_cap_mb": 4 / 1024}, False, steps)
     overlapped = run_distributed(_train, 2, 1, {"bucket_cap_mb": 4 / 1024, "overlap_comm": True}, True, steps)
     for a, b in zip(plain, overlapped):
         assert a["losses"] == b["losses"]
         assert all(torch.equal(a["codes"][n], b["codes"][n]) for n in a["codes"])
-        launched_in_backward, launched_at_step = b["launches"]
+        launched_in_backward, launched_at_step = b["launches"]["lowrank"]
         assert launched_in_backward > 4 * steps and launched_at_step == 0, b["launches"]
+        launched_in_backward, launched_at_step = b["launches"]["dense"]
+        assert launched_in_backward >= 3 * steps and launched_at_step == 0, b["launches"]
+        assert b["dense_grads_held"] == [0] * steps and min(a["dense_grads_held"]) > 0
         for step in (1, 2, 3, 5):  # steady steps: every INT8 layer's low-rank gradient was held
             assert b["lowrank_held"][step] < 0.75 * a["lowrank_held"][step], (step, a["lowrank_held"], b["lowrank_held"])
     held_total = [sum(r["lowrank_held"][1] for r in overlapped), plain[0]["lowrank_held"][1]]

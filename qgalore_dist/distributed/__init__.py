@@ -9,10 +9,10 @@ from .exchange import (
     reduce_to_owners,
     reduce_to_owners_compressed,
 )
-from .overlap import OverlappedLowrankReduce
+from .overlap import OverlappedReduce
 from .plan import PLACEMENTS, MatrixSpec, OwnershipPlan, plan_ownership
 
 __all__ = [
-    "KINDS", "PLACEMENTS", "Collectives", "CommMeter", "MatrixSpec", "OverlappedLowrankReduce", "OwnershipPlan",
+    "KINDS", "PLACEMENTS", "Collectives", "CommMeter", "MatrixSpec", "OverlappedReduce", "OwnershipPlan",
     "broadcast_from_owners", "broadcast_from_owners_compressed", "pack_buckets", "plan_ownership", "reduce_to_owners", "reduce_to_owners_compressed",
 ]

@@ -1,22 +1,27 @@
-"""The low-rank gradient reduce overlapped with backward (``QGaLoreConfig.overlap_comm``).
+"""Gradient reduces overlapped with backward (``QGaLoreConfig.overlap_comm``): the low-rank
+gradients of INT8 layers, and the dense gradients when the optimizer manages them.
 
-Plan (:meth:`OverlappedLowrankReduce.plan`, before each backward): the INT8 GaLore matrices
+Plan (:meth:`OverlappedReduce.plan`, before each backward): the INT8 GaLore matrices
 that do not refresh at the coming step, in reverse order of the optimizer's parameters --
 roughly the order backward produces their gradients -- packed into ``bucket_cap_mb``
-buckets by :func:`~qgalore_dist.distributed.pack_buckets`.  The plan depends only on shapes,
+buckets by :func:`~qgalore_dist.distributed.pack_buckets`, the first one capped at 1 MiB as
+DDP does, so that the first collective starts early in backward.  The plan depends only on shapes,
 owners and the refresh schedule, so it is the same on every rank.
 
 During backward, each layer's gradient sink projects the gradient into
-``layer.lowrank_grad`` and calls :meth:`~OverlappedLowrankReduce.ready`.  Once every member of
+``layer.lowrank_grad`` and calls :meth:`~OverlappedReduce.ready`.  Once every member of
 the next bucket (in plan order) has reported, the bucket is reduce-scattered to its owners
 asynchronously and every rank drops its local low-rank gradients of that bucket; the owner
 adds the averaged result to its own sum when the collective completes.  So the exchange runs
 while backward computes the earlier layers, and between backward and ``step()`` only owners
 hold low-rank gradients: ZeRO-2's gradient partitioning applied to the low-rank tensors.
 
+Dense parameters work the same way, reporting from a post-accumulate-grad hook: ``p.grad`` is
+reduced to the parameter's owner and dropped on every rank (ZeRO-2 for the dense part).
+
 Buckets launch strictly in plan order, so all ranks issue the same collectives in the same
-order provided every rank's backward reaches the same INT8 layers in the same order: the
-contract of DDP without ``find_unused_parameters``.  :meth:`flush` (first thing in
+order provided every rank's backward produces gradients for the same parameters in the same
+order: the contract of DDP without ``find_unused_parameters``.  :meth:`flush` (first thing in
 ``step()``) launches what is still pending, in order; :meth:`collect` waits for everything and
 returns the owner's sums.
 
@@ -29,22 +34,23 @@ per micro-batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from ..core import int8_layer_of
 from .comm import Collectives
 from .exchange import pack_buckets
 
-__all__ = ["OverlappedLowrankReduce"]
+__all__ = ["OverlappedReduce"]
 
-_KIND = "lowrank_reduce"
+FIRST_BUCKET_BYTES = 2**20
+"""Cap of the first bucket (DDP's ``_DEFAULT_FIRST_BUCKET_BYTES``)."""
 
 
 @dataclass(kw_only=True, slots=True)
 class _Bucket:
     members: list[tuple[torch.Tensor, int, torch.Size]]
-    """``(weight, owner_rank, lowrank_shape)`` in plan order."""
+    """``(parameter, owner_rank, gradient_shape)`` in plan order."""
     reported: set[torch.Tensor] = field(default_factory=set)
     """Members that reported a gradient since the bucket last launched (sync mode only)."""
 
@@ -59,12 +65,16 @@ class _InFlight:
     handle: object
 
 
-class OverlappedLowrankReduce:
-    """Bucketed, asynchronous reduce-scatter of low-rank gradients to their owners, launched
-    from the gradient sinks during backward (module doc)."""
+class OverlappedReduce:
+    """Bucketed, asynchronous reduce-scatter of gradients to their owners, launched from
+    gradient sinks / hooks during backward (module doc).  ``local_grad(p)`` reads this rank's
+    accumulated gradient of ``p`` (None: none yet) and ``drop_grad(p)`` releases it."""
 
-    def __init__(self, comm: Collectives, *, dtype: torch.dtype, bucket_bytes: int | None) -> None:
-        self.comm, self.dtype, self.bucket_bytes = comm, dtype, bucket_bytes
+    def __init__(self, comm: Collectives, *, kind: str, dtype: torch.dtype, bucket_bytes: int | None,
+                 local_grad: Callable[[torch.Tensor], torch.Tensor | None],
+                 drop_grad: Callable[[torch.Tensor], None]) -> None:
+        self.comm, self.kind, self.dtype, self.bucket_bytes = comm, kind, dtype, bucket_bytes
+        self.local_grad, self.drop_grad = local_grad, drop_grad
         self.buckets: list[_Bucket] = []
         self.bucket_of: dict[torch.Tensor, int] = {}
         self.sync = True
@@ -84,19 +94,21 @@ class OverlappedLowrankReduce:
         return set(self.bucket_of)
 
     def plan(self, items: list[tuple[torch.Tensor, int, torch.Size]]) -> None:
-        """Buckets for the coming backward; ``items`` are ``(weight, owner, lowrank_shape)``
+        """Buckets for the coming backward; ``items`` are ``(parameter, owner, gradient_shape)``
         in backward order.  Nothing may be in flight or pending."""
         assert not self.in_flight and not self.owned_sum, "re-planned with a reduce in progress"
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
         sized = [(p, owner, torch.empty(shape, device="meta")) for p, owner, shape in items]
+        first = pack_buckets(sized, min(FIRST_BUCKET_BYTES, self.bucket_bytes), lambda t: itemsize)[:1] \
+            if self.bucket_bytes and sized else []
+        rest = sized[len(first[0]) if first else 0:]
         self.buckets = [_Bucket(members=[(p, owner, t.shape) for p, owner, t in bucket])
-                        for bucket in pack_buckets(sized, self.bucket_bytes, lambda t: itemsize)]
+                        for bucket in first + pack_buckets(rest, self.bucket_bytes, lambda t: itemsize)]
         self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p, _, _ in b.members}
         self.next_bucket = 0
 
     def ready(self, p: torch.Tensor) -> None:
-        """``p``'s layer added a gradient to its ``lowrank_grad``; launch every bucket that is
-        complete, in order."""
+        """``p``'s local gradient grew; launch every bucket that is complete, in order."""
         self.reported.add(p)
         if not self.sync:
             return
@@ -113,14 +125,14 @@ class OverlappedLowrankReduce:
     def flush(self) -> None:
         """Launch, in plan order, every bucket that still holds a local gradient."""
         for bucket in self.buckets:
-            if any(int8_layer_of(p).lowrank_grad is not None for p, _, _ in bucket.members):
+            if any(self.local_grad(p) is not None for p, _, _ in bucket.members):
                 self._launch(bucket)
                 self.launches_at_step += 1
         self.next_bucket = 0
 
     def collect(self) -> dict[torch.Tensor, torch.Tensor]:
-        """Wait for every launched reduce; ``{weight: averaged low-rank gradient summed over
-        micro-batches}`` for the matrices this rank owns (fp32)."""
+        """Wait for every launched reduce; ``{parameter: averaged gradient summed over
+        micro-batches}`` for the parameters this rank owns (fp32)."""
         self._reap(block=True)
         out, self.owned_sum = self.owned_sum, {}
         return out
@@ -154,16 +166,15 @@ class OverlappedLowrankReduce:
         by_owner: list[list[torch.Tensor]] = [[] for _ in range(world)]
         mine = []
         for p, owner, shape in bucket.members:
-            layer = int8_layer_of(p)
-            grad = layer.lowrank_grad
+            grad = self.local_grad(p)
             by_owner[owner].append(torch.zeros(shape, device=device) if grad is None else grad)
-            layer.lowrank_grad = None  # only the owner keeps it, as the reduced sum
+            self.drop_grad(p)  # only the owner keeps it, as the reduced sum
             if owner == rank:
                 mine.append((p, shape))
         chunks = [torch.cat([t.reshape(-1).to(self.dtype) for t in group]) if group
                   else torch.empty(0, dtype=self.dtype, device=device) for group in by_owner]
         self._finite += [torch.isfinite(chunk).all() for chunk in chunks]
-        out, handle = self.comm.reduce_scatter_start(chunks, _KIND)
+        out, handle = self.comm.reduce_scatter_start(chunks, self.kind)
         self.in_flight.append(_InFlight(mine=mine, out=out, chunks=chunks, handle=handle))
         bucket.reported.clear()
         self._reap(block=False)
@@ -175,7 +186,7 @@ class OverlappedLowrankReduce:
             first = self.in_flight[0]
             if not block and first.handle is not None and not first.handle.is_completed():
                 return
-            self.comm.wait(first.handle, "reduce_scatter(async)", _KIND)
+            self.comm.wait(first.handle, "reduce_scatter(async)", self.kind)
             mean = first.out.to(torch.float32).div_(self.comm.world_size)
             offset = 0
             for p, shape in first.mine:

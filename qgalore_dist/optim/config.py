@@ -75,12 +75,14 @@ class QGaLoreConfig:
     them and this is rejected."""
 
     overlap_comm: bool = False
-    """Reduce low-rank gradients to their owners during backward, a bucket at a time as the
-    layers finish (DDP's and DeepSpeed's ``overlap_comm``), instead of in ``step()``; after
-    backward only owners hold low-rank gradients.  Needs every rank's backward to reach the
-    same INT8 layers in the same order (DDP's contract); with gradient accumulation use
+    """Reduce low-rank gradients (and dense gradients, where this optimizer manages them) to
+    their owners during backward, a bucket at a time as the layers finish (DDP's and
+    DeepSpeed's ``overlap_comm``), instead of in ``step()``; after backward only owners hold
+    them, and dense ``p.grad`` is released once sent, as under ZeRO-2 (clip with
+    ``max_grad_norm``, not ``clip_grad_norm_``).  Needs every rank's backward to produce the
+    same gradients in the same order (DDP's contract); with gradient accumulation use
     ``optimizer.no_sync()`` on all but the last micro-batch, or every micro-batch is reduced.
-    Not combined with ``compress_lowrank`` yet; not under FSDP2."""
+    Not combined with payload compression yet; not under FSDP2."""
 
     bucket_cap_mb: float = 25.0
     """Largest flat buffer one exchange collective carries, in MiB (DDP's ``bucket_cap_mb``).
@@ -120,9 +122,10 @@ class QGaLoreConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"QGaLoreConfig.{name} must be {expected}, got {getattr(self, name)!r}")
-        if self.overlap_comm and self.compress_lowrank:
-            raise ValueError("QGaLoreConfig.overlap_comm cannot be combined with compress_lowrank yet "
-                             "(the compressed exchange runs in step()): set one of them to False")
+        for compress in ("compress_lowrank", "compress_dense"):
+            if self.overlap_comm and getattr(self, compress):
+                raise ValueError(f"QGaLoreConfig.overlap_comm cannot be combined with {compress} yet "
+                                 "(the compressed exchange runs in step()): set one of them to False")
 
     @classmethod
     def from_dict(cls, params: dict) -> "QGaLoreConfig":

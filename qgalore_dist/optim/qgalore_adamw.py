@@ -37,7 +37,7 @@ from ..core.adam import lowrank_adam_update
 from ..distributed import (
     Collectives,
     MatrixSpec,
-    OverlappedLowrankReduce,
+    OverlappedReduce,
     broadcast_from_owners,
     broadcast_from_owners_compressed,
     pack_buckets,
@@ -121,9 +121,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         validate_agreement(self.comm, "GaLore/dense parameter shapes",
                            [(self.name_of(p), tuple(p.shape), str(p.dtype)) for p in all_params])
         self._plan_owners()
-        self._overlap = (OverlappedLowrankReduce(self.comm, dtype=self._payload_dtype, bucket_bytes=self._bucket_bytes)
-                         if cfg.overlap_comm else None)
-        """The low-rank reduce launched during backward (``overlap_comm``), or None."""
+        self._overlap, self._overlap_dense = self._build_overlap() if cfg.overlap_comm else (None, None)
         self._arm_grad_sinks()
 
     # ----------------------------------------------------------------- construction
@@ -159,6 +157,29 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
             self.owner[p] = r
             load[r] += p.numel()
 
+    def _build_overlap(self) -> tuple[OverlappedReduce, OverlappedReduce | None]:
+        """``overlap_comm``: the low-rank reduce (planned before each backward, in
+        ``_arm_grad_sinks``) and, when this optimizer manages them, the dense one: planned once,
+        each dense parameter reporting from a post-accumulate-grad hook."""
+        def set_lowrank_none(p):
+            int8_layer_of(p).lowrank_grad = None
+
+        def set_grad_none(p):
+            p.grad = None
+
+        common = dict(dtype=self._payload_dtype, bucket_bytes=self._bucket_bytes)
+        lowrank = OverlappedReduce(self.comm, kind="lowrank_reduce", local_grad=lambda p: int8_layer_of(p).lowrank_grad,
+                                   drop_grad=set_lowrank_none, **common)
+        if not self.manage_dense:
+            return lowrank, None
+        dense = OverlappedReduce(self.comm, kind="dense", local_grad=lambda p: p.grad, drop_grad=set_grad_none,
+                                 **common)
+        hooked = [p for p in self.dense_params if p.requires_grad]
+        dense.plan([(p, self.owner[p], p.shape) for p in hooked[::-1]])
+        for p in hooked:
+            p.register_post_accumulate_grad_hook(dense.ready)
+        return lowrank, dense
+
     def _arm_grad_sinks(self) -> None:
         """Before each backward: INT8 layers whose projector refreshes at the coming step keep
         the full gradient, all others project at once (low-rank accumulation) -- and, with
@@ -192,14 +213,17 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         """Backward passes inside accumulate gradients locally without any exchange (DDP's
         ``no_sync``): use it on all but the last micro-batch with ``overlap_comm``.  Without
         ``overlap_comm`` nothing is exchanged before ``step()`` anyway, and this does nothing."""
-        if self._overlap is None:
-            yield
-            return
-        self._overlap.sync = False
+        reducers = self._reducers()
+        for reducer in reducers:
+            reducer.sync = False
         try:
             yield
         finally:
-            self._overlap.sync = True
+            for reducer in reducers:
+                reducer.sync = True
+
+    def _reducers(self) -> list[OverlappedReduce]:
+        return [r for r in (self._overlap, self._overlap_dense) if r is not None]
 
     # ----------------------------------------------------------------- gradients
     @staticmethod
@@ -214,8 +238,8 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
-        if self._overlap is not None:
-            self._overlap.reset()
+        for reducer in self._reducers():
+            reducer.reset()
         for p in self.galore_params:
             layer = int8_layer_of(p)
             if layer is not None:
@@ -227,9 +251,9 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         grads = [self._local_grad(p) for p in params]
         finite = extra_finite and all(bool(torch.isfinite(g[1]).all()) for g in grads if g is not None)
         reported = set()
-        if self._overlap is not None:  # those gradients already left (see _begin_step)
-            finite = finite and self._overlap.local_finite()
-            reported = self._overlap.reported
+        for reducer in self._reducers():  # those gradients already left (see _begin_step)
+            finite = finite and reducer.local_finite()
+            reported |= reducer.reported
         has = torch.tensor([1.0 if g is not None or p in reported else 0.0 for p, g in zip(params, grads)])
         flags = torch.cat([torch.tensor([1.0 if finite else 0.0]), has, -has])
         self.comm.all_reduce_min(flags)
@@ -274,9 +298,15 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         return sum(t.numel() * t.element_size() for t in residuals)
 
     @property
-    def overlap(self) -> OverlappedLowrankReduce | None:
+    def overlap(self) -> OverlappedReduce | None:
         """The low-rank reduce overlapped with backward (``overlap_comm``), or None."""
         return self._overlap
+
+    @property
+    def dense_overlap(self) -> OverlappedReduce | None:
+        """The dense-gradient reduce overlapped with backward (``overlap_comm`` where this
+        optimizer manages dense parameters), or None."""
+        return self._overlap_dense
 
     def lowrank_grad_bytes(self) -> int:
         """Bytes of low-rank gradients this rank holds now: the layers' local accumulators plus,
@@ -305,8 +335,8 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         present = self._begin_step(extra_finite)
         if present is not None:
             self._update(*present, extra_grad_sq=extra_grad_sq)
-        if self._overlap is not None:
-            self._overlap.reset()
+        for reducer in self._reducers():
+            reducer.reset()
         self._arm_grad_sinks()
         self._end_step()
         self.steps_taken += 1
@@ -318,8 +348,8 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         self.svds_last_step = 0
         self.comm.step_index = self.steps_taken
         managed = self.galore_params + (self.dense_params if self.manage_dense else [])
-        if self._overlap is not None:  # the rest of the overlapped reduce, before any other collective
-            self._overlap.flush()
+        for reducer in self._reducers():  # the rest of the overlapped reduces, before any other collective
+            reducer.flush()
         finite, with_grad = self._agree_on_gradients(managed, extra_finite)
         self.last_clip_coef = 1.0
         self.last_step_applied = finite and bool(with_grad)
@@ -465,6 +495,9 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
 
     def _reduce_dense(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Averaged dense gradients on their owners (ZeRO-1 style)."""
+        if self._overlap_dense is not None:  # reduced during backward
+            kept = set(params)
+            return {p: g for p, g in self._overlap_dense.collect().items() if p in kept}
         if self.config.compress_dense and self.comm.world_size > 1:
             return reduce_to_owners_compressed(self.comm, [(p, self.owner[p], p.grad) for p in params], "dense",
                                                self.comm_residuals, bucket_bytes=self._bucket_bytes)
