@@ -70,12 +70,11 @@ for _p in (_REPO, _REPO / "tests"):
         sys.path.insert(0, str(_p))
 
 from benchmarks._common import RESULTS_DIR, environment, environment_md, write_outputs  # noqa: E402
-from benchmarks.comm import PAPER_RANK, meta_tensors, model_tensors  # noqa: E402
+from benchmarks.comm import PAPER_RANK, meta_tensors, mib, model_tensors  # noqa: E402
 from benchmarks.comm_baselines import TINY_LLAMA, Tensors, numel, ring  # noqa: E402
 from qgalore_dist.distributed.comm import KINDS  # noqa: E402
 from qgalore_dist.quant import packed_numel  # noqa: E402
 
-MiB = 2**20
 MODELS = tuple(PAPER_RANK)
 MESHES = ((1, 8), (1, 64), (2, 4), (8, 8))  # (replicas, shards): FSDP at 8 and 64 ranks, HSDP 2 x 4, 8 x 8
 FSDP2_KINDS = ("param_all_gather", "grad_reduce_scatter", "grad_all_reduce")
@@ -417,10 +416,6 @@ def validate(mesh_shape: tuple[int, ...], cases: Sequence[str], torchao_site: st
 
 
 # ----------------------------------------------------------------------------- report
-def mib(x: float) -> str:
-    return f"{x / MiB:,.1f}"
-
-
 def _md_header(p: dict[str, Any]) -> list[str]:
     return [
         "# Bytes per step per rank on FSDP2 / HSDP: Q-GaLore vs FSDP2 + AdamW", "",
