@@ -164,9 +164,38 @@ def fsdp_rank_bytes(shapes: Shapes, world: int, rank: int, *, steady: bool) -> R
                      comm_buffers=buffers, temporary=temporary)
 
 
+def fsdp2_baseline_bytes(shapes: Shapes, world: int, rank: int, *, eight_bit: bool) -> RankBytes:
+    """FSDP2 + AdamW with bf16 mixed precision (``MixedPrecisionPolicy(param_dtype=bf16,
+    reduce_dtype=bf16)``, ``fully_shard`` per decoder layer + root, the models' plain
+    ``nn.Linear`` layers): fp32 ``Shard(0)`` parameters and gradients (padded rows), fp32 m and
+    v of the local rows -- or, ``eight_bit``, torchao ``AdamW8bit``'s block-wise 8-bit m and v
+    (counted with the same 256-block rule as ours, fp32 under 4096 elements).  Buffers: the bf16
+    root unsharded with its unsharded bf16 gradients and their reduce-scatter copy, and two bf16
+    decoder layers gathered (as for ours)."""
+    state = weights = 0
+    for t in shapes.tensors:
+        row_numel = math.prod(t.shape[1:])
+        rows = _dense_rows(t.shape[0], world)
+        local = max(0, min(rows, t.shape[0] - rank * rows)) * row_numel
+        weights += 4 * rows * row_numel
+        state += 2 * (_moment_local(local, t.numel, shapes.lay) if eight_bit else 4 * local)
+    root = 2 * sum(t.numel for t in shapes.tensors if ".layers." not in t.name)
+    layers: dict[str, int] = {}
+    for t in shapes.tensors:
+        if ".layers." in t.name:
+            key = t.name.split(".layers.")[1].split(".")[0]
+            layers[key] = layers.get(key, 0) + 2 * t.numel
+    return RankBytes(weights=weights, gradients=weights, optimizer=state, projectors=0,
+                     comm_buffers=3 * root + 2 * max(layers.values()), temporary=0)
+
+
 def approaches() -> dict[str, tuple[str, Any]]:
     """Rows for ``memory_ranks.approaches``: key -> (description, f(shapes, world, rank))."""
     return {
+        "fsdp2_adamw": ("FSDP2 + AdamW (bf16 mixed precision, fp32 sharded params/grads/m/v)",
+                        lambda s, n, r: fsdp2_baseline_bytes(s, n, r, eight_bit=False)),
+        "fsdp2_torchao_adamw8bit": ("FSDP2 + torchao AdamW8bit (8-bit sharded m/v)",
+                                    lambda s, n, r: fsdp2_baseline_bytes(s, n, r, eight_bit=True)),
         "ours_fsdp2_steady": ("ours on FSDP2 (qgalore_dist.fsdp, sharded rows), steady step",
                               lambda s, n, r: fsdp_rank_bytes(s, n, r, steady=True)),
         "ours_fsdp2_refresh": ("ours on FSDP2, refresh step (all matrices: full fp32 gradients)",

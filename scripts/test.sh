@@ -2,4 +2,4 @@
 # The whole test suite, in an environment built from the repository's files.
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
-exec python -m pytest -q "$@" tests
+exec python -m pytest -q --durations=15 "$@" tests
