@@ -35,17 +35,21 @@ def _group_by_owner(items, world_size: int) -> list[list[tuple[Hashable, torch.T
     return by_owner
 
 
-def pack_buckets(items: Sequence[tuple], bucket_bytes: int | None, elem_size) -> list[list[tuple]]:
-    """Consecutive runs of ``items`` (``(key, owner, tensor)``) whose payload, ``numel x
-    elem_size(tensor)`` bytes, stays within ``bucket_bytes``; a larger tensor gets a bucket of
-    its own.  The split depends only on shapes and order, so every rank cuts alike."""
+def pack_buckets(items: Sequence[tuple], bucket_bytes: int | None, elem_size, *,
+                 first_bucket_bytes: int | None = None) -> list[list[tuple]]:
+    """Consecutive runs of ``items`` (``(key, owner, tensor)``; a ``torch.Size`` works as well
+    as a tensor) whose payload, ``numel x elem_size(tensor)`` bytes, stays within
+    ``bucket_bytes`` -- the first run within ``first_bucket_bytes`` when given (DDP's small
+    first bucket); a larger tensor gets a bucket of its own.  The split depends only on shapes
+    and order, so every rank cuts alike."""
     if not bucket_bytes:
         return [list(items)] if items else []
     buckets: list[list[tuple]] = []
     size = 0
     for item in items:
         nbytes = item[2].numel() * elem_size(item[2])
-        if not buckets or size + nbytes > bucket_bytes:
+        cap = min(first_bucket_bytes, bucket_bytes) if len(buckets) == 1 and first_bucket_bytes else bucket_bytes
+        if not buckets or size + nbytes > cap:
             buckets.append([])
             size = 0
         buckets[-1].append(item)
@@ -130,15 +134,23 @@ def reduce_to_owners_compressed(
     return out
 
 
+def _encode_with_feedback(group: Sequence[tuple[Hashable, torch.Tensor]], residuals: dict, device) -> Moment:
+    """8-bit codes of ``group``'s values plus their residuals; the new residuals (``x -
+    dequant(codes)``) replace the old ones in ``residuals``.  An empty group gives empty codes."""
+    x = _flat([t + residuals[k] if k in residuals else t for k, t in group], torch.float32, device)
+    if not x.numel():
+        return Moment(codes=x.to(torch.uint8), absmax=x)
+    moment = _PAYLOAD_CODEC.encode(x, signed=True)
+    residuals.update(_split(x - _PAYLOAD_CODEC.decode(moment, signed=True), group))
+    return moment
+
+
 def _reduce_bucket_compressed(coll: Collectives, items, kind: str, residuals) -> dict[Hashable, torch.Tensor]:
     device = items[0][2].device
     by_owner = _group_by_owner(items, coll.world_size)
     codes, absmaxes = [], []
     for group in by_owner:
-        x = _flat([t + residuals[k] if k in residuals else t for k, t in group], torch.float32, device)
-        moment = _PAYLOAD_CODEC.encode(x, signed=True) if x.numel() else Moment(codes=x.to(torch.uint8), absmax=x)
-        error = x - (_PAYLOAD_CODEC.decode(moment, signed=True) if x.numel() else x)
-        residuals.update(_split(error, group))
+        moment = _encode_with_feedback(group, residuals, device)
         codes.append(moment.codes.reshape(-1))
         absmaxes.append(moment.absmax.reshape(-1))
     mine_numel = codes[coll.rank].numel()
@@ -184,9 +196,7 @@ def _broadcast_bucket_compressed(coll: Collectives, items, kind: str, residuals)
             continue
         blocks = -(-numel // _PAYLOAD_CODEC.block_size)
         if owner == coll.rank:
-            x = _flat([t + residuals[k] if k in residuals else t for k, t in group], torch.float32, device)
-            moment = _PAYLOAD_CODEC.encode(x, signed=True)
-            residuals.update(_split(x - _PAYLOAD_CODEC.decode(moment, signed=True), group))
+            moment = _encode_with_feedback(group, residuals, device)
             codes, absmax = moment.codes.reshape(-1), moment.absmax.reshape(-1)
         else:
             codes = torch.empty(numel, dtype=torch.uint8, device=device)

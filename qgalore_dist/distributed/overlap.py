@@ -97,13 +97,9 @@ class OverlappedReduce:
         """Buckets for the coming backward; ``items`` are ``(parameter, owner, gradient_shape)``
         in backward order.  Nothing may be in flight or pending."""
         assert not self.in_flight and not self.owned_sum, "re-planned with a reduce in progress"
-        itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        sized = [(p, owner, torch.empty(shape, device="meta")) for p, owner, shape in items]
-        first = pack_buckets(sized, min(FIRST_BUCKET_BYTES, self.bucket_bytes), lambda t: itemsize)[:1] \
-            if self.bucket_bytes and sized else []
-        rest = sized[len(first[0]) if first else 0:]
-        self.buckets = [_Bucket(members=[(p, owner, t.shape) for p, owner, t in bucket])
-                        for bucket in first + pack_buckets(rest, self.bucket_bytes, lambda t: itemsize)]
+        itemsize = self.dtype.itemsize
+        buckets = pack_buckets(items, self.bucket_bytes, lambda shape: itemsize, first_bucket_bytes=FIRST_BUCKET_BYTES)
+        self.buckets = [_Bucket(members=list(bucket)) for bucket in buckets]
         self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p, _, _ in b.members}
         self.next_bucket = 0
 
@@ -130,12 +126,12 @@ class OverlappedReduce:
                 self.launches_at_step += 1
         self.next_bucket = 0
 
-    def collect(self) -> dict[torch.Tensor, torch.Tensor]:
+    def collect(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Wait for every launched reduce; ``{parameter: averaged gradient summed over
-        micro-batches}`` for the parameters this rank owns (fp32)."""
+        micro-batches}`` for the ``params`` this rank owns (fp32)."""
         self._reap(block=True)
         out, self.owned_sum = self.owned_sum, {}
-        return out
+        return {p: out[p] for p in params if p in out}
 
     def wait_all(self) -> None:
         """Complete every launched reduce now (``collect`` does it too)."""

@@ -399,8 +399,8 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
     def _reduce_galore(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Averaged low-rank gradients on their owners (refreshing layers: after the SVD)."""
         refreshing = [p for p in params if self._is_refreshing(p)]
-        overlapped = self._overlap.members if self._overlap is not None else set()
-        steady = [p for p in params if p not in set(refreshing) and p not in overlapped]
+        not_steady = set(refreshing) | (self._overlap.members if self._overlap is not None else set())
+        steady = [p for p in params if p not in not_steady]
         lowrank_items = []
         for p in steady:
             kind, grad = self._local_grad(p)
@@ -411,9 +411,8 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         else:
             lowrank_avg = reduce_to_owners(self.comm, lowrank_items, "lowrank_reduce", dtype=self._payload_dtype,
                                            bucket_bytes=self._bucket_bytes)
-        if overlapped:
-            kept = set(params)
-            lowrank_avg.update({p: g for p, g in self._overlap.collect().items() if p in kept})
+        if self._overlap is not None:
+            lowrank_avg.update(self._overlap.collect(params))
         lowrank_avg.update(self._refresh(refreshing))
         return lowrank_avg
 
@@ -423,8 +422,8 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         bucket of directions is alive -- not one low-rank tensor per matrix on every rank."""
         compressed = self.config.compress_lowrank and self.comm.world_size > 1
         itemsize = 4 if compressed else self._payload_dtype.itemsize
-        sized = [(p, self.owner[p], torch.empty(self.state[p]["projector"].lowrank_shape, device="meta")) for p in params]
-        for bucket in pack_buckets(sized, self._bucket_bytes, lambda t: itemsize):
+        sized = [(p, self.owner[p], torch.Size(self.state[p]["projector"].lowrank_shape)) for p in params]
+        for bucket in pack_buckets(sized, self._bucket_bytes, lambda shape: itemsize):
             directions = [(p, owner, self._direction(p, lowrank_avg, coef)) for p, owner, _ in bucket]
             if compressed:
                 received = broadcast_from_owners_compressed(self.comm, directions, "update_gather", self.update_residuals)
@@ -496,8 +495,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
     def _reduce_dense(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Averaged dense gradients on their owners (ZeRO-1 style)."""
         if self._overlap_dense is not None:  # reduced during backward
-            kept = set(params)
-            return {p: g for p, g in self._overlap_dense.collect().items() if p in kept}
+            return self._overlap_dense.collect(params)
         if self.config.compress_dense and self.comm.world_size > 1:
             return reduce_to_owners_compressed(self.comm, [(p, self.owner[p], p.grad) for p in params], "dense",
                                                self.comm_residuals, bucket_bytes=self._bucket_bytes)
