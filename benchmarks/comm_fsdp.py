@@ -1,4 +1,4 @@
-"""Bytes per step per rank on FSDP2 / HSDP: Q-GaLore on FSDP2 (``qgalore_dist.fsdp``,
+"""Bytes per step per rank on FSDP2 / HSDP: Q-GaLore on FSDP2 (``qgalore_dist.integrations.fsdp``,
 ``projection="sharded"`` and ``"std"``) against FSDP2 + AdamW with bf16 mixed precision, for
 LLaMA 60M-7B at N = 8 and 64 shard ranks and on HSDP meshes R x S (replicas x shards, W = R S).
 FSDP2 + torchao ``AdamW8bit`` moves the same bytes as FSDP2 + AdamW (its 8-bit state is sharded
@@ -103,7 +103,7 @@ def fsdp_group(name: str) -> str:
 
 
 def not_shardable(tensors: Tensors, shards: int, group_size: int = GROUP_SIZE) -> str | None:
-    """Why ``qgalore_dist.fsdp.check_shardable`` rejects these shapes, or None."""
+    """Why ``qgalore_dist.integrations.fsdp.check_shardable`` rejects these shapes, or None."""
     for name, (m, n), _ in (t for t in tensors if t[2]):
         if m % shards or ((m // shards) * n) % group_size:
             return f"{name} ({m}x{n}) cannot be row-sharded over {shards} ranks without cutting a {group_size}-group"
@@ -282,7 +282,7 @@ def _build_case(case: str, mesh, torchao_site: str | None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from qgalore_dist import QGaLoreConfig, prepare_model
-    from qgalore_dist.fsdp import fully_shard_qgalore
+    from qgalore_dist.integrations.fsdp import fully_shard_qgalore
 
     torch.manual_seed(0)
     if case.startswith("fsdp2_"):

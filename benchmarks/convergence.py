@@ -162,7 +162,7 @@ def worker(args) -> None:
     """One run on this rank; rank 0 writes ``args.out`` (JSON: per-step losses, evals, totals)."""
     import torch.distributed as dist
 
-    from qgalore_dist.launch_env import init_distributed
+    from qgalore_dist.integrations.launch import init_distributed
     from qgalore_dist.train.loop import evaluate
     from qgalore_dist.train.schedule import warmup_cosine
     from qgalore_dist.train.stream import TrainStream, val_batches

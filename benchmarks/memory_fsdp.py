@@ -1,4 +1,4 @@
-"""Memory per rank of Q-GaLore on FSDP2 (``qgalore_dist.fsdp``), by closed form, checked against
+"""Memory per rank of Q-GaLore on FSDP2 (``qgalore_dist.integrations.fsdp``), by closed form, checked against
 the bytes a real 2-rank gloo FSDP2 run holds.
 
 Rows (``approaches``; merged into ``benchmarks/memory_ranks.py``'s per-rank table, same columns,
@@ -64,7 +64,7 @@ TARGET_KEYS = ("ours_fsdp2_steady", "ours_fsdp2_refresh")
 
 # ----------------------------------------------------------------------------- closed form
 def not_shardable(shapes: Shapes, world: int) -> str | None:
-    """Why ``qgalore_dist.fsdp.check_shardable`` rejects these shapes at ``world`` ranks, or None."""
+    """Why ``qgalore_dist.integrations.fsdp.check_shardable`` rejects these shapes at ``world`` ranks, or None."""
     g = shapes.lay.weight_group
     for t in shapes.galore:
         m, n = t.shape
@@ -196,7 +196,7 @@ def approaches() -> dict[str, tuple[str, Any]]:
                         lambda s, n, r: fsdp2_baseline_bytes(s, n, r, eight_bit=False)),
         "fsdp2_torchao_adamw8bit": ("FSDP2 + torchao AdamW8bit (8-bit sharded m/v)",
                                     lambda s, n, r: fsdp2_baseline_bytes(s, n, r, eight_bit=True)),
-        "ours_fsdp2_steady": ("ours on FSDP2 (qgalore_dist.fsdp, sharded rows), steady step",
+        "ours_fsdp2_steady": ("ours on FSDP2 (qgalore_dist.integrations.fsdp, sharded rows), steady step",
                               lambda s, n, r: fsdp_rank_bytes(s, n, r, steady=True)),
         "ours_fsdp2_refresh": ("ours on FSDP2, refresh step (all matrices: full fp32 gradients)",
                                lambda s, n, r: fsdp_rank_bytes(s, n, r, steady=False)),
@@ -282,7 +282,7 @@ def _measure(spec: FsdpSpec, rank: int) -> dict[str, Any]:
     from transformers import LlamaForCausalLM
 
     from qgalore_dist import QGaLoreConfig, prepare_model
-    from qgalore_dist.fsdp import fully_shard_qgalore
+    from qgalore_dist.integrations.fsdp import fully_shard_qgalore
 
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(load_config(spec.config, **spec.overrides())).to(getattr(torch, spec.dtype))
@@ -359,7 +359,7 @@ def _gib(x: int) -> str:
 
 def fsdp_markdown(target: dict[str, Any], v: dict[str, Any]) -> list[str]:
     """The FSDP2 verdict and the validation as markdown lines."""
-    lines = ["## FSDP2 rows (`qgalore_dist.fsdp`, projection=\"sharded\")", ""]
+    lines = ["## FSDP2 rows (`qgalore_dist.integrations.fsdp`, projection=\"sharded\")", ""]
     if target.get("evaluated"):
         lines += [f"{target['model']} at {target['world']} ranks, target model states <= "
                   f"{_gib(target['target_bytes'])} GiB per rank: " + "; ".join(

@@ -605,7 +605,7 @@ def _open_link(args: argparse.Namespace) -> tuple[netns.EmulatedLink | None, str
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        from qgalore_dist.launch_env import run_main
+        from qgalore_dist.integrations.launch import run_main
         run_main(lambda: worker_main(args))  # exits the process, avoiding DeepSpeed's exit-time abort
     import torch
 

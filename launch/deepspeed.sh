@@ -6,7 +6,7 @@
 # accelerator; on CPU the launcher counts NUMA nodes, so set it), HOSTFILE, NUM_NODES,
 # MASTER_ADDR (several nodes; default: DeepSpeed runs `ssh <first host> hostname -I`),
 # MASTER_PORT (default 29500).  Extra launcher flags: DS_ARGS="--enable_each_rank_log logs".
-# Each rank gets RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_SIZE/MASTER_* (source "env" of launch_env).
+# Each rank gets RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_SIZE/MASTER_* (source "env" of qgalore_dist.integrations.launch).
 set -euo pipefail
 
 TRAIN=${TRAIN:-python -m qgalore_dist.train}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Launch training with OpenMPI's mpirun (no mpi4py needed: launch_env reads OMPI_COMM_WORLD_*).
+# Launch training with OpenMPI's mpirun (no mpi4py needed: qgalore_dist.integrations.launch reads OMPI_COMM_WORLD_*).
 #   one node:     NP=4 launch/mpirun.sh [train args...]
 #   several:      NP=16 MPI_HOSTFILE=hosts MASTER_ADDR=node01 launch/mpirun.sh [train args...]
 # Environment: TRAIN (default "python -m qgalore_dist.train"), NP (default 2), MPI_HOSTFILE (OpenMPI

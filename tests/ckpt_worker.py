@@ -52,7 +52,7 @@ def main() -> int:
     import qgalore_dist
     from ds_worker import build_model, ds_config, train_step
     from qgalore_dist.checkpoint import load_checkpoint, save_checkpoint
-    from qgalore_dist.launch_env import init_distributed
+    from qgalore_dist.integrations.launch import init_distributed
 
     init_distributed(backend="gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -80,6 +80,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from qgalore_dist.launch_env import run_main
+    from qgalore_dist.integrations.launch import run_main
 
     run_main(main)

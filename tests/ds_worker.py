@@ -152,7 +152,7 @@ def main() -> int:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from qgalore_dist.launch_env import init_distributed
+    from qgalore_dist.integrations.launch import init_distributed
 
     init_distributed(backend="gloo")
 
@@ -171,6 +171,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from qgalore_dist.launch_env import run_main
+    from qgalore_dist.integrations.launch import run_main
 
     run_main(main)

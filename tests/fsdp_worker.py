@@ -1,5 +1,5 @@
 """Workers of tests/test_fsdp.py: the tiny LLaMA of test_distributed, trained single-process
-with QGaLoreAdamW8bit or sharded with FSDP2 (qgalore_dist.fsdp) on a 1-D or (HSDP) 2-D gloo
+with QGaLoreAdamW8bit or sharded with FSDP2 (qgalore_dist.integrations.fsdp) on a 1-D or (HSDP) 2-D gloo
 mesh, and DCP checkpoint save/load/resume runs."""
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def train_fsdp(rank: int, world_size: int, steps: int, cfg: dict, projection: st
     from torch.distributed.device_mesh import init_device_mesh
 
     from qgalore_dist import QGaLoreConfig
-    from qgalore_dist.fsdp import fully_shard_qgalore
+    from qgalore_dist.integrations.fsdp import fully_shard_qgalore
 
     cfg = {**CFG, **cfg}
     cfg.pop("proj_type", None)  # chosen by ``projection``
@@ -120,7 +120,9 @@ def checkpoint_run(rank: int, world_size: int, ops: list, cfg: dict | None = Non
     from torch.distributed.device_mesh import init_device_mesh
 
     from qgalore_dist import QGaLoreConfig
-    from qgalore_dist.fsdp import fully_shard_qgalore, load_checkpoint, save_checkpoint
+    from qgalore_dist.checkpoint.dcp import load_dcp as load_checkpoint
+    from qgalore_dist.checkpoint.dcp import save_dcp as save_checkpoint
+    from qgalore_dist.integrations.fsdp import fully_shard_qgalore
 
     cfg = {**CFG, **(cfg or {})}
     cfg.pop("proj_type", None)

@@ -135,6 +135,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from qgalore_dist.launch_env import run_main
+    from qgalore_dist.integrations.launch import run_main
 
     run_main(main)

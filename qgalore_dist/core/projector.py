@@ -30,7 +30,16 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..quant import StreamKey, check_group_layout, dequantize, key_to_u32, pack_codes, quantize, unpack_codes
+from ..quant import (
+    StreamKey,
+    check_group_layout,
+    dequantize,
+    key_to_u32,
+    pack_codes,
+    packed_numel,
+    quantize,
+    unpack_codes,
+)
 
 __all__ = ["PROJ_TYPES", "SVD_METHODS", "Projector", "RefreshSchedule", "choose_side", "svd_basis"]
 
@@ -242,6 +251,49 @@ class Projector:
         p = self.matrix()
         full = lowrank @ p if self.side == "right" else p @ lowrank
         return full * self.scale
+
+    # --- payload: what an owner broadcasts after a refresh
+    def _schedule_tensor(self) -> torch.Tensor:
+        s = self.schedule
+        queue = s.queue + [0.0] * (s.queue_size - len(s.queue))
+        return torch.tensor([s.gap, s.svd_count, len(s.queue), *queue], dtype=torch.float64)
+
+    def to_payload(self) -> dict[str, torch.Tensor]:
+        """The tensors an owner broadcasts after a refresh: the stored matrix (packed codes +
+        fp32 scales and zeros, or the fp32 ``proj``) and ``schedule`` = ``[gap, svd_count,
+        len(queue), queue...]`` (fp64, the queue padded to ``queue_size``).  The previous first
+        singular vector stays on the owner: only the owner compares subspaces."""
+        out = {"schedule": self._schedule_tensor()}
+        if self.bits is None:
+            out["proj"] = self.proj
+        else:
+            out.update(proj_codes=self.proj_codes, proj_scales=self.proj_scales, proj_zeros=self.proj_zeros)
+        return out
+
+    def payload_template(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """Empty tensors with :meth:`to_payload`'s shapes and dtypes (what non-owners receive into)."""
+        numel = self.proj_shape[0] * self.proj_shape[1]
+        out = {"schedule": torch.zeros(3 + self.schedule.queue_size, dtype=torch.float64)}
+        if self.bits is None:
+            out["proj"] = torch.empty(self.proj_shape, dtype=torch.float32, device=device)
+        else:
+            groups = numel // self.group_size
+            out.update(
+                proj_codes=torch.empty(packed_numel(numel, self.bits), dtype=torch.uint8, device=device),
+                proj_scales=torch.empty(groups, 1, dtype=torch.float32, device=device),
+                proj_zeros=torch.empty(groups, 1, dtype=torch.float32, device=device),
+            )
+        return out
+
+    def load_payload(self, payload: dict[str, torch.Tensor]) -> None:
+        """Install a received :meth:`to_payload` (on non-owners; a no-op copy on the owner)."""
+        sched = payload["schedule"].tolist()
+        s = self.schedule
+        s.gap, s.svd_count = int(sched[0]), int(sched[1])
+        s.queue = [float(v) for v in sched[3:3 + int(sched[2])]]
+        for key in ("proj", "proj_codes", "proj_scales", "proj_zeros"):
+            if key in payload:
+                setattr(self, key, payload[key].clone())
 
     def state_dict(self) -> dict:
         """Plain tensors and numbers only (loads with ``torch.load(weights_only=True)``)."""

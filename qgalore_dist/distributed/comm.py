@@ -170,6 +170,11 @@ class Collectives:
                   output_split_sizes=recv_sizes, input_split_sizes=send_sizes)
         return out
 
+    def barrier(self) -> None:
+        """Wait until every rank of the group arrives (control; nothing is metered)."""
+        if self.world_size > 1:
+            self._run("barrier", "control", dist.barrier)
+
     def all_gather_object(self, obj) -> list:
         """Small control data (configs, digests) from every rank."""
         if self.world_size == 1:

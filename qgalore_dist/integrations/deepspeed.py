@@ -321,7 +321,7 @@ def _ensure_distributed(distributed_port: int, dist_init_required: bool | None) 
 
     if dist.is_initialized() or dist_init_required is False:
         return
-    from ..launch_env import init_distributed
+    from .launch import init_distributed
 
     init_distributed()
 

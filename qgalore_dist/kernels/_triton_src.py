@@ -139,9 +139,9 @@ def packed_matmul_kernel(
     tl.store(c_ptr + rm[:, None].to(tl.int64) * sc_r + rn[None, :] * sc_c, acc, mask=mask)
 
 
-@_jit(do_not_specialize=["k1", "k2"])
+@_jit(do_not_specialize=["k1", "k2", "stream_offset"])
 def int8_update_kernel(
-    codes_ptr, scales_ptr, zeros_ptr, delta_ptr, n_groups, neg_step, neg_decay, k1, k2,
+    codes_ptr, scales_ptr, zeros_ptr, delta_ptr, n_groups, neg_step, neg_decay, k1, k2, stream_offset,
     GS: tl.constexpr, GS_P2: tl.constexpr, BLOCK_G: tl.constexpr,
     HAS_DECAY: tl.constexpr, STOCHASTIC: tl.constexpr, EMULATE_FMA: tl.constexpr,
     CUDA_TORCH: tl.constexpr,
@@ -153,7 +153,8 @@ def int8_update_kernel(
     weight; groups may cross rows of W), so it reads and writes its codes without any
     other program touching them: in-place is safe.  ``k1``/``k2`` are the folded
     stochastic-rounding key (``key_to_u32`` and its second mix), unused when rounding
-    to nearest.  ``CUDA_TORCH``: reproduce the torch path as it runs on CUDA tensors
+    to nearest; ``stream_offset`` is the flat index of element 0 in the whole tensor (a row
+    shard's first element), added to every draw's index.  ``CUDA_TORCH``: reproduce the torch path as it runs on CUDA tensors
     (``x / 255`` is ``x * fp32(1 / 255)`` there), else as on CPU.
     """
     g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -180,7 +181,7 @@ def int8_update_kernel(
     if STOCHASTIC:
         # Unrounded zero point, codes SR((w - lo) / scale): quant.groupwise.quantize's order.
         shifted = tl.math.div_rn(w - lo[:, None], scale[:, None])
-        noise = _uniform(idx, k1.to(tl.uint32), k2.to(tl.uint32))
+        noise = _uniform(idx + stream_offset, k1.to(tl.uint32), k2.to(tl.uint32))
         fl = tl.floor(shifted)
         c = fl + (noise < (shifted - fl)).to(tl.float32)
         zero = tl.math.div_rn(-lo, scale)

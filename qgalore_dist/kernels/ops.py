@@ -27,8 +27,7 @@ from types import ModuleType
 
 import torch
 
-from ..quant import StreamKey, key_to_u32
-from ..quant.random import _mix32_int
+from ..quant import StreamKey, stream_words
 
 __all__ = [
     "KERNEL_MODES", "int8_update_", "kernel_mode", "project_back_packed", "project_packed",
@@ -215,7 +214,7 @@ def project_back_packed(lowrank: torch.Tensor, codes: torch.Tensor, scales: torc
 
 def int8_update_(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, delta: torch.Tensor, *,
                  group_size: int, step_size: float, decay: float, key: StreamKey | None,
-                 block_groups: int | None = None) -> None:
+                 offset: int = 0, block_groups: int | None = None) -> None:
     """In place: ``codes, scales, zeros <- int8_update_torch(codes, scales, zeros, delta, ...)``.
 
     ``codes`` uint8 (any shape, contiguous; groups of ``group_size`` consecutive elements of
@@ -229,19 +228,18 @@ def int8_update_(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     assert codes.dtype == torch.uint8 and codes.is_contiguous() and numel % group_size == 0
     assert scales.dtype == zeros.dtype == torch.float32 and scales.is_contiguous() and zeros.is_contiguous()
     assert scales.numel() == zeros.numel() == numel // group_size and delta.numel() == numel
-    assert numel < 2**32, "the stochastic-rounding stream's index space is 32-bit"
+    assert offset % group_size == 0 and offset + numel <= 2**32, "the stochastic-rounding stream's index space is 32-bit"
     delta = delta.contiguous()
     interpret = _interpret_for(codes)
     mod = _triton_module(interpret)
     gs_p2 = triton_next_pow2(group_size)
     block_g = block_groups or max(1, (1024 if interpret else 2048) // gs_p2)
     n_groups = numel // group_size
-    k1 = key_to_u32(key) if key is not None else 0
-    k2 = _mix32_int(k1 ^ 0x85EBCA6B) if key is not None else 0
+    k1, k2 = stream_words(key) if key is not None else (0, 0)
     grid = (triton_cdiv(n_groups, block_g),)
     with _launch_scope(interpret):
         mod.int8_update_kernel[grid](
-            codes, scales, zeros, delta, n_groups, _f32(-step_size), _f32(-decay), k1, k2,
+            codes, scales, zeros, delta, n_groups, _f32(-step_size), _f32(-decay), k1, k2, offset,
             GS=group_size, GS_P2=gs_p2, BLOCK_G=block_g, HAS_DECAY=decay > 0, STOCHASTIC=key is not None,
             EMULATE_FMA=interpret, CUDA_TORCH=codes.is_cuda, **_launch_opts(interpret, 8 if block_g * gs_p2 >= 2048 else 4),
         )

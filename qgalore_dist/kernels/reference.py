@@ -38,17 +38,18 @@ def project_back_torch(lowrank: torch.Tensor, p: torch.Tensor, side: str, scale:
 
 
 def int8_update_torch(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, delta: torch.Tensor, *,
-                      group_size: int, step_size: float, decay: float, key: StreamKey | None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      group_size: int, step_size: float, decay: float, key: StreamKey | None,
+                      offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """New ``(codes, scales, zeros)`` of ``W <- SR(dequant(W) - step_size * delta - decay * W')``.
 
     The op order of ``QGaLoreAdamW8bit._apply_galore``: dequantize, ``add_(delta,
     alpha=-step_size)``, then (if ``decay > 0``) ``add_(w, alpha=-decay)`` (decoupled weight
     decay ``lr * wd`` after the update), then :func:`~qgalore_dist.quant.quantize` at 8 bits
-    with stochastic rounding keyed by ``key`` (nearest when None).  Inputs are not modified.
+    with stochastic rounding keyed by ``key`` (nearest when None), the stream starting at flat
+    element ``offset`` (a row shard of a larger weight).  Inputs are not modified.
     """
     w = dequantize(codes, scales, zeros, group_size=group_size)
     w.add_(delta.to(w.dtype), alpha=-step_size)
     if decay > 0:
         w.add_(w, alpha=-decay)
-    return quantize(w, bits=8, group_size=group_size, stochastic_key=key)
+    return quantize(w, bits=8, group_size=group_size, stochastic_key=key, offset=offset)

@@ -46,7 +46,6 @@ from ..distributed import (
     reduce_to_owners_compressed,
 )
 from ..distributed.replicas import check_replicas, validate_agreement
-from ..distributed.projector_sync import load_projector_payload, projector_payload, projector_payload_template
 from ..quant import BlockwiseCodec, Moment, StreamKey
 from .config import QGaLoreConfig
 
@@ -71,6 +70,9 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         collectives: the data-parallel group (default: the initialized world, or none).
         manage_dense: False when an engine (DeepSpeed, FSDP2) owns the dense parameters.
     """
+
+    weights_sharded = False
+    """Whether this rank holds only a shard of each INT8 weight's rows (FSDP2)."""
 
     def __init__(self, params: Iterable, config: QGaLoreConfig | None = None, *,
                  names: dict[torch.Tensor, str] | None = None, collectives: Collectives | None = None,
@@ -281,7 +283,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
                 yield name, p
             proj = self.state[p]["projector"]
             if proj.has_matrix():
-                for key, t in projector_payload(proj).items():
+                for key, t in proj.to_payload().items():
                     yield f"{name}.{key}", t
         for p in self.dense_params:
             yield self.name_of(p), p
@@ -457,13 +459,13 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
                 proj.refresh(grad, step=key[1], method=cfg.svd_method, oversample=cfg.svd_oversample,
                              power_iters=cfg.svd_power_iters, key=key)
                 lowrank[p] = proj.project(grad)
-                payload = projector_payload(proj)
+                payload = proj.to_payload()
             else:
-                payload = projector_payload_template(proj, p.device)
+                payload = proj.payload_template(p.device)
             payloads += [((p, k), owner, t) for k, t in payload.items()]
         received = broadcast_from_owners(self.comm, payloads, "proj_broadcast", bucket_bytes=self._bucket_bytes)
         for p in params:
-            load_projector_payload(self.state[p]["projector"], {k: t for (q, k), t in received.items() if q is p})
+            self.state[p]["projector"].load_payload({k: t for (q, k), t in received.items() if q is p})
         self.svds_last_step = len(params)
         return lowrank
 

@@ -10,7 +10,7 @@ from .groupwise import (
     quantize,
     unpack_codes,
 )
-from .random import StreamKey, key_to_u32, uniform_from_key
+from .random import StreamKey, key_to_u32, stream_words, uniform_from_key
 from .state_codec import BlockwiseCodec, Moment
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "pack_codes",
     "packed_numel",
     "quantize",
+    "stream_words",
     "uniform_from_key",
     "unpack_codes",
 ]

@@ -70,14 +70,19 @@ def quantize(
     group_size: int,
     stochastic_key: StreamKey | None = None,
     reference: bool = False,
+    offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``x`` group-wise; return ``(codes, scales, zeros)`` (codes unpacked, uint8).
 
     With ``stochastic_key`` the codes are rounded stochastically (up with probability equal to
     the fractional part) using the counter-based stream of that key, so the result is a pure
-    function of ``(x, key)``; without it, round-to-nearest.
+    function of ``(x, key)``; without it, round-to-nearest.  ``offset`` says that ``x`` is the
+    slice of a larger tensor starting at that flat element (a multiple of ``group_size``, e.g. a
+    row shard): the result equals that slice of the whole tensor's quantization.
     """
     check_group_layout(x.numel(), bits, group_size)
+    if offset % group_size:
+        raise ValueError(f"quantize: offset {offset} is not a multiple of group_size={group_size}")
     max_int = 2**bits - 1
     groups = x.detach().reshape(-1, group_size).to(torch.float32)
     scales, zeros = _group_params(groups, bits, reference)
@@ -85,7 +90,7 @@ def quantize(
         codes = torch.round(groups / scales) + zeros
     else:
         if reference:
-            offset, shifted = zeros, groups / scales
+            code_offset, shifted = zeros, groups / scales
         else:
             # Unrounded zero point: the grid runs from min(w) to max(w) exactly, so a group's
             # extreme elements can round either way and stochastic rounding is unbiased for
@@ -93,10 +98,10 @@ def quantize(
             # below code 0 and is then always clamped up (a bias of up to scale / 2).
             lo = groups.amin(dim=1, keepdim=True)
             zeros = -lo / scales
-            offset, shifted = 0.0, (groups - lo) / scales
-        noise = uniform_from_key(stochastic_key, groups.numel(), groups.device).view_as(groups)
+            code_offset, shifted = 0.0, (groups - lo) / scales
+        noise = uniform_from_key(stochastic_key, groups.numel(), groups.device, start=offset).view_as(groups)
         floor = torch.floor(shifted)
-        codes = floor + (noise < (shifted - floor)).to(shifted.dtype) + offset
+        codes = floor + (noise < (shifted - floor)).to(shifted.dtype) + code_offset
     codes = codes.clamp_(0, max_int).to(torch.uint8)
     return codes.view(x.shape), scales, zeros
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["StreamKey", "uniform_from_key", "key_to_u32"]
+__all__ = ["StreamKey", "key_to_u32", "stream_words", "uniform_from_key"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -61,16 +61,24 @@ def key_to_u32(key: StreamKey) -> int:
     return _mix32_int(h ^ (tensor_id >> 32))
 
 
-def uniform_from_key(key: StreamKey, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def stream_words(key: StreamKey) -> tuple[int, int]:
+    """The two 32-bit words ``(k, k')`` every draw of ``key`` mixes with its element index
+    (what the Triton kernels receive)."""
+    k = key_to_u32(key)
+    return k, _mix32_int(k ^ 0x85EBCA6B)
+
+
+def uniform_from_key(key: StreamKey, numel: int, device: torch.device | str = "cpu", *,
+                     start: int = 0) -> torch.Tensor:
     """Return ``numel`` fp32 uniforms in [0, 1) that depend only on ``key`` and the index.
 
     The value at index ``i`` is ``(mix32(mix32(i ^ k) + k') >> 8) * 2**-24`` with ``k``, ``k'``
-    derived from the key, i.e. 24 random bits: the bias of stochastic rounding is below 2**-24
-    of one quantization step.
+    from :func:`stream_words`, i.e. 24 random bits: the bias of stochastic rounding is below
+    2**-24 of one quantization step.  ``start`` offsets the indices: the draws of elements
+    ``[start, start + numel)`` of a larger tensor (a row shard) without drawing the prefix.
     """
-    assert numel < 2**32, f"stream index space is 32-bit, got numel={numel}"
-    k = key_to_u32(key)
-    k2 = _mix32_int(k ^ 0x85EBCA6B)
-    idx = torch.arange(numel, dtype=torch.int64, device=device)
+    assert start >= 0 and start + numel <= 2**32, f"stream index space is 32-bit, got [{start}, {start + numel})"
+    k, k2 = stream_words(key)
+    idx = torch.arange(start, start + numel, dtype=torch.int64, device=device)
     bits = _mix32((_mix32(idx ^ k) + k2) & _MASK32)
     return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))

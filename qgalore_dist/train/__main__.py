@@ -1,4 +1,4 @@
-from ..launch_env import run_main
+from ..integrations.launch import run_main
 from .loop import main
 
 run_main(main)

@@ -42,8 +42,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from ..data import BUILTIN_VERSION
-from ..data import builtin_documents as _builtin_documents
+from .corpus import BUILTIN_VERSION
+from .corpus import builtin_documents as _builtin_documents
 from .stream import Data, StreamingTrainStream, TrainStream, _check_placement, _digest, val_batches
 from .tokenizer import Tokenizer, load_tokenizer
 

@@ -390,7 +390,7 @@ def train(cfg: TrainConfig, ds_config: dict, *, launcher: str = "single process"
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line (every rank alike, so a bad key fails everywhere before any
     collective), join the process group the launcher describes, and train."""
-    from ..launch_env import init_distributed
+    from ..integrations.launch import init_distributed
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if {"-h", "--help"} & set(argv):
@@ -417,6 +417,6 @@ def _cpu_threads(env) -> None:
 
 def cli() -> None:
     """The ``qgalore-train`` console script."""
-    from ..launch_env import run_main
+    from ..integrations.launch import run_main
 
     run_main(main)

@@ -36,7 +36,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..units import human_bytes
+from .units import human_bytes
 
 TRAIN_KEYS = ("step", "tokens", "loss", "lr", "step_time_s", "tokens_per_s", "svd_count", "svd_layers",
               "comm_bytes", "mem_bytes")

@@ -38,7 +38,7 @@ import torch
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "ds_worker.py"
 CONFIG_DIR = ROOT / "configs" / "ds"
 

@@ -24,7 +24,7 @@ from helpers import (  # noqa: F401  (single_thread is an autouse fixture)
 )
 
 from qgalore_dist import Int8Linear, QGaLoreAdamW8bit, QGaLoreConfig, prepare_model
-from qgalore_dist.data import builtin_text, byte_batches
+from qgalore_dist.train.corpus import builtin_text, byte_batches
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -21,7 +21,7 @@ from helpers import lm_loss, param_names, single_thread, tiny_llama, token_batch
 from qgalore_dist import QGaLoreAdamW8bit, prepare_model
 from qgalore_dist.checkpoint import CheckpointError, latest_tag, load_checkpoint, save_checkpoint, verify_checkpoint
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _port() -> int:

@@ -1,4 +1,4 @@
-"""Launcher environment discovery (qgalore_dist.launch_env) and the launch/ scripts.
+"""Launcher environment discovery (qgalore_dist.integrations.launch) and the launch/ scripts.
 
 Pure mappings: what torchrun / the deepspeed launcher / srun / mpirun / mpiexec export, mapped to
 RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT; hostlist expansion; errors
@@ -22,9 +22,9 @@ from types import MappingProxyType
 
 import pytest
 
-from qgalore_dist.launch_env import LaunchEnv, apply_launch_env, first_host, resolve_launch_env
+from qgalore_dist.integrations.launch import LaunchEnv, apply_launch_env, first_host, resolve_launch_env
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The launch scripts call deepspeed / mpirun / python from PATH: put this interpreter's venv first.
 PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 TIMEOUT_S = 300  # a fresh TORCH_EXTENSIONS_DIR JIT-builds DeepSpeed's shm op (25-110 s) on first init
@@ -176,7 +176,7 @@ def test_errors_name_the_variable(environ, message):
 
 CHILD = r'''
 import dataclasses, json, os, sys
-from qgalore_dist.launch_env import init_distributed, mpi4py_discovery, run_main
+from qgalore_dist.integrations.launch import init_distributed, mpi4py_discovery, run_main
 
 def main() -> int:
     import torch
@@ -285,7 +285,7 @@ launch_env.run_main(main)
     ("return-none", 0, ""), ("return-256", 1, ""),  # os._exit(256) would report success
 ])
 def test_run_main_exit_codes(tmp_path, mode, rc, stderr):
-    module = REPO / "qgalore_dist" / "launch_env.py"
+    module = REPO / "qgalore_dist" / "integrations" / "launch.py"
     run = subprocess.run([sys.executable, "-c", RUN_MAIN, mode, str(module)], env=clean_env(tmp_path),
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == rc

@@ -1,4 +1,4 @@
-"""Q-GaLore on FSDP2 (qgalore_dist.fsdp), 2 gloo CPU processes on a 1-D mesh, against one
+"""Q-GaLore on FSDP2 (qgalore_dist.integrations.fsdp), 2 gloo CPU processes on a 1-D mesh, against one
 process with the global batch: losses within rel 1e-4 per step (8 steps, refreshes at 0 and
 4), identical SVD events, INT8 codes within one subspace, projectors bit-identical and row shards consistent after every step,
 INT8 weights/scales/zeros are uint8/fp32 Shard(0) DTensors, metered bytes = closed form."""
@@ -76,7 +76,7 @@ def test_hsdp_2x2_matches_single_process_and_sends_only_lowrank_across_replicas(
 
 
 def test_shard_quantization_equals_whole_tensor_quantization():
-    from qgalore_dist.fsdp import quantize_rows, uniform_from_key_at
+    from qgalore_dist.integrations.fsdp import quantize_rows, uniform_from_key_at
     from qgalore_dist.quant import StreamKey, quantize, uniform_from_key
 
     key = StreamKey(3, 7, 11)
@@ -89,7 +89,7 @@ def test_shard_quantization_equals_whole_tensor_quantization():
 
 
 def test_unaligned_groups_are_rejected():
-    from qgalore_dist.fsdp import check_shardable
+    from qgalore_dist.integrations.fsdp import check_shardable
 
     model = W.build_model(group_size=64)
     check_shardable(model, 2)
@@ -98,7 +98,7 @@ def test_unaligned_groups_are_rejected():
 
 
 def test_dcp_checkpoint_resumes_bit_identically_and_reshards_across_world_sizes(tmp_path):
-    """DCP checkpoints (qgalore_dist.fsdp.save_checkpoint / load_checkpoint), update_proj_gap=2.
+    """DCP checkpoints (qgalore_dist.integrations.fsdp.save_checkpoint / load_checkpoint), update_proj_gap=2.
     2 ranks and 4 ranks each train 3 steps (refreshes at 0 and 2), save, continue 3 (refresh at
     4): the reference continuations.  Same-world resume (4 ranks) into a fresh model and
     optimizer: bit-identical losses (the stored 8-bit codes are taken).  4 ranks load the 2-rank checkpoint

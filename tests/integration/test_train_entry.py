@@ -32,7 +32,7 @@ def _port() -> int:
 def workdir(tmp_path_factory):
     """Fixture corpus (real English: stdlib docstrings), a 2-layer LLaMA config and a fp32
     ZeRO-2 ds_config with gradient accumulation and frequent projector refreshes."""
-    from qgalore_dist.data import builtin_text
+    from qgalore_dist.train.corpus import builtin_text
 
     root = tmp_path_factory.mktemp("train")
     docs = [d for d in builtin_text(max_chars=250_000).split("\n\n") if len(d) > 80]
@@ -128,7 +128,7 @@ def test_val_perplexity_matches_independent_recomputation(full_run, workdir):
 
 def test_plot_command_writes_pngs(full_run):
     run_dir, _ = full_run
-    out = subprocess.run([sys.executable, "-m", "qgalore_dist.plot", run_dir], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "qgalore_dist.train.plot", run_dir], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     for name in ("loss.png", "comm.png", "svd_events.png", "memory.png"):
         with open(os.path.join(run_dir, "plots", name), "rb") as f:

@@ -27,8 +27,6 @@ function of (seed, step, tensor id), and the steps are in the optimizer state.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from typing import Any
@@ -36,120 +34,23 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .optim import QGaLoreAdamW8bit
+from ..optim import QGaLoreAdamW8bit
+from .files import (
+    FORMAT_VERSION,
+    SEP as _SEP,
+    CheckpointError,
+    fsync_dir,
+    latest_tag,
+    publish_dir,
+    publish_latest,
+    read_json,
+    read_tensors,
+    verify_checkpoint,
+    write_json,
+    write_tensors,
+)
 
-__all__ = ["CheckpointError", "FORMAT_VERSION", "latest_tag", "load_checkpoint", "save_checkpoint", "verify_checkpoint"]
-
-FORMAT_VERSION = 1
-_SEP = "::"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, corrupted or incompatible."""
-
-
-# ----------------------------------------------------------------------------- files
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_dir(tmp: str, final: str) -> None:
-    """Rename the finished directory ``tmp`` to ``final``; an existing ``final`` (re-saving a
-    tag) is swapped aside first and dropped after, so ``final`` is always complete or absent."""
-    if os.path.exists(final):
-        old = final + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-def _write_bytes(path: str, data: bytes) -> dict:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _write_tensors(path: str, tensors: dict[str, torch.Tensor]) -> dict:
-    from safetensors.torch import save
-
-    clean = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    return _write_bytes(path, save(clean))
-
-
-def _write_json(path: str, obj: Any) -> dict:
-    try:
-        data = json.dumps(obj, indent=1, sort_keys=True).encode()
-    except TypeError as exc:
-        raise ValueError(f"checkpoint {os.path.basename(path)}: only JSON-serializable values can be saved "
-                         f"(client_state, scheduler state): {exc}") from exc
-    return _write_bytes(path, data)
-
-
-def _sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def latest_tag(save_dir: str) -> str | None:
-    """The tag ``latest`` points to, or None when there is no checkpoint yet."""
-    path = os.path.join(save_dir, "latest")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return f.read().strip() or None
-
-
-def verify_checkpoint(path: str) -> dict:
-    """Check every file against ``manifest.json``; returns the manifest or raises
-    :class:`CheckpointError` naming the first bad file."""
-    manifest_path = os.path.join(path, "manifest.json")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not os.path.exists(manifest_path):
-        raise CheckpointError(f"checkpoint {path} is incomplete: {manifest_path} is missing")
-    try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint manifest {manifest_path} is unreadable: {exc}") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{manifest_path}: format_version {manifest.get('format_version')!r}, "
-                              f"this qgalore-dist reads {FORMAT_VERSION}")
-    for name, expect in sorted(files.items()):
-        file = os.path.join(path, name)
-        if not os.path.exists(file):
-            raise CheckpointError(f"checkpoint file {file} is missing (listed in the manifest)")
-        size = os.path.getsize(file)
-        if size != expect["bytes"]:
-            raise CheckpointError(f"checkpoint file {file} is {size} bytes, the manifest says {expect['bytes']} "
-                                  "(truncated or altered)")
-        if _sha256_of(file) != expect["sha256"]:
-            raise CheckpointError(f"checkpoint file {file} fails its SHA-256 check (altered or corrupted)")
-    return manifest
-
-
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(path)
-
-
-def _read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
+__all__ = ["load_engine_checkpoint", "save_engine_checkpoint"]
 
 
 # ----------------------------------------------------------------------------- targets
@@ -341,7 +242,7 @@ def _meta(galore: QGaLoreAdamW8bit, engine, client_state: dict | None) -> dict:
     return meta
 
 
-def save_checkpoint(target, save_dir: str, *, tag: str | None = None, client_state: dict | None = None) -> str:
+def save_engine_checkpoint(target, save_dir: str, *, tag: str | None = None, client_state: dict | None = None) -> str:
     """Collective: every rank calls it.  Writes ``<save_dir>/<tag>`` atomically and points
     ``latest`` at it; returns the checkpoint's path.  ``tag`` defaults to ``step<N>``;
     ``client_state`` must be JSON-serializable (e.g. the data loader's position)."""
@@ -362,28 +263,25 @@ def save_checkpoint(target, save_dir: str, *, tag: str | None = None, client_sta
         dist.barrier(group=comm.group)
     files: dict[str, dict] = {}
     owned, scalars = _galore_owned_state(galore)
-    files[f"optim_rank{rank}.safetensors"] = _write_tensors(os.path.join(tmp, f"optim_rank{rank}.safetensors"), owned)
-    files[f"optim_rank{rank}.json"] = _write_json(os.path.join(tmp, f"optim_rank{rank}.json"), scalars)
+    files[f"optim_rank{rank}.safetensors"] = write_tensors(os.path.join(tmp, f"optim_rank{rank}.safetensors"), owned)
+    files[f"optim_rank{rank}.json"] = write_json(os.path.join(tmp, f"optim_rank{rank}.json"), scalars)
     if engine is not None:  # this rank's dense partition as stored: the bit-identical path
-        files[f"dense_rank{rank}.safetensors"] = _write_tensors(
+        files[f"dense_rank{rank}.safetensors"] = write_tensors(
             os.path.join(tmp, f"dense_rank{rank}.safetensors"), engine.basic_optimizer.raw_state())
     if rank == 0:
-        files["model.safetensors"] = _write_tensors(os.path.join(tmp, "model.safetensors"), model_tensors)
+        files["model.safetensors"] = write_tensors(os.path.join(tmp, "model.safetensors"), model_tensors)
         meta = _meta(galore, engine, client_state)
         if engine is not None:
-            files["dense_optim.safetensors"] = _write_tensors(os.path.join(tmp, "dense_optim.safetensors"), dense_moments)
+            files["dense_optim.safetensors"] = write_tensors(os.path.join(tmp, "dense_optim.safetensors"), dense_moments)
             meta["engine"]["dense_steps"] = dense_steps
-        files["meta.json"] = _write_json(os.path.join(tmp, "meta.json"), meta)
+        files["meta.json"] = write_json(os.path.join(tmp, "meta.json"), meta)
     all_files = comm.all_gather_object(files)
     if rank == 0:
         merged = {k: v for d in all_files for k, v in d.items()}
-        _write_json(os.path.join(tmp, "manifest.json"), {"format_version": FORMAT_VERSION, "files": merged})
+        write_json(os.path.join(tmp, "manifest.json"), {"format_version": FORMAT_VERSION, "files": merged})
         fsync_dir(tmp)
         publish_dir(tmp, final)
-        latest_tmp = os.path.join(save_dir, "latest.tmp")
-        _write_bytes(latest_tmp, tag.encode())
-        os.replace(latest_tmp, os.path.join(save_dir, "latest"))
-        fsync_dir(save_dir)
+        publish_latest(save_dir, tag)
     if comm.world_size > 1:
         dist.barrier(group=comm.group)
     return final
@@ -401,7 +299,7 @@ def _verify_everywhere(comm, path: str) -> dict:
     return manifest
 
 
-def load_checkpoint(target, load_dir: str, *, tag: str | None = None) -> dict | None:
+def load_engine_checkpoint(target, load_dir: str, *, tag: str | None = None) -> dict | None:
     """Collective.  Loads ``<load_dir>/<tag>`` (default: ``latest``) into the target after
     verifying it; returns the saved ``client_state``, or None when there is no checkpoint.
     A different world size re-plans ownership: owners pick their moments by name, gradient
@@ -413,7 +311,7 @@ def load_checkpoint(target, load_dir: str, *, tag: str | None = None) -> dict | 
         return None
     path = os.path.join(load_dir, tag)
     manifest = _verify_everywhere(comm, path)
-    meta = _read_json(os.path.join(path, "meta.json"))
+    meta = read_json(os.path.join(path, "meta.json"))
     if meta["qgalore_config"] != galore.config.to_dict():
         diff = sorted(k for k, v in meta["qgalore_config"].items() if galore.config.to_dict().get(k) != v)
         if any(k in diff for k in ("rank", "proj_type", "proj_bits", "proj_group_size", "state_bits", "seed")):
@@ -422,19 +320,19 @@ def load_checkpoint(target, load_dir: str, *, tag: str | None = None) -> dict | 
     tensors, scalars = {}, {}
     for name in sorted(manifest["files"]):
         if name.startswith("optim_rank") and name.endswith(".safetensors"):
-            tensors.update(_read_tensors(os.path.join(path, name)))
+            tensors.update(read_tensors(os.path.join(path, name)))
         elif name.startswith("optim_rank") and name.endswith(".json"):
-            scalars.update(_read_json(os.path.join(path, name)))
-    model_tensors = _read_tensors(os.path.join(path, "model.safetensors"))
+            scalars.update(read_json(os.path.join(path, name)))
+    model_tensors = read_tensors(os.path.join(path, "model.safetensors"))
     _load_model(model, model_tensors, engine)
     if engine is not None:
-        dense_moments = _read_tensors(os.path.join(path, "dense_optim.safetensors"))
+        dense_moments = read_tensors(os.path.join(path, "dense_optim.safetensors"))
         dense_params = {n: model_tensors[n] for n, _ in _dense_params(model) if n in model_tensors}
         steps = meta["engine"].get("dense_steps", {})
         _load_dense(engine, model, dense_params, dense_moments, steps)
         if saved_world == comm.world_size and meta["engine"]["zero_stage"] == _stage(engine):
             # Same partitioning: take the stored codes, not re-encoded fp32 values.
-            raw = _read_tensors(os.path.join(path, f"dense_rank{comm.rank}.safetensors"))
+            raw = read_tensors(os.path.join(path, f"dense_rank{comm.rank}.safetensors"))
             engine.basic_optimizer.load_raw_state(raw, steps)
         for key in ("global_steps", "global_samples", "micro_steps"):
             setattr(engine, key, int(meta["engine"][key]))

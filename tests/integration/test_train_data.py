@@ -18,7 +18,7 @@ from qgalore_dist.train.tokenizer import BPETokenizer, ByteTokenizer, HFTokenize
 
 pytestmark = pytest.mark.timeout(180)
 
-SP_MODEL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tokenizers", "llama-sp32k.model")
+SP_MODEL = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "tokenizers", "llama-sp32k.model")
 WORDS = ("the a of to and in is that for it with as was on be by this are from or at which an have not "
          "optimizer gradient projection rank matrix quantized weight adam moment sequence token layer "
          "model batch memory").split()
@@ -168,7 +168,7 @@ def test_formats_load_the_same_documents(tmp_path):
 
 
 def test_builtin_documents_split_builtin_text(monkeypatch):
-    from qgalore_dist.data import builtin_text
+    from qgalore_dist.train.corpus import builtin_text
 
     docs = list(D.builtin_documents(20_000))
     assert len(docs) > 5 and all(len(d) > 200 for d in docs)
@@ -188,7 +188,7 @@ def test_builtin_corpus_sources_size_and_determinism():
     import subprocess
     import sys
 
-    from qgalore_dist.data import builtin_documents
+    from qgalore_dist.train.corpus import builtin_documents
 
     importlib.import_module("transformers.utils.logging")
     assert hasattr(logging.Logger, "warning_once")  # transformers patches the stdlib: that must not reach the corpus
@@ -207,7 +207,7 @@ def test_builtin_corpus_sources_size_and_determinism():
 
 
 def test_help_topics_are_cut_at_headings():
-    from qgalore_dist.data import _pack
+    from qgalore_dist.train.corpus import _pack
 
     def head(title):
         return f"{title}\n{'=' * len(title)}"

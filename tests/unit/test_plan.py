@@ -14,7 +14,7 @@ import pytest
 
 from qgalore_dist.distributed.plan import PLACEMENTS, MatrixSpec, OwnershipPlan, plan_ownership
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
 
 
 def llama_specs(config: str = "llama_60m", rank: int = 128) -> list[MatrixSpec]:

@@ -70,13 +70,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .checkpoint import fsync_dir, publish_dir
-from .quant import Moment
+from ..quant import Moment
+from .files import FORMAT_VERSION, SEP as _SEP, fsync_dir, publish_dir
 
 __all__ = ["load_checkpoint", "load_optimizer_state_dict", "optimizer_load_template", "optimizer_state_dict", "save_checkpoint"]
 
-FORMAT_VERSION = 1
-_SEP = "::"
 _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (name, signed)
 _META = "__meta__"
 
@@ -140,7 +138,7 @@ def _scalars(opt, p: torch.Tensor) -> dict:
 
 
 def _check_saveable(opt) -> None:
-    from .fsdp import FSDPQGaLoreAdamW8bit
+    from ..integrations.fsdp import FSDPQGaLoreAdamW8bit
 
     if not isinstance(opt, FSDPQGaLoreAdamW8bit):
         raise TypeError(f"expected FSDPQGaLoreAdamW8bit, got {type(opt).__name__}")
@@ -311,9 +309,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(model: nn.Module, opt, path: str) -> str:
+def save_dcp(model: nn.Module, opt, path: str, *, client_state: dict | None = None) -> str:
     """Collective.  ``dcp.save`` of ``{"model", "optim"}`` into ``path + ".tmp"``, then rank 0
-    renames it to ``path`` (module doc: atomicity).  Returns ``path``."""
+    renames it to ``path`` (module doc: atomicity).  ``client_state`` (JSON-serializable) is
+    kept in the optimizer meta.  Returns ``path``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -321,6 +320,10 @@ def save_checkpoint(model: nn.Module, opt, path: str) -> str:
     tmp = path + ".tmp"
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     state = {"model": get_model_state_dict(model), "optim": optimizer_state_dict(opt)}
+    if client_state is not None:
+        meta = json.loads(state["optim"][_META])
+        meta["client_state"] = client_state
+        state["optim"][_META] = json.dumps(meta)
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
         os.makedirs(tmp)
@@ -335,7 +338,7 @@ def save_checkpoint(model: nn.Module, opt, path: str) -> str:
     return path
 
 
-def load_checkpoint(model: nn.Module, opt, path: str, *, raw: bool = True) -> dict:
+def load_dcp(model: nn.Module, opt, path: str, *, raw: bool = True) -> dict:
     """Collective.  Loads a :func:`save_checkpoint` directory into an FSDP2 model and its
     :class:`~qgalore_dist.fsdp.FSDPQGaLoreAdamW8bit` at any world size whose mesh the shapes
     shard over; returns the saved optimizer meta (steps, mesh shape, ...).  ``raw=False``

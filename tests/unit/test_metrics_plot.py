@@ -12,12 +12,12 @@ import sys
 
 import pytest
 
-from qgalore_dist import plot
+from qgalore_dist.train import plot
 from qgalore_dist.train import metrics
 from qgalore_dist.train.metrics import RunLogger
 
 STEP_LINE = re.compile(r"step\s+(\d+)\s+loss ([\d.]+)")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _train(step: int, *, loss: float | None = None, tok_s: float = 1000.0, secs: float = 0.5,
@@ -205,7 +205,7 @@ def test_missing_tensorboard_warns_once_and_logs_on(tmp_path, monkeypatch):
 def test_human_bytes_and_peak_memory():
     assert [metrics.human_bytes(n) for n in (0, 999, 1000, 1.2e6, 3.45e9, 2e15)] == [
         "0B", "999B", "1.0kB", "1.2MB", "3.5GB", "2000.0TB"]
-    assert plot.human_bytes is metrics.human_bytes  # one definition (qgalore_dist.units)
+    assert plot.human_bytes is metrics.human_bytes  # one definition (qgalore_dist.train.units)
     assert metrics.peak_memory_bytes() > 10 * 2**20  # a Python process with torch loaded
 
 
@@ -278,6 +278,6 @@ def test_plot_errors_name_the_path(tmp_path, capsys, case):
 
 
 def test_python_dash_m_entry_point(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "qgalore_dist.plot", str(tmp_path / "nope")], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "qgalore_dist.train.plot", str(tmp_path / "nope")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and str(tmp_path / "nope") in proc.stderr, proc.stderr

@@ -24,7 +24,7 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers.Trainer requires accelerate")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "hf_worker.py"
 STEPS = 6
 LR = 1e-2
