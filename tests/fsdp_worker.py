@@ -154,7 +154,7 @@ def checkpoint_run(rank: int, world_size: int, ops: list, cfg: dict | None = Non
             out[f"state{i}"] = _moments(opt)
             out[f"held{i}"] = _owner_held(opt)
             if args[0] in saved:
-                out[f"moments{i}"] = _compare_moments(saved[args[0]], _moments(opt), opt._codec_8)
+                out[f"moments{i}"] = _compare_moments(saved[args[0]], _moments(opt), opt.layout.moment_codec(1 << 30, opt.codec))
         else:
             raise ValueError(op)
         opt.check_replicas()
@@ -168,7 +168,7 @@ def _owner_held(opt) -> dict:
     out = {}
     for p in opt.galore_params:
         state = opt.state[p]
-        if opt._sharded(p) or "exp_avg" not in state:
+        if opt.row_reduced(p) or "exp_avg" not in state:
             continue
         assert opt.owner[p] == opt.comm.rank, f"{opt.name_of(p)}: moments held off their owner"
         out[opt.name_of(p)] = {f"{name}.{field}": getattr(state[name], field).clone()

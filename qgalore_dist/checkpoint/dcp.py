@@ -88,7 +88,7 @@ def _DTensor():
 def _row_sharded(opt, p: torch.Tensor) -> bool:
     """Moments held as this rank's rows of a global tensor (else: owner-held, whole)."""
     if p in set(opt.galore_params):
-        return opt._sharded(p)
+        return opt.row_reduced(p)
     return isinstance(p, _DTensor())
 
 
@@ -117,7 +117,7 @@ def _raw_tag(opt, p: torch.Tensor) -> str:
 
 def _aligned(opt, p: torch.Tensor) -> bool:
     local = _numel(_global_moment_shape(opt, p)) // opt.shard_comm.world_size
-    return _even(opt, p) and local % opt._codec_8.block_size == 0
+    return _even(opt, p) and local % opt.codec.block_size == 0
 
 
 def _even(opt, p: torch.Tensor) -> bool:
@@ -164,7 +164,7 @@ def optimizer_state_dict(opt) -> dict[str, Any]:
         if "exp_avg" not in state:
             continue
         sharded = _row_sharded(opt, p)
-        codec = opt._codec_for(_numel(_global_moment_shape(opt, p)))
+        codec = opt.layout.moment_codec(_numel(_global_moment_shape(opt, p)), opt.codec)
         for moment, signed in _MOMENTS:
             m: Moment = state[moment]
             key = f"{name}{_SEP}{moment}"
@@ -286,7 +286,7 @@ def load_optimizer_state_dict(opt, sd: dict[str, Any]) -> None:
             proj.load_state_dict(proj_state)
         state.pop("exp_avg", None)
         state.pop("exp_avg_sq", None)
-        codec = opt._codec_for(_numel(_global_moment_shape(opt, p)))
+        codec = opt.layout.moment_codec(_numel(_global_moment_shape(opt, p)), opt.codec)
         for moment, signed in _MOMENTS:
             fields = {k[len(prefix) + len(moment):]: local(v) for k, v in sd.items()
                       if k.startswith(prefix + moment) and k[len(prefix) + len(moment):][:1] in ("", ".", "@")}
@@ -300,7 +300,7 @@ def load_optimizer_state_dict(opt, sd: dict[str, Any]) -> None:
                 state[moment] = codec.encode(fields[""].to(p.device), signed=signed)
     opt.steps_taken = int(meta["steps_taken"])
     opt.skipped_steps = int(meta["skipped_steps"])
-    opt._arm_grad_sinks()
+    opt.arm_grad_sinks()
 
 
 # ----------------------------------------------------------------------------- whole checkpoint

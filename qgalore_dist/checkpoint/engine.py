@@ -78,7 +78,7 @@ def _galore_owned_state(opt: QGaLoreAdamW8bit) -> tuple[dict[str, torch.Tensor],
             tensors[f"{name}{_SEP}grad_residual.rank{rank}"] = opt.comm_residuals[p]
         if opt.owner.get(p) != rank:
             continue
-        for field, value in opt._flatten_state(opt.state[p]).items():
+        for field, value in opt.param_state(p).items():
             key = f"{name}{_SEP}{field}"
             (tensors if torch.is_tensor(value) else scalars)[key] = value
         if p in opt.update_residuals:
@@ -110,10 +110,10 @@ def _load_galore_state(opt: QGaLoreAdamW8bit, tensors: dict, scalars: dict, same
             opt.state[p].pop("exp_avg", None)
             opt.state[p].pop("exp_avg_sq", None)
         if fields:
-            opt._load_param_state(p, fields)
+            opt.load_param_state(p, fields)
     if by_name:
         raise CheckpointError(f"checkpoint has optimizer state for parameters this model lacks: {sorted(by_name)[:5]}")
-    opt._arm_grad_sinks()
+    opt.arm_grad_sinks()
 
 
 # ----------------------------------------------------------------------------- DeepSpeed dense

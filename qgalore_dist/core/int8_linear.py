@@ -21,10 +21,11 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..quant import check_group_layout, dequantize, quantize
+from .adam import WeightStep, apply_direction_
 
 __all__ = [
     "DEFAULT_TARGET_MODULES", "Int8Linear", "accumulate_full_grad", "export_model", "int8_layer_of",
-    "lowrank_sink", "prepare_model",
+    "lowrank_sink", "prepare_model", "update_int8_codes_",
 ]
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -100,6 +101,30 @@ def lowrank_sink(project: Callable[[torch.Tensor], torch.Tensor]) -> Callable[["
     return sink
 
 
+def update_int8_codes_(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, delta: torch.Tensor,
+                       how: WeightStep, *, group_size: int, stochastic_key=None, offset: int = 0) -> None:
+    """In place on INT8 ``codes`` (uint8, any shape) and their fp32 ``scales`` / ``zeros``
+    ``(numel / group_size, 1)``: dequantize, :func:`~qgalore_dist.core.adam.apply_direction_`
+    with ``delta`` (``codes``' numel), requantize (stochastic rounding keyed by
+    ``stochastic_key``, nearest when None).  ``offset`` is the flat index of ``codes``' first
+    element in the whole weight (a row shard's), so a shard draws the bits the whole weight
+    would and the codes equal the replicated path's.
+
+    Runs the fused Triton kernel when :func:`qgalore_dist.kernels.use_triton` says so
+    (bit-identical codes), else the torch ops below."""
+    if kernels.use_triton(codes, delta):
+        kernels.int8_update_(codes, scales, zeros, delta, group_size=group_size, step_size=how.step_size,
+                             decay=how.decay, key=stochastic_key, offset=offset)
+        return
+    weight = dequantize(codes, scales, zeros, group_size=group_size)
+    apply_direction_(weight, delta.view(weight.shape), how)
+    new_codes, new_scales, new_zeros = quantize(weight, bits=8, group_size=group_size,
+                                                stochastic_key=stochastic_key, offset=offset)
+    codes.copy_(new_codes)
+    scales.copy_(new_scales)
+    zeros.copy_(new_zeros)
+
+
 class Int8Linear(nn.Module):
     """``y = x @ dequant(W).T + b`` with W stored as group-wise asymmetric INT8."""
 
@@ -165,21 +190,19 @@ class Int8Linear(nn.Module):
         self.weight_zeros.copy_(zeros)
 
     def apply_update_(self, delta: torch.Tensor, *, step_size: float, decay: float, stochastic_key=None) -> None:
-        """``W <- quant(dequant(W) - step_size * delta - decay * W')`` in place, where ``W'`` is
-        the updated weight (decoupled weight decay after the update) and ``quant`` rounds
-        stochastically with ``stochastic_key`` (nearest when None).  ``delta`` (out, in).
+        """``W <- quant(dequant(W) - step_size * delta - decay * W')`` in place (``W'`` the
+        updated weight: decoupled decay after the update; ``quant`` rounds stochastically with
+        ``stochastic_key``, nearest when None).  ``delta`` (out, in).
 
         Runs the fused Triton kernel when :func:`qgalore_dist.kernels.use_triton` says so
-        (bit-identical codes), else the torch ops below.
-        """
+        (bit-identical codes), else the torch ops of :func:`update_int8_codes_`."""
+        how = WeightStep(step_size=step_size, decay=decay)
         if kernels.use_triton(self.weight, delta):
-            kernels.int8_update_(self.weight.data, self.weight_scales, self.weight_zeros, delta,
-                                 group_size=self.group_size, step_size=step_size, decay=decay, key=stochastic_key)
+            update_int8_codes_(self.weight.data, self.weight_scales, self.weight_zeros, delta, how,
+                               group_size=self.group_size, stochastic_key=stochastic_key)
             return
         weight = self.dequantized_weight()
-        weight.add_(delta.to(weight.dtype), alpha=-step_size)
-        if decay > 0:
-            weight.add_(weight, alpha=-decay)
+        apply_direction_(weight, delta, how)
         self.set_weight(weight, stochastic_key=stochastic_key)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -242,8 +242,13 @@ class Projector:
         g = grad.to(torch.float32)
         return g @ p.T if self.side == "right" else p.T @ g
 
-    def project_back(self, lowrank: torch.Tensor) -> torch.Tensor:
-        """Low-rank tensor -> (m, n), multiplied by ``scale``."""
+    def project_back(self, lowrank: torch.Tensor, *, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Low-rank tensor -> (m, n), multiplied by ``scale``.  ``rows = (r0, r1)`` (left side
+        only) returns just those rows of the result, ``P[r0:r1] @ R`` (a row shard's part); a
+        right-side shard passes its own rows of ``R`` instead."""
+        if rows is not None:
+            assert self.side == "left", "a right-projected shard back-projects its own rows of R"
+            return (self.matrix()[rows[0]:rows[1]] @ lowrank) * self.scale
         if self._use_kernels(lowrank):
             return kernels.project_back_packed(lowrank, self.proj_codes, self.proj_scales, self.proj_zeros,
                                                proj_shape=self.proj_shape, side=self.side, bits=self.bits,

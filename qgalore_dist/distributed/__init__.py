@@ -6,6 +6,7 @@ from .exchange import (
     broadcast_from_owners,
     broadcast_from_owners_compressed,
     pack_buckets,
+    reduce_rows_to_shards,
     reduce_to_owners,
     reduce_to_owners_compressed,
 )
@@ -14,5 +15,6 @@ from .plan import PLACEMENTS, MatrixSpec, OwnershipPlan, plan_ownership
 
 __all__ = [
     "KINDS", "PLACEMENTS", "Collectives", "CommMeter", "MatrixSpec", "OverlappedReduce", "OwnershipPlan",
-    "broadcast_from_owners", "broadcast_from_owners_compressed", "pack_buckets", "plan_ownership", "reduce_to_owners", "reduce_to_owners_compressed",
+    "broadcast_from_owners", "broadcast_from_owners_compressed", "pack_buckets", "plan_ownership",
+    "reduce_rows_to_shards", "reduce_to_owners", "reduce_to_owners_compressed",
 ]

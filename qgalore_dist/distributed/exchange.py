@@ -9,13 +9,12 @@ from typing import Hashable, Sequence
 
 import torch
 
+from ..quant import BlockwiseCodec, Moment
 from .comm import Collectives
 
-from ..quant import BlockwiseCodec, Moment
-
 __all__ = [
-    "broadcast_from_owners", "broadcast_from_owners_compressed", "pack_buckets", "reduce_to_owners",
-    "reduce_to_owners_compressed",
+    "broadcast_from_owners", "broadcast_from_owners_compressed", "pack_buckets", "reduce_rows_to_shards",
+    "reduce_to_owners", "reduce_to_owners_compressed",
 ]
 
 # Payload compression: bitsandbytes' signed dynamic 8-bit map, one fp32 absmax per 256 values.
@@ -73,12 +72,18 @@ def reduce_to_owners(
     *,
     dtype: torch.dtype = torch.float32,
     bucket_bytes: int | None = None,
+    residuals: dict[Hashable, torch.Tensor] | None = None,
 ) -> dict[Hashable, torch.Tensor]:
     """``items``: ``(key, owner, local_tensor)`` in the same order on every rank.
 
     Returns ``{key: mean over ranks}`` for the keys this rank owns: one reduce-scatter per
-    bucket, whose chunk ``r`` holds the bucket's tensors owned by rank ``r``.
+    bucket, whose chunk ``r`` holds the bucket's tensors owned by rank ``r``.  With
+    ``residuals`` (a per-rank error-feedback store, keyed like ``items``) the payloads travel
+    as 8-bit block-wise codes (:func:`reduce_to_owners_compressed`); at world size 1 nothing
+    is compressed, since nothing travels.
     """
+    if residuals is not None and coll.world_size > 1:
+        return reduce_to_owners_compressed(coll, items, kind, residuals, bucket_bytes=bucket_bytes)
     out: dict[Hashable, torch.Tensor] = {}
     itemsize = torch.empty(0, dtype=dtype).element_size()
     for bucket in pack_buckets(items, bucket_bytes, lambda t: itemsize):
@@ -88,18 +93,63 @@ def reduce_to_owners(
     return out
 
 
+def reduce_rows_to_shards(
+    shard_comm: Collectives,
+    items: Sequence[tuple[Hashable, tuple[int, int], torch.Tensor]],
+    kind: str,
+    *,
+    replicate_comm: Collectives | None = None,
+    dtype: torch.dtype = torch.float32,
+    bucket_bytes: int | None = None,
+) -> dict[Hashable, torch.Tensor]:
+    """``items``: ``(key, (r0, r1), local_tensor)`` in the same order on every rank, where
+    ``local_tensor`` is this rank's whole ``(m, k)`` tensor and ``[r0, r1)`` the rows this rank
+    of ``shard_comm`` keeps (row range ``k * m // S`` to ``(k + 1) * m // S`` on rank ``k``).
+
+    Returns ``{key: (r1 - r0, k) mean rows}``: one reduce-scatter per bucket inside
+    ``shard_comm``, then (HSDP) an all-reduce of the kept rows across ``replicate_comm`` -- the
+    only tensors that cross it.  The mean is over every rank of both groups."""
+    out: dict[Hashable, torch.Tensor] = {}
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    for bucket in pack_buckets(items, bucket_bytes, lambda t: itemsize):
+        out.update(_reduce_rows_bucket(shard_comm, replicate_comm, bucket, kind, dtype))
+    return out
+
+
+def _reduce_rows_bucket(shard_comm, replicate_comm, bucket, kind: str, dtype) -> dict[Hashable, torch.Tensor]:
+    world = shard_comm.world_size
+    chunks = []
+    for k in range(world):
+        parts = [t[k * t.shape[0] // world:(k + 1) * t.shape[0] // world].reshape(-1) for _, _, t in bucket]
+        chunks.append(torch.cat(parts).to(dtype))
+    mine = shard_comm.reduce_scatter_mean(chunks, kind)
+    if replicate_comm is not None:
+        replicate_comm.all_reduce_mean(mine, kind)
+    out, offset = {}, 0
+    for key, (r0, r1), t in bucket:
+        shape = (r1 - r0, t.shape[1])
+        out[key] = mine[offset:offset + shape[0] * shape[1]].view(shape).to(torch.float32)
+        offset += shape[0] * shape[1]
+    return out
+
+
 def broadcast_from_owners(
     coll: Collectives,
     items: Sequence[tuple[Hashable, int, torch.Tensor]],
     kind: str,
     *,
     bucket_bytes: int | None = None,
+    residuals: dict[Hashable, torch.Tensor] | None = None,
 ) -> dict[Hashable, torch.Tensor]:
     """``items``: ``(key, owner, tensor)`` in the same order on every rank; the owner's tensor
     holds the value, other ranks' tensors give shape and dtype (their content is ignored).
 
     Returns ``{key: owner's tensor}`` on every rank; one broadcast per (owner, dtype, bucket).
+    With ``residuals`` (the owner's error-feedback store) fp32 values travel as 8-bit codes and
+    every rank returns the decoded values (:func:`broadcast_from_owners_compressed`).
     """
+    if residuals is not None and coll.world_size > 1:
+        return broadcast_from_owners_compressed(coll, items, kind, residuals, bucket_bytes=bucket_bytes)
     if coll.world_size == 1:
         return {key: tensor for key, _, tensor in items}
     out: dict[Hashable, torch.Tensor] = {}

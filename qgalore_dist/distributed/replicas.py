@@ -10,7 +10,7 @@ import torch
 
 from .comm import Collectives
 
-__all__ = ["ReplicaMismatchError", "check_replicas", "tensor_digest", "validate_agreement"]
+__all__ = ["ReplicaMismatchError", "agree_on_gradients", "check_replicas", "tensor_digest", "validate_agreement"]
 
 
 class ReplicaMismatchError(RuntimeError):
@@ -62,3 +62,18 @@ def _first_difference(a, b) -> str:
             if x != y:
                 return f"entry {i}: {x!r} vs {y!r}"
     return f"{a!r} vs {b!r}"
+
+
+def agree_on_gradients(comm: Collectives, names: list[str], present: list[bool], finite: bool) -> tuple[bool, list[bool]]:
+    """Collective, one all-reduce: whether ``finite`` holds on every rank, and which of the
+    parameters ``names`` have a gradient (``present``, this rank's view).  Raises
+    ``ValueError`` on every rank naming the parameters that have a gradient on some ranks
+    and not on others (a model whose ranks took different branches)."""
+    has = torch.tensor([1.0 if h else 0.0 for h in present])
+    flags = torch.cat([torch.tensor([1.0 if finite else 0.0]), has, -has])
+    comm.all_reduce_min(flags)
+    lo, hi = flags[1:1 + len(names)], -flags[1 + len(names):]
+    if not torch.equal(lo, hi):
+        bad = [name for name, a, b in zip(names, lo, hi) if a != b]
+        raise ValueError(f"parameters {bad[:5]} have a gradient on some ranks and not on others")
+    return bool(flags[0] > 0), [bool(h > 0) for h in hi]

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..core import Int8Linear, prepare_model
-from ..core.adam import adam_step_size, lowrank_adam_update
+from ..core.adam import advance_moments, apply_direction_, weight_step
 from ..core.int8_linear import DEFAULT_TARGET_MODULES
 from ..distributed import Collectives
 from ..optim import QGaLoreAdamW8bit, QGaLoreConfig
@@ -284,16 +284,11 @@ class EngineOptimizer(torch.optim.Optimizer):
 
     def _dense_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
         state = self.state[p]
-        if "exp_avg" not in state:
+        if "exp_avg" not in state:  # fresh moments start a fresh step count
             state["step"] = 0
-            state["exp_avg"] = self.galore.codec.zeros(grad.shape, grad.device, signed=True)
-            state["exp_avg_sq"] = self.galore.codec.zeros(grad.shape, grad.device, signed=False)
         state["step"] += 1
-        direction, state["exp_avg"], state["exp_avg_sq"] = lowrank_adam_update(
-            grad, state["exp_avg"], state["exp_avg_sq"], self.galore.codec, betas=group["betas"], eps=group["eps"])
-        p.add_(direction.to(p.dtype), alpha=-adam_step_size(group["lr"], group["betas"], state["step"]))
-        if group["weight_decay"] > 0:
-            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        direction = advance_moments(state, grad, self.galore.codec, betas=group["betas"], eps=group["eps"])
+        apply_direction_(p, direction, weight_step(group, state["step"]))
 
 
 def _hide_int8_weights(model: nn.Module) -> None:

@@ -4,7 +4,7 @@ HSDP on a 2-D (replicate x shard) mesh.
 Entry points::
 
     model = prepare_model(hf_llama, group_size=256)            # INT8 GaLore layers
-    mesh = init_device_mesh("cpu", (world_size,))               # or "cuda"; HSDP: (replicas, shards)
+    mesh = init_device_mesh("cuda", (world_size,))              # or "cpu" (gloo); HSDP: (replicas, shards)
     shard_model(model, mesh)                                    # fully_shard per decoder layer + root
     opt = build_optimizer(model, QGaLoreConfig(...), mesh)      # FSDPQGaLoreAdamW8bit
     # or both at once: model, opt = fully_shard_qgalore(model, config, mesh)
@@ -82,18 +82,14 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from ..core import Int8Linear, adam_step_size, int8_layer_of
-from ..core.adam import lowrank_adam_update
-from ..distributed import Collectives, pack_buckets, reduce_to_owners
-from ..distributed.replicas import check_replicas
+from ..core import Int8Linear, WeightStep, int8_layer_of, update_int8_codes_
+from ..distributed import Collectives, reduce_rows_to_shards
 from ..optim import QGaLoreAdamW8bit, QGaLoreConfig
-from ..quant import BlockwiseCodec, StreamKey, dequantize
-from ..quant.groupwise import _group_params
-from ..quant.random import _MASK32, _mix32, _mix32_int, key_to_u32
+from ..quant import BlockwiseCodec
 
 __all__ = [
-    "FSDPQGaLoreAdamW8bit", "PROJECTIONS", "build_optimizer", "check_shardable", "fully_shard_qgalore",
-    "quantize_rows", "shard_model", "uniform_from_key_at",
+    "FSDPQGaLoreAdamW8bit", "PROJECTIONS", "RowShardedLayout", "build_optimizer", "check_shardable",
+    "default_mesh", "fully_shard_qgalore", "shard_model",
 ]
 
 PROJECTIONS = ("sharded", "std")
@@ -148,6 +144,18 @@ def check_shardable(model: nn.Module, world_size: int) -> None:
                 f"ranks without cutting a quantization group (need m % N == 0 and (m/N)*n % group_size == 0)")
 
 
+def default_mesh(model: nn.Module):
+    """A 1-D mesh over the whole world on the device type of ``model``'s tensors (``cuda`` on a
+    GPU node, ``cpu`` for gloo), as ``init_device_mesh`` needs it."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    tensor = next(iter(model.parameters()), None)
+    device_type = tensor.device.type if tensor is not None else "cpu"
+    if device_type == "meta":
+        raise ValueError("default_mesh: the model is on the meta device; pass mesh= explicitly")
+    return init_device_mesh(device_type, (torch.distributed.get_world_size(),))
+
+
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     for path in ("model.layers", "layers", "transformer.h", "model.decoder.layers"):
         try:
@@ -167,11 +175,9 @@ def shard_model(model: nn.Module, mesh=None, *, layers: Iterable[nn.Module] | No
     None (FSDP2's default) reshards the decoder layers after forward but keeps the root
     (embeddings, final norm, head) gathered into backward -- passing True for the root would
     all-gather it twice per step.  Returns ``model`` (sharded in place)."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    if mesh is None:
-        mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    mesh = mesh if mesh is not None else default_mesh(model)
     if mesh.ndim not in (1, 2):
         raise ValueError(f"mesh must be 1-D (FSDP) or 2-D (HSDP: replicate x shard), got {mesh.ndim}-D")
     check_shardable(model, mesh.size(mesh.ndim - 1))
@@ -184,44 +190,69 @@ def shard_model(model: nn.Module, mesh=None, *, layers: Iterable[nn.Module] | No
     return model
 
 
-# ---------------------------------------------------------------------------------- quantization
-def uniform_from_key_at(key: StreamKey, start: int, numel: int, device="cpu") -> torch.Tensor:
-    """``uniform_from_key(key, start + numel)[start:]`` without drawing the prefix: the bits a
-    single process draws for the elements ``[start, start + numel)`` of a tensor."""
-    k = key_to_u32(key)
-    k2 = _mix32_int(k ^ 0x85EBCA6B)
-    idx = torch.arange(start, start + numel, dtype=torch.int64, device=device)
-    bits = _mix32((_mix32(idx ^ k) + k2) & _MASK32)
-    return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))
+# ---------------------------------------------------------------------------------- layout
+class RowShardedLayout:
+    """FSDP2's row-sharded weights as a :class:`~qgalore_dist.optim.layout.WeightLayout`: rank
+    ``k`` of the mesh's shard dim holds rows ``[k m / S, (k + 1) m / S)`` of every INT8 weight
+    (codes, and the scales / zeros of exactly those rows' groups); right-projected low-rank
+    gradients are reduce-scattered by those ranges (HSDP: then all-reduced across the
+    replicate dim) and every rank updates its own rows; dense parameters arrive as local shards
+    with gradients averaged by ``fully_shard``."""
 
+    weights_sharded = True
+    dense_local = True
 
-def quantize_rows(x: torch.Tensor, *, group_size: int, offset: int,
-                  stochastic_key: StreamKey | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`qgalore_dist.quant.quantize` (8 bits) of the slice of a tensor that starts at flat
-    element ``offset`` (a multiple of ``group_size``): the same codes, scales and zeros the
-    whole tensor's quantization gives for that slice."""
-    assert offset % group_size == 0 and x.numel() % group_size == 0
-    groups = x.detach().reshape(-1, group_size).to(torch.float32)
-    scales, zeros = _group_params(groups, 8, False)
-    if stochastic_key is None:
-        codes = torch.round(groups / scales) + zeros
-    else:
-        lo = groups.amin(dim=1, keepdim=True)
-        zeros = -lo / scales
-        shifted = (groups - lo) / scales
-        noise = uniform_from_key_at(stochastic_key, offset, groups.numel(), groups.device).view_as(groups)
-        floor = torch.floor(shifted)
-        codes = floor + (noise < (shifted - floor)).to(shifted.dtype)
-    return codes.clamp_(0, 255).to(torch.uint8).view(x.shape), scales, zeros
+    def __init__(self, mesh, world_comm: Collectives | None = None) -> None:
+        if mesh.ndim not in (1, 2):
+            raise ValueError(f"mesh must be 1-D (FSDP) or 2-D (HSDP: replicate x shard), got {mesh.ndim}-D")
+        self.mesh = mesh
+        # On a 1-D mesh the shard group is the world: one Collectives (one meter) for both.
+        one_group = mesh.ndim == 1 and world_comm is not None
+        self.shard_comm = world_comm if one_group else Collectives(mesh.get_group(mesh.ndim - 1))
+        """Collectives over the shard dim (the ranks among which each weight's rows are split)."""
+        self.replicate_comm = Collectives(mesh.get_group(0)) if mesh.ndim == 2 else None
+        """Collectives over HSDP's replicate dim (None on a 1-D mesh)."""
+        self.replicas = 1 if self.replicate_comm is None else self.replicate_comm.world_size
+        self._codecs: dict[tuple[int, bool], BlockwiseCodec] = {}
+
+    def rows(self, p: torch.Tensor) -> tuple[int, int]:
+        m, k, world = p.shape[0], self.shard_comm.rank, self.shard_comm.world_size
+        return k * m // world, (k + 1) * m // world
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        return _local(t)
+
+    def row_reduced(self, side: str) -> bool:
+        return side == "right"  # rows of R = G Q are rows of G: each rank needs only its own
+
+    def apply_int8(self, layer: Int8Linear, delta: torch.Tensor, how: WeightStep, *, stochastic_key) -> None:
+        r0, _ = self.rows(layer.weight)
+        update_int8_codes_(_local(layer.weight).data, _local(layer.weight_scales), _local(layer.weight_zeros), delta,
+                           how, group_size=layer.group_size, stochastic_key=stochastic_key,
+                           offset=r0 * layer.in_features)
+
+    def reduce_rows(self, items: list, *, dtype: torch.dtype, bucket_bytes: int) -> dict:
+        return reduce_rows_to_shards(self.shard_comm, [(p, self.rows(p), grad) for p, grad in items],
+                                     "lowrank_reduce", replicate_comm=self.replicate_comm, dtype=dtype,
+                                     bucket_bytes=bucket_bytes)
+
+    def moment_codec(self, numel_global: int, codec: BlockwiseCodec) -> BlockwiseCodec:
+        # The 8-bit/fp32 choice follows the *global* size; a shard's blocks are then its own.
+        eight = codec.uses_8bit(numel_global)
+        key = (codec.bits, eight)
+        if key not in self._codecs:
+            self._codecs[key] = BlockwiseCodec(bits=codec.bits, min_8bit_size=0) if eight else BlockwiseCodec(bits=32)
+        return self._codecs[key]
+
+    def collectives(self) -> list[Collectives]:
+        return [c for c in (self.shard_comm, self.replicate_comm) if c is not None]
 
 
 # ---------------------------------------------------------------------------------- optimizer
 class FSDPQGaLoreAdamW8bit(QGaLoreAdamW8bit):
-    """:class:`QGaLoreAdamW8bit` over FSDP2 DTensor parameters (module doc): INT8 weights
-    row-sharded, right-projected matrices updated shard-locally, dense parameters updated on
-    their local shards.  Build it with :func:`build_optimizer`."""
-
-    weights_sharded = True
+    """:class:`QGaLoreAdamW8bit` given a :class:`RowShardedLayout` of ``mesh`` (module doc): the
+    same optimizer, constructed for FSDP2 and with :meth:`check_shards`.  Build it with
+    :func:`build_optimizer`."""
 
     def __init__(self, params, config: QGaLoreConfig | None = None, *, mesh,
                  names: dict[torch.Tensor, str] | None = None, projection: str = "sharded", **overrides) -> None:
@@ -231,183 +262,31 @@ class FSDPQGaLoreAdamW8bit(QGaLoreAdamW8bit):
             overrides["proj_type"] = "right"
         self.projection = projection
         self.mesh = mesh
-        if mesh.ndim not in (1, 2):
-            raise ValueError(f"mesh must be 1-D (FSDP) or 2-D (HSDP: replicate x shard), got {mesh.ndim}-D")
-        world_group = mesh.get_group() if mesh.ndim == 1 else None  # HSDP: the whole world
-        super().__init__(params, config, names=names, collectives=Collectives(world_group),
-                         manage_dense=True, **overrides)
-        if self.config.compress_dense:
+        world = Collectives(mesh.get_group() if mesh.ndim == 1 else None)  # HSDP: the whole world
+        layout = RowShardedLayout(mesh, world)
+        cfg = config or QGaLoreConfig()
+        if cfg.compress_dense or overrides.get("compress_dense"):
             raise ValueError("QGaLoreConfig.compress_dense: under FSDP2 the dense gradients are reduced by "
                              "fully_shard itself, not by the optimizer; leave it False")
-        if self.config.overlap_comm:
+        if cfg.overlap_comm or overrides.get("overlap_comm"):
             raise ValueError("QGaLoreConfig.overlap_comm is not implemented under FSDP2 yet (its row "
                              "reduce-scatter runs in step()); leave it False")
-        # Row shards live on the shard dim; low-rank rows are averaged across the replicate dim.
-        self.shard_comm = self.comm if mesh.ndim == 1 else Collectives(mesh.get_group(1))
-        self.replicate_comm = Collectives(mesh.get_group(0)) if mesh.ndim == 2 else None
-        self.replicas = 1 if self.replicate_comm is None else self.replicate_comm.world_size
-        rank, world = self.shard_comm.rank, self.shard_comm.world_size
-        self._rows: dict[torch.Tensor, tuple[int, int]] = {}
+        super().__init__(params, config, names=names, collectives=world, layout=layout,
+                         **overrides)
         for p in self.galore_params:
-            layer = int8_layer_of(p)
-            if layer is None:
+            if int8_layer_of(p) is None:
                 raise NotImplementedError(f"{self.name_of(p)}: only INT8 GaLore layers are supported under FSDP2")
-            m = p.shape[0]
-            self._rows[p] = (rank * m // world, (rank + 1) * m // world)
-            if _local(p).shape[0] != m // world:
-                raise ValueError(f"{self.name_of(p)}: local shard has {_local(p).shape[0]} rows, expected {m // world}")
-        # 8-bit or fp32 moments are decided from the *global* size, as a single process does.
-        self._codec_8 = BlockwiseCodec(bits=self.config.state_bits, min_8bit_size=0)
-        self._codec_32 = BlockwiseCodec(bits=32)
+            r0, r1 = layout.rows(p)
+            if _local(p).shape[0] != r1 - r0:
+                raise ValueError(f"{self.name_of(p)}: local shard has {_local(p).shape[0]} rows, expected {r1 - r0}")
 
-    # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def _local_grad(p: torch.Tensor):
-        out = QGaLoreAdamW8bit._local_grad(p)
-        return None if out is None else (out[0], _local(out[1]))
+    @property
+    def shard_comm(self) -> Collectives:
+        return self.layout.shard_comm
 
-    def _sharded(self, p: torch.Tensor) -> bool:
-        return self.state[p]["projector"].side == "right"
-
-    def _codec_for(self, numel_global: int) -> BlockwiseCodec:
-        return self._codec_8 if self.codec.uses_8bit(numel_global) else self._codec_32
-
-    def _adam_local(self, state: dict, grad: torch.Tensor, group: dict, numel_global: int) -> torch.Tensor:
-        codec = self._codec_for(numel_global)
-        if "exp_avg" not in state:
-            state["exp_avg"] = codec.zeros(grad.shape, grad.device, signed=True)
-            state["exp_avg_sq"] = codec.zeros(grad.shape, grad.device, signed=False)
-        direction, state["exp_avg"], state["exp_avg_sq"] = lowrank_adam_update(
-            grad, state["exp_avg"], state["exp_avg_sq"], codec, betas=group["betas"], eps=group["eps"])
-        return direction
-
-    def _reduce_rows(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
-        """Each rank's (m, r) low-rank gradients, averaged over ranks and scattered by row range:
-        returns ``{p: (m/N, r) mean rows}`` for this rank's rows, one reduce-scatter per
-        ``bucket_cap_mb`` bucket.  HSDP: reduce-scatter inside the shard group, then an
-        all-reduce of the (m/S, r) rows across the replicate group -- the only GaLore tensors
-        that cross it."""
-        full = {}
-        for p in params:
-            kind, grad = self._local_grad(p)
-            full[p] = grad if kind == "lowrank" else self.state[p]["projector"].project(grad)
-        itemsize = self._payload_dtype.itemsize
-        out = {}
-        for bucket in pack_buckets([(p, 0, full[p]) for p in params], self._bucket_bytes, lambda t: itemsize):
-            out.update(self._reduce_rows_bucket([p for p, _, _ in bucket], full))
-        return out
-
-    def _reduce_rows_bucket(self, params: list[torch.Tensor], full: dict) -> dict[torch.Tensor, torch.Tensor]:
-        world = self.shard_comm.world_size
-        chunks = []
-        for k in range(world):
-            parts = [full[p][k * p.shape[0] // world:(k + 1) * p.shape[0] // world].reshape(-1) for p in params]
-            chunks.append(torch.cat(parts).to(self._payload_dtype))
-        mine = self.shard_comm.reduce_scatter_mean(chunks, "lowrank_reduce")
-        if self.replicate_comm is not None:
-            self.replicate_comm.all_reduce_mean(mine, "lowrank_reduce")
-        out, offset = {}, 0
-        for p in params:
-            r0, r1 = self._rows[p]
-            shape = (r1 - r0, full[p].shape[1])
-            out[p] = mine[offset:offset + shape[0] * shape[1]].view(shape).to(torch.float32)
-            offset += shape[0] * shape[1]
-        return out
-
-    # ------------------------------------------------------------------ step
-    def _update(self, galore: list[torch.Tensor], dense: list[torch.Tensor], *, extra_grad_sq=0.0) -> None:
-        """The sharded layout: rows of R reduce-scattered by FSDP row ranges and updated
-        locally; left-projected matrices through the owner exchange; dense shards locally."""
-        assert not extra_grad_sq, "FSDP2 owns no gradients outside this optimizer"
-        refreshing = [p for p in galore if self._is_refreshing(p)]
-        owner_lowrank = self._refresh(refreshing)  # full G to owners, SVD, INT4 broadcast
-        rows = [p for p in galore if self._sharded(p)]
-        left = [p for p in galore if not self._sharded(p)]
-        row_avg = self._reduce_rows(rows)
-        left_items = []
-        for p in left:
-            if p in set(refreshing):
-                continue
-            kind, grad = self._local_grad(p)
-            left_items.append((p, self.owner[p], grad if kind == "lowrank" else self.state[p]["projector"].project(grad)))
-        left_avg = reduce_to_owners(self.comm, left_items, "lowrank_reduce", dtype=self._payload_dtype,
-                                    bucket_bytes=self._bucket_bytes)
-        left_avg.update({p: owner_lowrank[p] for p in left if p in owner_lowrank})
-        dense_grads = {p: _local(p.grad) for p in dense}
-        coef = self._clip_coef_local(row_avg, left_avg, dense_grads)
-        for p in rows:
-            state = self.state[p]
-            state["step"] = state.get("step", 0) + 1
-            grad = row_avg[p] if coef == 1.0 else row_avg[p] * coef
-            numel = p.shape[0] * state["projector"].rank
-            self._apply_galore(p, self._adam_local(state, grad, self._group_of[p], numel))
-        self._update_galore(left, left_avg, coef)  # owner exchange; applies through _apply_galore
-        self._update_dense_local(dense, dense_grads, coef)
-
-    def _end_step(self) -> None:
-        for comm in {id(c): c for c in (self.comm, self.shard_comm, self.replicate_comm) if c is not None}.values():
-            comm.meter.end_step()
-
-    def _clip_coef_local(self, row_avg: dict, left_avg: dict, dense_grads: dict) -> float:
-        self.last_grad_norm = None
-        if self.config.max_grad_norm <= 0:
-            return 1.0
-        total = torch.zeros(1, dtype=torch.float64)
-        for g in [*row_avg.values(), *dense_grads.values()]:  # shards: present on every replica
-            total += g.double().square().sum() / self.replicas
-        for p, g in left_avg.items():
-            if self.owner[p] == self.comm.rank:
-                total += g.double().square().sum()
-        self.comm.all_reduce_sum(total, "control")
-        self.last_grad_norm = float(total.sqrt())
-        self.last_clip_coef = min(1.0, self.config.max_grad_norm / (self.last_grad_norm + 1e-6))
-        return self.last_clip_coef
-
-    def _apply_galore(self, p: torch.Tensor, direction: torch.Tensor) -> None:
-        """Update this rank's rows of the INT8 weight: ``direction`` is the local (m/N, r) rows
-        (right projection) or the full (r, n) update (left projection)."""
-        state, group = self.state[p], self._group_of[p]
-        step = state["step"]
-        proj = state["projector"]
-        layer = int8_layer_of(p)
-        r0, r1 = self._rows[p]
-        P = proj.matrix()
-        delta = (direction @ P if proj.side == "right" else P[r0:r1] @ direction) * proj.scale
-        codes, scales, zeros = _local(layer.weight), _local(layer.weight_scales), _local(layer.weight_zeros)
-        weight = dequantize(codes, scales, zeros, group_size=layer.group_size)
-        weight.add_(delta.to(weight.dtype), alpha=-adam_step_size(group["lr"], group["betas"], step))
-        if group["weight_decay"] > 0:
-            weight.add_(weight, alpha=-group["lr"] * group["weight_decay"])
-        key = StreamKey(self.config.seed, step - 1, self._stream_ids[p]) if self.config.stochastic_round else None
-        new_codes, new_scales, new_zeros = quantize_rows(weight, group_size=layer.group_size,
-                                                         offset=r0 * p.shape[1], stochastic_key=key)
-        codes.copy_(new_codes)
-        scales.copy_(new_scales)
-        zeros.copy_(new_zeros)
-
-    def _update_dense_local(self, params: list[torch.Tensor], grads: dict, coef: float) -> None:
-        for p in params:
-            state, group = self.state[p], self._group_of[p]
-            state["step"] = state.get("step", 0) + 1
-            grad = grads[p] if coef == 1.0 else grads[p] * coef
-            local = _local(p.data if not isinstance(p, _dtensor_cls()) else p)
-            direction = self._adam_local(state, grad, group, p.numel())
-            local.add_(direction.to(local.dtype), alpha=-adam_step_size(group["lr"], group["betas"], state["step"]))
-            if group["weight_decay"] > 0:
-                local.add_(local, alpha=-group["lr"] * group["weight_decay"])
-
-    # ------------------------------------------------------------------ checks
-    def replicated_tensors(self):
-        """Tensors that must be bit-identical on all ranks: projectors and their schedules
-        (weights, scales and dense parameters are shards, see :meth:`check_shards`)."""
-        for p in self.galore_params:
-            proj = self.state[p]["projector"]
-            if proj.has_matrix():
-                for key, t in proj.to_payload().items():
-                    yield f"{self.name_of(p)}.{key}", t
-
-    def check_replicas(self) -> int:
-        return check_replicas(self.comm, self.replicated_tensors())
+    @property
+    def replicate_comm(self) -> Collectives | None:
+        return self.layout.replicate_comm
 
     def check_shards(self) -> int:
         """Every rank holds its own contiguous row range of each INT8 weight, with the scales
@@ -416,7 +295,7 @@ class FSDPQGaLoreAdamW8bit(QGaLoreAdamW8bit):
         mine = []
         for p in self.galore_params:
             layer = int8_layer_of(p)
-            r0, r1 = self._rows[p]
+            r0, r1 = self.layout.rows(p)
             n_groups = (r1 - r0) * p.shape[1] // layer.group_size
             mine.append((self.name_of(p), r0, r1, tuple(_local(p).shape), tuple(_local(layer.weight_scales).shape),
                          tuple(_local(layer.weight_zeros).shape), n_groups))
@@ -441,10 +320,7 @@ def _named_trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 def build_optimizer(model: nn.Module, config: QGaLoreConfig | None = None, mesh=None, *,
                     projection: str = "sharded", **overrides) -> FSDPQGaLoreAdamW8bit:
     """The Q-GaLore optimizer over a model sharded by :func:`shard_model`."""
-    if mesh is None:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    mesh = mesh if mesh is not None else default_mesh(model)
     named = _named_trainable(model)
     return FSDPQGaLoreAdamW8bit([p for _, p in named], config, mesh=mesh, names={p: n for n, p in named},
                                 projection=projection, **overrides)
@@ -454,10 +330,7 @@ def fully_shard_qgalore(model: nn.Module, config: QGaLoreConfig | None = None, m
                         projection: str = "sharded", layers: Iterable[nn.Module] | None = None,
                         reshard_after_forward: bool | None = None, **overrides):
     """:func:`shard_model` then :func:`build_optimizer`; returns ``(model, optimizer)``."""
-    if mesh is None:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    mesh = mesh if mesh is not None else default_mesh(model)
     shard_model(model, mesh, layers=layers, reshard_after_forward=reshard_after_forward)
     return model, build_optimizer(model, config, mesh, projection=projection, **overrides)
 

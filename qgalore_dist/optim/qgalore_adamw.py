@@ -1,23 +1,13 @@
 """``QGaLoreAdamW8bit``: Q-GaLore as a ``torch.optim.Optimizer``, single process or data parallel.
 
-GaLore parameters (the ``uint8`` weights of :class:`~qgalore_dist.core.Int8Linear` layers,
-and any 2-D float parameter in a group marked ``galore=True`` or carrying the reference's
-``rank`` key) are updated as
-
-    R = project(G)                       # (m, r) or (r, n); P refreshed on the adaptive schedule
-    direction = Adam(R)                  # moments in 8 bits (or 32), on the owner rank only
-    W = W - step_size * scale * back_project(direction);  W = W - lr * wd * W
-    W = requantize_int8(W, stochastic rounding keyed by (seed, step, parameter name))
-
-Communication (world size N; all of it is the identity when N = 1, which is the single-process
-optimizer, not a separate code path): INT8 layers project their gradient during backward and
-keep only ``R``; at ``step()`` every ``R`` is reduce-scattered to its owner; a layer that
-refreshes this step instead reduces its full gradient to the owner, which runs the SVD and
-broadcasts the packed INT4 projector and schedule; owners run Adam and broadcast the low-rank
-``direction``; every rank applies it and requantizes with the shared stochastic-rounding
-stream, so INT8 weights are never sent.  Dense parameters (embeddings, norms, head) get AdamW
-with the same formula, ZeRO-1 style: gradients reduce-scattered to an owner, which keeps the
-8-bit moments and broadcasts the updated parameter.
+GaLore parameters (the ``uint8`` weights of :class:`~qgalore_dist.core.Int8Linear` layers, and
+any 2-D float parameter in a group marked ``galore=True`` or carrying the reference's ``rank``
+key) are updated with :mod:`qgalore_dist.core.adam`'s one rule on the projected gradient
+``R = project(G)``; dense parameters with the same AdamW formula.  ``step()`` reads as its
+phases (agree, refresh, reduce, clip, update, apply); the collectives are in
+:mod:`qgalore_dist.distributed` (at world size 1 each is the identity: single process is not a
+separate path), and where each weight's rows live is the :mod:`.layout` the optimizer is given.
+docs/architecture.md walks through one step with the names used here.
 
 A step whose gradients contain NaN/Inf on any rank is skipped on all ranks (weights and state
 untouched) and counted in ``skipped_steps``.  ``state_dict()`` holds only tensors and numbers.
@@ -32,28 +22,34 @@ from typing import Any, Iterable
 
 import torch
 
-from ..core import Projector, RefreshSchedule, accumulate_full_grad, adam_step_size, int8_layer_of, lowrank_sink
-from ..core.adam import lowrank_adam_update
+from ..core import (
+    Projector,
+    RefreshSchedule,
+    accumulate_full_grad,
+    advance_moments,
+    apply_direction_,
+    int8_layer_of,
+    lowrank_sink,
+    weight_step,
+)
 from ..distributed import (
     Collectives,
     MatrixSpec,
     OverlappedReduce,
     broadcast_from_owners,
-    broadcast_from_owners_compressed,
     pack_buckets,
     plan_ownership,
     reduce_to_owners,
-    reduce_to_owners_compressed,
 )
-from ..distributed.replicas import check_replicas, validate_agreement
+from ..distributed.replicas import agree_on_gradients, check_replicas, validate_agreement
 from ..quant import BlockwiseCodec, Moment, StreamKey
 from .config import QGaLoreConfig
+from .layout import ReplicatedLayout, WeightLayout
+from .state import flatten_param_state, load_param_state
 
 __all__ = ["QGaLoreAdamW8bit"]
 
 logger = logging.getLogger(__name__)
-
-_MOMENT_FIELDS = ("values", "codes", "absmax")
 
 
 class QGaLoreAdamW8bit(torch.optim.Optimizer):
@@ -68,21 +64,21 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         config: :class:`QGaLoreConfig`; keyword overrides are applied on top of it.
         names: optional ``{param: name}`` used in messages, plans and checkpoints.
         collectives: the data-parallel group (default: the initialized world, or none).
-        manage_dense: False when an engine (DeepSpeed, FSDP2) owns the dense parameters.
+        manage_dense: False when an engine (DeepSpeed) owns and updates the dense parameters.
+        layout: where each weight's rows live (:mod:`.layout`); default every rank holds all
+            of them (:class:`~.layout.ReplicatedLayout`); FSDP2 passes its row-sharded layout.
     """
-
-    weights_sharded = False
-    """Whether this rank holds only a shard of each INT8 weight's rows (FSDP2)."""
 
     def __init__(self, params: Iterable, config: QGaLoreConfig | None = None, *,
                  names: dict[torch.Tensor, str] | None = None, collectives: Collectives | None = None,
-                 manage_dense: bool = True, **overrides: Any) -> None:
+                 manage_dense: bool = True, layout: WeightLayout | None = None, **overrides: Any) -> None:
         cfg = config or QGaLoreConfig()
         if overrides:
             cfg = QGaLoreConfig.from_dict({**cfg.to_dict(), **overrides})
         self.config = cfg
         super().__init__(params, dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay))
         self.comm = collectives or Collectives()
+        self.layout: WeightLayout = layout or ReplicatedLayout(self.comm)
         self.codec = BlockwiseCodec(bits=cfg.state_bits)
         self.manage_dense = manage_dense
         if cfg.compress_dense and not manage_dense:
@@ -124,7 +120,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
                            [(self.name_of(p), tuple(p.shape), str(p.dtype)) for p in all_params])
         self._plan_owners()
         self._overlap, self._overlap_dense = self._build_overlap() if cfg.overlap_comm else (None, None)
-        self._arm_grad_sinks()
+        self.arm_grad_sinks()
 
     # ----------------------------------------------------------------- construction
     def is_galore(self, p: torch.Tensor, group: dict) -> bool:
@@ -163,26 +159,20 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         """``overlap_comm``: the low-rank reduce (planned before each backward, in
         ``_arm_grad_sinks``) and, when this optimizer manages them, the dense one: planned once,
         each dense parameter reporting from a post-accumulate-grad hook."""
-        def set_lowrank_none(p):
-            int8_layer_of(p).lowrank_grad = None
-
-        def set_grad_none(p):
-            p.grad = None
-
         common = dict(dtype=self._payload_dtype, bucket_bytes=self._bucket_bytes)
         lowrank = OverlappedReduce(self.comm, kind="lowrank_reduce", local_grad=lambda p: int8_layer_of(p).lowrank_grad,
-                                   drop_grad=set_lowrank_none, **common)
+                                   drop_grad=lambda p: setattr(int8_layer_of(p), "lowrank_grad", None), **common)
         if not self.manage_dense:
             return lowrank, None
-        dense = OverlappedReduce(self.comm, kind="dense", local_grad=lambda p: p.grad, drop_grad=set_grad_none,
-                                 **common)
+        dense = OverlappedReduce(self.comm, kind="dense", local_grad=lambda p: p.grad,
+                                 drop_grad=lambda p: setattr(p, "grad", None), **common)
         hooked = [p for p in self.dense_params if p.requires_grad]
         dense.plan([(p, self.owner[p], p.shape) for p in hooked[::-1]])
         for p in hooked:
             p.register_post_accumulate_grad_hook(dense.ready)
         return lowrank, dense
 
-    def _arm_grad_sinks(self) -> None:
+    def arm_grad_sinks(self) -> None:
         """Before each backward: INT8 layers whose projector refreshes at the coming step keep
         the full gradient, all others project at once (low-rank accumulation) -- and, with
         ``overlap_comm``, report to the overlapped reduce, planned here for the coming step."""
@@ -192,7 +182,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
             if layer is None:
                 continue
             proj = self.state[p]["projector"]
-            if proj.schedule.is_due(self.state[p].get("step", 0), proj.has_matrix()):
+            if self._refresh_due(p):
                 layer.grad_sink = accumulate_full_grad
             elif self._overlap is None:
                 layer.grad_sink = lowrank_sink(proj.project)
@@ -228,12 +218,11 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         return [r for r in (self._overlap, self._overlap_dense) if r is not None]
 
     # ----------------------------------------------------------------- gradients
-    @staticmethod
-    def _local_grad(p: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+    def _local_grad(self, p: torch.Tensor) -> tuple[str, torch.Tensor] | None:
         """("lowrank" | "full", tensor) of this rank's accumulated gradient, or None."""
         layer = int8_layer_of(p)
         if layer is None:
-            return None if p.grad is None else ("full", p.grad)
+            return None if p.grad is None else ("full", self.layout.local(p.grad))
         if layer.lowrank_grad is not None:
             return "lowrank", layer.lowrank_grad
         return None if layer.weight_grad is None else ("full", layer.weight_grad)
@@ -253,40 +242,41 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         grads = [self._local_grad(p) for p in params]
         finite = extra_finite and all(bool(torch.isfinite(g[1]).all()) for g in grads if g is not None)
         reported = set()
-        for reducer in self._reducers():  # those gradients already left (see _begin_step)
+        for reducer in self._reducers():  # those gradients already left (see _agree)
             finite = finite and reducer.local_finite()
             reported |= reducer.reported
-        has = torch.tensor([1.0 if g is not None or p in reported else 0.0 for p, g in zip(params, grads)])
-        flags = torch.cat([torch.tensor([1.0 if finite else 0.0]), has, -has])
-        self.comm.all_reduce_min(flags)
-        lo, hi = flags[1:1 + len(params)], -flags[1 + len(params):]
-        if not torch.equal(lo, hi):
-            bad = [self.name_of(p) for p, a, b in zip(params, lo, hi) if a != b]
-            raise ValueError(f"parameters {bad[:5]} have a gradient on some ranks and not on others")
-        return bool(flags[0] > 0), [p for p, h in zip(params, hi) if h > 0]
+        finite, has = agree_on_gradients(self.comm, [self.name_of(p) for p in params],
+                                         [g is not None or p in reported for p, g in zip(params, grads)], finite)
+        return finite, [p for p, h in zip(params, has) if h]
+
+    def _refresh_due(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s projector refreshes at its coming step (the one place that asks)."""
+        proj = self.state[p]["projector"]
+        return proj.schedule.is_due(self.state[p].get("step", 0), proj.has_matrix())
 
     def refresh_plan(self) -> list[str]:
         """Names of the GaLore matrices whose projector refreshes in the next ``step()``."""
-        return [self.name_of(p) for p in self.galore_params
-                if self.state[p]["projector"].schedule.is_due(self.state[p].get("step", 0),
-                                                              self.state[p]["projector"].has_matrix())]
+        return [self.name_of(p) for p in self.galore_params if self._refresh_due(p)]
 
     def replicated_tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
-        """Every tensor that must be bit-identical on all ranks (DESIGN invariant I1)."""
+        """Every tensor that must be bit-identical on all ranks (DESIGN invariant I1): INT8
+        weights and dense parameters where they are replicated, and every projector."""
         for p in self.galore_params:
             name, layer = self.name_of(p), int8_layer_of(p)
-            if layer is not None:
-                yield f"{name}.codes", layer.weight
-                yield f"{name}.scales", layer.weight_scales
-                yield f"{name}.zeros", layer.weight_zeros
-            else:
-                yield name, p
+            if not self.layout.weights_sharded:
+                if layer is not None:
+                    yield f"{name}.codes", layer.weight
+                    yield f"{name}.scales", layer.weight_scales
+                    yield f"{name}.zeros", layer.weight_zeros
+                else:
+                    yield name, p
             proj = self.state[p]["projector"]
             if proj.has_matrix():
                 for key, t in proj.to_payload().items():
                     yield f"{name}.{key}", t
-        for p in self.dense_params:
-            yield self.name_of(p), p
+        if not self.layout.dense_local:
+            for p in self.dense_params:
+                yield self.name_of(p), p
 
     def check_replicas(self) -> int:
         """Raise ``ReplicaMismatchError`` (on every rank) naming the first replicated tensor
@@ -306,8 +296,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
 
     @property
     def dense_overlap(self) -> OverlappedReduce | None:
-        """The dense-gradient reduce overlapped with backward (``overlap_comm`` where this
-        optimizer manages dense parameters), or None."""
+        """The dense-gradient reduce overlapped with backward (``overlap_comm``), or None."""
         return self._overlap_dense
 
     def lowrank_grad_bytes(self) -> int:
@@ -325,30 +314,38 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
     # ----------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure=None, *, extra_grad_sq: float | torch.Tensor = 0.0, extra_finite: bool = True):
-        """One optimizer step.  An engine that owns other gradients (DeepSpeed's dense
-        partitions) passes this rank's share of their squared norm (``extra_grad_sq``, summed
-        over ranks into the clipped global norm) and whether they are finite on this rank;
-        it then applies its own update only if ``last_step_applied``, scaled by
+        """One optimizer step, in phases: agree (finite? which gradients?), refresh (owners'
+        SVDs, INT4 projectors to every rank), reduce (low-rank and dense gradients to their
+        owners or row shards), clip (one global norm), update (Adam on owners / shards) and
+        apply (every rank writes its rows).  An engine that owns other gradients (DeepSpeed's
+        dense partitions) passes this rank's share of their squared norm (``extra_grad_sq``,
+        summed over ranks into the clipped global norm) and whether they are finite on this
+        rank; it then applies its own update only if ``last_step_applied``, scaled by
         ``last_clip_coef``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        present = self._begin_step(extra_finite)
+        present = self._agree(extra_finite)
         if present is not None:
-            self._update(*present, extra_grad_sq=extra_grad_sq)
-        for reducer in self._reducers():
-            reducer.reset()
-        self._arm_grad_sinks()
-        self._end_step()
-        self.steps_taken += 1
+            galore, dense = present
+            assert not extra_grad_sq or not self.layout.dense_local, "FSDP2 owns no gradients outside this optimizer"
+            refreshing = [p for p in galore if self._refresh_due(p)]
+            lowrank = self._refresh(refreshing)
+            lowrank.update(self._reduce_lowrank(galore, refreshing=set(refreshing)))
+            dense_grads = self._reduce_dense(dense)
+            coef = self._clip(lowrank, dense_grads, extra_grad_sq)
+            self._update(galore, lowrank, coef)
+            self._update_dense(dense, dense_grads, coef)
+        self._finish_step()
         return loss
 
-    def _begin_step(self, extra_finite: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    def _agree(self, extra_finite: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
         """Collective.  Every rank agrees whether all gradients are finite; returns the GaLore
         and dense parameters that have gradients, or None when the step is skipped."""
         self.svds_last_step = 0
-        self.comm.step_index = self.steps_taken
+        for comm in self._collectives():
+            comm.step_index = self.steps_taken
         managed = self.galore_params + (self.dense_params if self.manage_dense else [])
         for reducer in self._reducers():  # the rest of the overlapped reduces, before any other collective
             reducer.flush()
@@ -363,98 +360,32 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         has = set(with_grad)
         return [p for p in self.galore_params if p in has], [p for p in self.dense_params if p in has]
 
-    def _update(self, galore: list[torch.Tensor], dense: list[torch.Tensor], *, extra_grad_sq=0.0) -> None:
-        """Exchange, clip and apply one step's gradients (the data-parallel layout)."""
-        lowrank_avg = self._reduce_galore(galore)
-        dense_avg = self._reduce_dense(dense)
-        coef = self._clip_coef({**lowrank_avg, **dense_avg}, extra_grad_sq)
-        self._update_galore(galore, lowrank_avg, coef)
-        self._update_dense(dense, dense_avg, coef)
-
-    def _end_step(self) -> None:
-        traffic = self.comm.meter.end_step()
+    def _finish_step(self) -> None:
+        for reducer in self._reducers():
+            reducer.reset()
+        self.arm_grad_sinks()
+        for comm in self._collectives():
+            comm.meter.end_step()
         if self.comm.world_size > 1:
             logger.debug("step %d: %d SVDs, comm bytes %s", self.steps_taken, self.svds_last_step,
-                         {k: v["bytes"] for k, v in traffic.items() if v["calls"]})
+                         {k: v["bytes"] for k, v in self.comm.meter.last_step.items() if v["calls"]})
+        self.steps_taken += 1
 
-    def _clip_coef(self, owned_grads: dict[torch.Tensor, torch.Tensor], extra_grad_sq) -> float:
-        """Global gradient norm (see ``QGaLoreConfig.max_grad_norm``) from the averaged
-        gradients each owner holds; returns the factor every rank applies (1.0: no clipping)."""
-        self.last_grad_norm = None
-        if self.config.max_grad_norm <= 0:
-            return 1.0
-        total = torch.zeros(1, dtype=torch.float64)
-        for p, grad in owned_grads.items():
-            if self.owner[p] == self.comm.rank:
-                total += grad.double().square().sum()
-        total += torch.as_tensor(extra_grad_sq, dtype=torch.float64).reshape(1)
-        self.comm.all_reduce_sum(total, "control")
-        self.last_grad_norm = float(total.sqrt())
-        # torch.nn.utils.clip_grad_norm_'s rule (eps 1e-6), so an engine's dense clipping agrees.
-        self.last_clip_coef = min(1.0, self.config.max_grad_norm / (self.last_grad_norm + 1e-6))
-        return self.last_clip_coef
+    def _collectives(self) -> list[Collectives]:
+        """This optimizer's process groups, each once (the world, and the layout's)."""
+        return list({id(c): c for c in (self.comm, *self.layout.collectives())}.values())
 
-    def _is_refreshing(self, p: torch.Tensor) -> bool:
-        proj = self.state[p]["projector"]
-        return proj.schedule.is_due(self.state[p].get("step", 0), proj.has_matrix())
-
-    def _reduce_galore(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
-        """Averaged low-rank gradients on their owners (refreshing layers: after the SVD)."""
-        refreshing = [p for p in params if self._is_refreshing(p)]
-        not_steady = set(refreshing) | (self._overlap.members if self._overlap is not None else set())
-        steady = [p for p in params if p not in not_steady]
-        lowrank_items = []
-        for p in steady:
-            kind, grad = self._local_grad(p)
-            lowrank_items.append((p, self.owner[p], grad if kind == "lowrank" else self.state[p]["projector"].project(grad)))
-        if self.config.compress_lowrank and self.comm.world_size > 1:
-            lowrank_avg = reduce_to_owners_compressed(self.comm, lowrank_items, "lowrank_reduce", self.comm_residuals,
-                                                      bucket_bytes=self._bucket_bytes)
-        else:
-            lowrank_avg = reduce_to_owners(self.comm, lowrank_items, "lowrank_reduce", dtype=self._payload_dtype,
-                                           bucket_bytes=self._bucket_bytes)
-        if self._overlap is not None:
-            lowrank_avg.update(self._overlap.collect(params))
-        lowrank_avg.update(self._refresh(refreshing))
-        return lowrank_avg
-
-    def _update_galore(self, params: list[torch.Tensor], lowrank_avg: dict, coef: float) -> None:
-        """Owners run Adam on their averaged low-rank gradients; the directions reach every rank
-        one bucket (``bucket_cap_mb``) at a time and are applied as they arrive, so at most one
-        bucket of directions is alive -- not one low-rank tensor per matrix on every rank."""
-        compressed = self.config.compress_lowrank and self.comm.world_size > 1
-        itemsize = 4 if compressed else self._payload_dtype.itemsize
-        sized = [(p, self.owner[p], torch.Size(self.state[p]["projector"].lowrank_shape)) for p in params]
-        for bucket in pack_buckets(sized, self._bucket_bytes, lambda shape: itemsize):
-            directions = [(p, owner, self._direction(p, lowrank_avg, coef)) for p, owner, _ in bucket]
-            if compressed:
-                received = broadcast_from_owners_compressed(self.comm, directions, "update_gather", self.update_residuals)
-            else:
-                received = broadcast_from_owners(self.comm, directions, "update_gather")
-            for p, direction in received.items():
-                self._apply_galore(p, direction.to(torch.float32))
-
-    def _direction(self, p: torch.Tensor, lowrank_avg: dict, coef: float) -> torch.Tensor:
-        """Advance ``p``'s step; on its owner, the Adam direction in the payload dtype (every
-        rank, the owner included, applies that value, so replicas stay equal); elsewhere an
-        empty receive buffer of the same shape."""
-        state = self.state[p]
-        state["step"] = state.get("step", 0) + 1
-        if self.owner[p] != self.comm.rank:
-            return torch.empty(state["projector"].lowrank_shape, device=p.device, dtype=self._payload_dtype)
-        grad = lowrank_avg[p] if coef == 1.0 else lowrank_avg[p] * coef
-        return self._adam(state, grad, self._group_of[p]).to(self._payload_dtype)
-
+    # --- refresh
     def _refresh(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Owners run the SVD on the averaged full gradient and broadcast the new projector
         and schedule; returns the owner's averaged low-rank gradients."""
-        cfg, rank, lowrank = self.config, self.comm.rank, {}
+        cfg, dp_rank, lowrank = self.config, self.comm.rank, {}
         payloads = []
         for p in params:
             state, owner = self.state[p], self.owner[p]
             proj: Projector = state["projector"]
             grad = self.comm.reduce_mean_to(self._local_grad(p)[1].clone(), owner, "full_grad_reduce")
-            if owner == rank:
+            if owner == dp_rank:
                 key = StreamKey(cfg.seed, state.get("step", 0), self._stream_ids[p])
                 proj.refresh(grad, step=key[1], method=cfg.svd_method, oversample=cfg.svd_oversample,
                              power_iters=cfg.svd_power_iters, key=key)
@@ -469,83 +400,167 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         self.svds_last_step = len(params)
         return lowrank
 
-    def _adam(self, state: dict, grad: torch.Tensor, group: dict) -> torch.Tensor:
-        """Advance the moments in ``state`` with ``grad``; returns the Adam direction."""
-        if "exp_avg" not in state:
-            state["exp_avg"] = self.codec.zeros(grad.shape, grad.device, signed=True)
-            state["exp_avg_sq"] = self.codec.zeros(grad.shape, grad.device, signed=False)
-        direction, state["exp_avg"], state["exp_avg_sq"] = lowrank_adam_update(
-            grad, state["exp_avg"], state["exp_avg_sq"], self.codec, betas=group["betas"], eps=group["eps"])
-        return direction
+    # --- reduce
+    def row_reduced(self, p: torch.Tensor) -> bool:
+        """Whether GaLore matrix ``p``'s low-rank gradient, moments and update live as this
+        rank's rows (row-sharded layouts, right projection) rather than on its owner."""
+        return self.layout.row_reduced(self.state[p]["projector"].side)
 
-    def _apply_galore(self, p: torch.Tensor, direction: torch.Tensor) -> None:
-        state, group = self.state[p], self._group_of[p]
-        step = state["step"]
-        step_size = adam_step_size(group["lr"], group["betas"], step)
-        delta = state["projector"].project_back(direction)
-        layer = int8_layer_of(p)
-        if layer is not None:  # dequantize, update, decay, requantize: one fused pass on GPU
-            key = StreamKey(self.config.seed, step - 1, self._stream_ids[p])
-            decay = group["lr"] * group["weight_decay"] if group["weight_decay"] > 0 else 0.0
-            layer.apply_update_(delta, step_size=step_size, decay=decay,
-                                stochastic_key=key if self.config.stochastic_round else None)
-            return
-        p.add_(delta.to(p.dtype), alpha=-step_size)
-        if group["weight_decay"] > 0:
-            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+    def _lowrank_local(self, p: torch.Tensor) -> torch.Tensor:
+        """This rank's low-rank gradient of ``p`` (projected now if backward kept it full)."""
+        kind, grad = self._local_grad(p)
+        return grad if kind == "lowrank" else self.state[p]["projector"].project(grad)
+
+    def _reduce_lowrank(self, params: list[torch.Tensor], *, refreshing: set) -> dict[torch.Tensor, torch.Tensor]:
+        """Averaged low-rank gradients: row ranges on every rank (row-sharded layouts), the
+        rest on their owners.  Owner-reduced ``refreshing`` matrices have theirs from the
+        refresh (on their owner); row-reduced ones project their full gradient with the new P."""
+        rows = [p for p in params if self.row_reduced(p)]
+        skip = set(rows) | refreshing | (self._overlap.members if self._overlap is not None else set())
+        owned = [p for p in params if p not in skip]
+        out = {}
+        if rows:
+            out.update(self.layout.reduce_rows([(p, self._lowrank_local(p)) for p in rows],
+                                               dtype=self._payload_dtype, bucket_bytes=self._bucket_bytes))
+        residuals = self.comm_residuals if self.config.compress_lowrank else None
+        out.update(reduce_to_owners(self.comm, [(p, self.owner[p], self._lowrank_local(p)) for p in owned],
+                                    "lowrank_reduce", dtype=self._payload_dtype, bucket_bytes=self._bucket_bytes,
+                                    residuals=residuals))
+        if self._overlap is not None:
+            out.update(self._overlap.collect(params))
+        return out
 
     def _reduce_dense(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
-        """Averaged dense gradients on their owners (ZeRO-1 style)."""
+        """Averaged dense gradients on their owners (ZeRO-1 style), or the engine's local shards."""
+        if self.layout.dense_local:  # fully_shard already averaged them
+            return {p: self.layout.local(p.grad) for p in params}
         if self._overlap_dense is not None:  # reduced during backward
             return self._overlap_dense.collect(params)
-        if self.config.compress_dense and self.comm.world_size > 1:
-            return reduce_to_owners_compressed(self.comm, [(p, self.owner[p], p.grad) for p in params], "dense",
-                                               self.comm_residuals, bucket_bytes=self._bucket_bytes)
+        residuals = self.comm_residuals if self.config.compress_dense else None
         return reduce_to_owners(self.comm, [(p, self.owner[p], p.grad) for p in params], "dense",
-                                dtype=self._payload_dtype, bucket_bytes=self._bucket_bytes)
+                                dtype=self._payload_dtype, bucket_bytes=self._bucket_bytes, residuals=residuals)
+
+    # --- clip
+    def _clip(self, lowrank: dict, dense: dict, extra_grad_sq) -> float:
+        """Global gradient norm (see ``QGaLoreConfig.max_grad_norm``) from the averaged
+        gradients each rank holds: an owner counts what it owns, a row shard its rows (once
+        over its replicas); returns the factor every rank applies (1.0: no clipping)."""
+        self.last_grad_norm = None
+        if self.config.max_grad_norm <= 0:
+            return 1.0
+        total = torch.zeros(1, dtype=torch.float64)
+        for p, grad in [*lowrank.items(), *dense.items()]:
+            shared = self.row_reduced(p) if p in lowrank else self.layout.dense_local
+            if shared:
+                total += grad.double().square().sum() / self.layout.replicas
+            elif self.owner[p] == self.comm.rank:
+                total += grad.double().square().sum()
+        total += torch.as_tensor(extra_grad_sq, dtype=torch.float64).reshape(1)
+        self.comm.all_reduce_sum(total, "control")
+        self.last_grad_norm = float(total.sqrt())
+        # torch.nn.utils.clip_grad_norm_'s rule (eps 1e-6), so an engine's dense clipping agrees.
+        self.last_clip_coef = min(1.0, self.config.max_grad_norm / (self.last_grad_norm + 1e-6))
+        return self.last_clip_coef
+
+    # --- update and apply
+    def _update(self, params: list[torch.Tensor], lowrank: dict, coef: float) -> None:
+        """Adam on the averaged low-rank gradients, then the apply: row shards update their own
+        rows; owners' directions reach every rank one bucket (``bucket_cap_mb``) at a time and
+        are applied as they arrive, so at most one bucket of directions is alive."""
+        rows = [p for p in params if self.row_reduced(p)]
+        for p in rows:
+            state = self.state[p]
+            state["step"] = state.get("step", 0) + 1
+            codec = self.layout.moment_codec(p.shape[0] * state["projector"].rank, self.codec)
+            grad = lowrank[p] if coef == 1.0 else lowrank[p] * coef
+            group = self._group_of[p]
+            self._apply_galore(p, advance_moments(state, grad, codec, betas=group["betas"], eps=group["eps"]))
+        owned = [p for p in params if p not in set(rows)]
+        compressed = self.config.compress_lowrank and self.comm.world_size > 1
+        itemsize = 4 if compressed else self._payload_dtype.itemsize
+        residuals = self.update_residuals if self.config.compress_lowrank else None
+        sized = [(p, self.owner[p], torch.Size(self.state[p]["projector"].lowrank_shape)) for p in owned]
+        for bucket in pack_buckets(sized, self._bucket_bytes, lambda shape: itemsize):
+            directions = [(p, owner, self._direction(p, lowrank, coef)) for p, owner, _ in bucket]
+            received = broadcast_from_owners(self.comm, directions, "update_gather", residuals=residuals)
+            for p, direction in received.items():
+                self._apply_galore(p, direction.to(torch.float32))
+
+    def _direction(self, p: torch.Tensor, lowrank: dict, coef: float) -> torch.Tensor:
+        """Advance ``p``'s step; on its owner, the Adam direction in the payload dtype (every
+        rank, the owner included, applies that value, so replicas stay equal); elsewhere an
+        empty receive buffer of the same shape."""
+        state = self.state[p]
+        state["step"] = state.get("step", 0) + 1
+        if self.owner[p] != self.comm.rank:
+            return torch.empty(state["projector"].lowrank_shape, device=p.device, dtype=self._payload_dtype)
+        grad = lowrank[p] if coef == 1.0 else lowrank[p] * coef
+        group = self._group_of[p]
+        return advance_moments(state, grad, self.codec, betas=group["betas"], eps=group["eps"]).to(self._payload_dtype)
+
+    @property
+    def weights_sharded(self) -> bool:
+        """Whether this rank holds only its rows of each INT8 weight (FSDP2)."""
+        return self.layout.weights_sharded
+
+    def _apply_galore(self, p: torch.Tensor, direction: torch.Tensor) -> None:
+        """Write this rank's rows of ``p``: back-project ``direction`` (the whole low-rank
+        update, or this rank's rows of a row-reduced one) and apply it with the one rule;
+        INT8 weights are requantized with the shared stochastic-rounding stream (fused on GPU)."""
+        state = self.state[p]
+        how = weight_step(self._group_of[p], state["step"])
+        proj: Projector = state["projector"]
+        r0, r1 = self.layout.rows(p)
+        row_local = self.row_reduced(p)  # direction already holds only this rank's rows
+        delta = proj.project_back(direction, rows=None if row_local or (r0, r1) == (0, p.shape[0]) else (r0, r1))
+        layer = int8_layer_of(p)
+        if layer is None:
+            apply_direction_(p, delta, how)
+            return
+        key = StreamKey(self.config.seed, state["step"] - 1, self._stream_ids[p]) if self.config.stochastic_round else None
+        self.layout.apply_int8(layer, delta, how, stochastic_key=key)
 
     def _update_dense(self, params: list[torch.Tensor], grads: dict, coef: float) -> None:
-        if self.config.compress_dense and self.comm.world_size > 1:
-            self._update_dense_compressed(params, grads, coef)
+        """AdamW on dense parameters: local shards where the engine shards them, else on the
+        owner, whose result reaches every rank (its updated value; with ``compress_dense``,
+        its 8-bit direction, which every rank applies)."""
+        if self.layout.dense_local or self.config.compress_dense:
+            self._update_dense_everywhere(params, grads, coef)
             return
-        rank = self.comm.rank
         for p in params:
             state, group = self.state[p], self._group_of[p]
             state["step"] = state.get("step", 0) + 1
-            if self.owner[p] != rank:
-                continue
-            grad = grads[p] if coef == 1.0 else grads[p] * coef
-            direction = self._adam(state, grad, group)
-            p.add_(direction.to(p.dtype), alpha=-adam_step_size(group["lr"], group["betas"], state["step"]))
-            if group["weight_decay"] > 0:
-                p.add_(p, alpha=-group["lr"] * group["weight_decay"])
-        if self.comm.world_size > 1:
-            for p, value in broadcast_from_owners(self.comm, [(p, self.owner[p], p.data) for p in params], "dense",
-                                                  bucket_bytes=self._bucket_bytes).items():
+            if self.owner[p] == self.comm.rank:
+                grad = grads[p] if coef == 1.0 else grads[p] * coef
+                direction = advance_moments(state, grad, self.codec, betas=group["betas"], eps=group["eps"])
+                apply_direction_(p, direction, weight_step(group, state["step"]))
+        for p, value in broadcast_from_owners(self.comm, [(p, self.owner[p], p.data) for p in params], "dense",
+                                              bucket_bytes=self._bucket_bytes).items():
+            if value.data_ptr() != p.data_ptr():  # world size 1: the value is p itself
                 p.data.copy_(value)
 
-    def _update_dense_compressed(self, params: list[torch.Tensor], grads: dict, coef: float) -> None:
-        """``compress_dense``: owners' Adam directions reach every rank as 8-bit codes with the
-        owner's error feedback, one bucket at a time; every rank applies the decoded direction
-        and the decay itself (no parameter broadcast, replicas stay bit-identical)."""
-        rank = self.comm.rank
-        sized = [(p, self.owner[p], p) for p in params]
-        for bucket in pack_buckets(sized, self._bucket_bytes, lambda t: 4):
+    def _update_dense_everywhere(self, params: list[torch.Tensor], grads: dict, coef: float) -> None:
+        """Every rank applies a direction itself: its own shard's (``dense_local``), or the
+        owners' directions received as 8-bit codes with the owner's error feedback, one bucket
+        at a time (``compress_dense``: replicas stay bit-identical without an fp32 master)."""
+        local = self.layout.dense_local
+        items = [(p, 0 if local else self.owner[p], p) for p in params]
+        for bucket in pack_buckets(items, self._bucket_bytes, lambda t: 4):
             directions = []
             for p, owner, _ in bucket:
-                state = self.state[p]
+                state, group = self.state[p], self._group_of[p]
                 state["step"] = state.get("step", 0) + 1
-                if owner == rank:
+                if local or owner == self.comm.rank:
                     grad = grads[p] if coef == 1.0 else grads[p] * coef
-                    directions.append((p, owner, self._adam(state, grad, self._group_of[p])))
+                    codec = self.layout.moment_codec(p.numel(), self.codec) if local else self.codec
+                    directions.append((p, owner, advance_moments(state, grad, codec, betas=group["betas"],
+                                                                 eps=group["eps"])))
                 else:
                     directions.append((p, owner, torch.empty(p.shape, dtype=torch.float32, device=p.device)))
-            received = broadcast_from_owners_compressed(self.comm, directions, "dense", self.update_residuals)
+            received = ({p: d for p, _, d in directions} if local else
+                        broadcast_from_owners(self.comm, directions, "dense", residuals=self.update_residuals))
             for p, direction in received.items():
-                group = self._group_of[p]
-                p.add_(direction.to(p.dtype), alpha=-adam_step_size(group["lr"], group["betas"], self.state[p]["step"]))
-                if group["weight_decay"] > 0:
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+                apply_direction_(self.layout.local(p.data), direction, weight_step(self._group_of[p], self.state[p]["step"]))
 
     # ----------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict:
@@ -553,23 +568,9 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         index = self._tensor_ids
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[p] for p in g["params"]]}
                   for g in self.param_groups]
-        state = {index[p]: self._flatten_state(s) for p, s in self.state.items() if s}
+        state = {index[p]: flatten_param_state(s) for p, s in self.state.items() if s}
         return {"state": state, "param_groups": groups, "skipped_steps": self.skipped_steps,
                 "config": self.config.to_dict()}
-
-    @staticmethod
-    def _flatten_state(s: dict) -> dict:
-        out: dict[str, Any] = {}
-        if "step" in s:
-            out["step"] = s["step"]
-        for name in ("exp_avg", "exp_avg_sq"):
-            if name in s:
-                for f in _MOMENT_FIELDS:
-                    if getattr(s[name], f) is not None:
-                        out[f"{name}.{f}"] = getattr(s[name], f)
-        if "projector" in s:
-            out.update({f"projector.{k}": v for k, v in s["projector"].state_dict().items()})
-        return out
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved_groups = state_dict["param_groups"]
@@ -582,20 +583,15 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         for p, i in self._tensor_ids.items():
             flat = state_dict["state"].get(i, state_dict["state"].get(str(i)))
             if flat is not None:
-                self._load_param_state(p, flat)
+                self.load_param_state(p, flat)
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
-        self._arm_grad_sinks()
+        self.arm_grad_sinks()
 
-    def _load_param_state(self, p: torch.Tensor, flat: dict) -> None:
-        state = self.state[p]
-        if "step" in flat:
-            state["step"] = int(flat["step"])
-        for name in ("exp_avg", "exp_avg_sq"):
-            fields = {f: flat[f"{name}.{f}"].to(p.device) for f in _MOMENT_FIELDS if f"{name}.{f}" in flat}
-            if fields:
-                state[name] = Moment(**fields)
-        proj_state = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("projector.")}
-        if proj_state:
-            if "projector" not in state:
-                raise ValueError(f"{self.name_of(p)}: checkpoint has a projector but this parameter is not a GaLore matrix")
-            state["projector"].load_state_dict(proj_state)
+    def param_state(self, p: torch.Tensor) -> dict[str, Any]:
+        """``p``'s state as flat ``{field: tensor or number}`` (:func:`.state.flatten_param_state`)."""
+        return flatten_param_state(self.state[p])
+
+    def load_param_state(self, p: torch.Tensor, flat: dict) -> None:
+        """Load fields of :meth:`param_state` into ``p``'s state (any subset of them).  Call
+        :meth:`arm_grad_sinks` after the last one: the next step's refreshes may have changed."""
+        load_param_state(self.state[p], flat, device=p.device, name=self.name_of(p))

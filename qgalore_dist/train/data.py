@@ -528,9 +528,12 @@ def _load(cfg: DataConfig, manifest: dict, root: str, *, rank: int, world: int,
     src = _Source(**{**manifest["source"], "files": tuple(manifest["source"]["files"])})
     val = _load_array(os.path.join(directory, "val.npy"))
     train = _load_array(os.path.join(directory, "train.npy")) if manifest["mode"] == "packed" else None
+    streaming = {} if train is not None else {
+        "open_documents": functools.partial(_train_iterable, src, cfg, root),
+        "clean": functools.partial(_clean, strip=src.strip)}
     return Data(config=cfg, tokenizer=tok, train=train, val=val, rank=rank, world=world, stats=stats,
                 fingerprint=manifest["fingerprint"], source=src, root=root,
-                description=_describe(cfg, src, stats, tok, train, val, world))
+                description=_describe(cfg, src, stats, tok, train, val, world), **streaming)
 
 
 def _gather_or_raise(error: Exception | None, value: Any, group) -> list[Any]:

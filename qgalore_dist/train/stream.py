@@ -3,8 +3,8 @@
 permutations, the same at every world size), ``StreamingTrainStream`` (streaming sources: per
 rank) and ``val_batches``.  ``.data`` re-exports all of them.
 
-This module does not import ``.data`` at import time (``.data`` imports it);
-``StreamingTrainStream`` takes the two helpers it needs from there when it is built.
+This module does not import ``.data`` (``.data`` imports it): a streaming ``Data`` carries the
+two functions ``StreamingTrainStream`` needs from there (``open_documents``, ``clean``).
 """
 
 from __future__ import annotations
@@ -13,15 +13,12 @@ import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from .tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from .data import DataConfig, _Source
 
 __all__ = ["Data", "StreamingTrainStream", "TrainStream", "val_batches"]
 
@@ -42,7 +39,8 @@ class Data:
     ``description``: one line for the log; ``stats``: the counts behind it.
     """
 
-    config: DataConfig
+    config: Any
+    """The ``DataConfig`` it was built from."""
     tokenizer: Tokenizer
     train: np.ndarray | None
     val: np.ndarray
@@ -51,8 +49,14 @@ class Data:
     world: int
     fingerprint: str
     stats: dict = field(default_factory=dict)
-    source: _Source | None = field(default=None, repr=False)
+    source: Any = field(default=None, repr=False)
+    """The resolved source (``.data``'s record of kind, files, text field)."""
     root: str = ""
+    open_documents: Callable[..., Any] | None = field(default=None, repr=False)
+    """Streaming sources: ``open_documents(rank=, world=)`` -> a fresh ``IterableDataset`` of this
+    rank's training examples (None for packed data)."""
+    clean: Callable[[Any], str | None] | None = field(default=None, repr=False)
+    """Streaming sources: an example's text field -> the document, or None to skip it."""
 
     @property
     def streaming(self) -> bool:
@@ -171,13 +175,11 @@ class StreamingTrainStream(TrainStream):
     """
 
     def __init__(self, data: Data, *, rank: int, world: int, micro_batch: int, seed: int | None = None) -> None:
-        from .data import _clean, _train_iterable  # not at import time: .data imports this module
-
         _check_placement(rank, world, micro_batch)
-        assert data.streaming and data.source is not None
+        assert data.streaming and data.open_documents is not None and data.clean is not None
         self.tokenizer, self.src, self.seq_len = data.tokenizer, data.source, data.config.seq_len
-        self._make = functools.partial(_train_iterable, data.source, data.config, data.root, rank=rank, world=world)
-        self._clean = functools.partial(_clean, strip=data.source.strip)
+        self._make = functools.partial(data.open_documents, rank=rank, world=world)
+        self._clean = data.clean
         self.rank, self.world, self.micro_batch, self.fingerprint = rank, world, micro_batch, data.fingerprint
         self.epoch, self.sequences = 0, 0
         self._buffer: list[int] = []

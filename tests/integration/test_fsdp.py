@@ -76,15 +76,14 @@ def test_hsdp_2x2_matches_single_process_and_sends_only_lowrank_across_replicas(
 
 
 def test_shard_quantization_equals_whole_tensor_quantization():
-    from qgalore_dist.integrations.fsdp import quantize_rows, uniform_from_key_at
     from qgalore_dist.quant import StreamKey, quantize, uniform_from_key
 
     key = StreamKey(3, 7, 11)
-    torch.testing.assert_close(uniform_from_key_at(key, 640, 1000), uniform_from_key(key, 1640)[640:], rtol=0, atol=0)
+    torch.testing.assert_close(uniform_from_key(key, 1000, start=640), uniform_from_key(key, 1640)[640:], rtol=0, atol=0)
     w = torch.randn(160, 64)
     for sk in (None, key):
         codes, scales, zeros = quantize(w, bits=8, group_size=256, stochastic_key=sk)
-        c, s, z = quantize_rows(w[80:], group_size=256, offset=80 * 64, stochastic_key=sk)
+        c, s, z = quantize(w[80:], bits=8, group_size=256, offset=80 * 64, stochastic_key=sk)
         assert torch.equal(c, codes[80:]) and torch.equal(s, scales[20:]) and torch.equal(z, zeros[20:])
 
 
