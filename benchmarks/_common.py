@@ -16,6 +16,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs" / "models"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+TESTS_DIR = REPO / "tests"
+# The measurement harnesses (spawned gloo ranks, counted collectives, metered steps) live in tests/
+# (``*_harness.py``, ``dist_harness.py``), where the tests that check the closed forms use them;
+# benchmarks import them by name, as the tests do.
+if str(TESTS_DIR) not in sys.path:
+    sys.path.append(str(TESTS_DIR))
 
 
 def load_config(name: str, **overrides: Any):
@@ -26,6 +32,15 @@ def load_config(name: str, **overrides: Any):
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
+
+
+def meta_model(config) -> Any:
+    """``LlamaForCausalLM(config)`` on the meta device (shapes and buffers only, no memory)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        return LlamaForCausalLM(config)
 
 
 def source_digest() -> str:
@@ -44,6 +59,20 @@ def git_revision() -> str:
 
     head = git("rev-parse", "--short=12", "HEAD") or "unknown"
     return head + ("+dirty" if git("status", "--porcelain", "--", "qgalore_dist") else "")
+
+
+def _relative(path: str) -> str:
+    """``path`` relative to the repository root when inside it (results name no machine's paths)."""
+    try:
+        return Path(path).resolve().relative_to(REPO).as_posix() or "."
+    except ValueError:
+        return path
+
+
+def command_line() -> str:
+    """This run's command as typed from the repository root: ``python`` and repo-relative paths."""
+    args = [_relative(a) if os.path.isabs(a) else a for a in sys.argv]
+    return " ".join(shlex.quote(a) for a in ["python", *args])
 
 
 def environment() -> dict[str, Any]:
@@ -65,8 +94,8 @@ def environment() -> dict[str, Any]:
             "bitsandbytes": bitsandbytes.__version__,
             "transformers": transformers.__version__,
         },
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).as_posix(), *sys.argv]),
-        "cwd": os.getcwd(),
+        "command": command_line(),
+        "cwd": _relative(os.getcwd()),
         "git_revision": git_revision(),
         "qgalore_dist_source_sha256": source_digest(),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
@@ -91,6 +120,8 @@ def write_outputs(stem: str, payload: dict[str, Any], markdown: str, out_dir: Pa
     """Write ``<stem>.json`` and ``<stem>.md`` under ``out_dir``; return both paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    md_path.write_text(markdown.rstrip() + "\n")
+    # Paths inside the repository are written relative to its root: results name no machine's paths.
+    root = REPO.as_posix() + "/"
+    json_path.write_text(json.dumps(payload, indent=2).replace(root, "") + "\n")
+    md_path.write_text(markdown.rstrip().replace(root, "") + "\n")
     return json_path, md_path

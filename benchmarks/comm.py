@@ -2,56 +2,23 @@
 compression against DDP (bf16), ZeRO-2 (bf16) and torch's PowerSGD DDP hook (rank 4); and the SVD
 makespan of a refresh step on 4 ranks, rank0 vs balanced ownership.
 
-What is computed (closed forms, per rank, ring-algorithm volumes as ``qgalore_dist.distributed.comm``
-meters them: all-reduce ``2 (N-1)/N * S``, reduce-scatter / all-gather / broadcast / reduce
-``(N-1)/N * S``; P = all parameters, G = GaLore matrices (q/k/v/o/gate/up/down_proj weights),
-D = dense parameters (embeddings, norms, lm_head)):
-
-* baselines (``benchmarks/comm_baselines.py``, formulas in its docstring): ``ddp_bf16`` all-reduce of
-  bf16 gradients; ``zero2_bf16`` bf16 reduce-scatter + bf16 parameter all-gather (the same volume);
-  ``powersgd_r4`` torch's ``powerSGD_hook`` with ``matrix_approximation_rank=4`` after
-  ``start_powerSGD_iter`` (P and Q of every 2-D gradient worth compressing, the rest plainly), with
-  bf16 gradients (``powersgd_r4``) and fp32 gradients (``powersgd_r4_fp32``).
-* ``ours``  the steady-state step of ``QGaLoreAdamW8bit`` (``_reduce_galore`` / ``_update_galore`` /
-  ``_reduce_dense`` / ``_update_dense``), L = sum_G max(m, n) * r low-rank elements:
-    ``lowrank_reduce``  every low-rank gradient to its owner: reduce-scatter, ``(N-1)/N * L * b``;
-    ``update_gather``   owners broadcast the low-rank Adam directions, ``(N-1)/N * L * b``;
-    ``dense``           reduce-scatter of dense gradients to their owner + broadcast of the updated
-                        dense parameters, ``(N-1)/N * D * (b_grad + b_param)``;
-    ``control``         the finite-gradient / has-gradient flags, an all-reduce of
-                        ``1 + 2 * (#GaLore + #dense tensors)`` fp32 values.
-  Payload variants (dense parameters in bf16, 2 B, as in the DDP baseline):
-    - ``ours_fp32`` the default ``payload_dtype="float32"``: b = 4, dense gradients 4 B;
-    - ``ours_bf16`` ``payload_dtype="bfloat16"``: b = 2, dense gradients 2 B;
-    - ``ours_int8`` ``compress_lowrank=True`` with ``payload_dtype="bfloat16"`` (dense gradients 2 B):
-      low-rank gradients and directions as bitsandbytes 8-bit block-wise codes (1 B per element) +
-      one fp32 absmax per block of 256, per owner: ``B_o = L_o + 4 * ceil(L_o / 256)`` with L_o the
-      low-rank elements of the matrices owner o holds (``plan_ownership``, balanced).  The gradients
-      go by all-to-all (codes cannot be summed in transit): rank k sends ``sum_{o != k} B_o``, whose
-      mean over ranks is ``(N-1)/N * sum_o B_o`` (the table's figure; ``lowrank_reduce_max_rank``
-      in the JSON is the busiest rank).  The directions are per-owner broadcasts,
-      ``(N-1)/N * sum_o B_o``.  ``ours_int8_fp32_dense`` is ``compress_lowrank=True`` alone (dense
-      gradients stay 4 B).  ``ours_int8_all`` adds ``compress_dense=True``: the dense gradients
-      go to their owners by the same 8-bit all-to-all and the owners' dense Adam directions come
-      back as 8-bit per-owner broadcasts (no bf16 parameter broadcast): ``dense`` becomes
-      ``(N-1)/N * sum_o D'_o`` twice (mean over ranks), ``D'_o = D_o + 4 * ceil(D_o / 256)`` with
-      D_o the dense elements owner o holds (the optimizer's greedy largest-first placement).
-      Error feedback costs memory (fp32 residuals), not bytes.
-  Refresh steps add ``full_grad_reduce`` (``(N-1)/N * m * n * 4``, the fp32 full gradient reduced to
-  the owner, no low-rank reduce for that matrix) and ``proj_broadcast`` (packed INT4 codes + fp32
-  scales/zeros per group + the fp64 schedule vector); reported separately, not in the per-step table.
+What is computed
+    Closed forms per rank, ring-algorithm volumes as ``qgalore_dist.distributed.comm`` meters them:
+    ``qgalore_dist/estimate/comm.py`` (its docstring has every formula).  Baselines: ``ddp_bf16``,
+    ``zero2_bf16`` (the same volume), ``powersgd_r4`` (torch's ``powerSGD_hook``, rank 4, bf16;
+    ``powersgd_r4_fp32`` in the JSON).  Ours, steady step, by meter kind, per payload variant
+    (``VARIANTS``): ``ours_fp32`` (the default ``payload_dtype="float32"``), ``ours_bf16``,
+    ``ours_int8`` (``compress_lowrank=True`` + bf16 payloads), ``ours_int8_fp32_dense``
+    (``compress_lowrank`` alone) and ``ours_int8_all`` (+ ``compress_dense``).  Refresh steps
+    (every matrix refreshing) are reported as the extra over a steady step.
 
 Validation (metered / counted, not closed form), one launch of 2 gloo ranks on CPU
-(``tests/dist_harness.run_distributed``) on a small LlamaForCausalLM (hidden 64, intermediate 160,
-2 layers, vocab 128):
-    * ours: converted with ``prepare_model``, rank 8, 2 steps (step 0 refreshes every projector,
-      step 1 is steady), once per payload case (``CASES``); ``optimizer.comm.meter.last_step``
-      after each step is compared kind by kind and rank by rank with the closed form on the same
-      shapes and ownership plan: equality is exact (==).
-    * PowerSGD: the same model (without ``prepare_model``) in ``DistributedDataParallel`` with
-      ``powerSGD_hook`` (rank 4, ``start_powerSGD_iter=2``), 4 backward passes; the bytes of every
-      ``torch.distributed.all_reduce`` the hook issues are counted and must equal the DDP closed
-      form on steps 0-1 and the PowerSGD one on steps 2-3, in fp32 and in bf16.
+    ``tests/comm_harness.py`` (``validate``; the same harness ``tests/unit/test_bench_comm.py``
+    uses): ours on a small LlamaForCausalLM (hidden 64, intermediate 160, 2 layers, vocab 128),
+    rank 8, step 0 refreshing every projector and step 1 steady, per payload case (``CASES``):
+    ``optimizer.comm.meter.last_step`` equals the closed form kind by kind, rank by rank (==);
+    torch's PowerSGD hook under DDP: the counted ``all_reduce`` bytes equal the DDP closed form
+    before ``start_powerSGD_iter`` and the PowerSGD one after, in fp32 and bf16.
 
 SVD makespan (measured on this CPU, 1 torch thread)
     ``torch.linalg.svd(full_matrices=False)`` (the ``exact`` method of ``svd_basis``) timed on a
@@ -77,140 +44,34 @@ from typing import Any
 import torch
 
 _REPO = Path(__file__).resolve().parents[1]
-for _p in (_REPO, _REPO / "tests"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
 
-from benchmarks._common import RESULTS_DIR, environment, environment_md, load_config, write_outputs  # noqa: E402
-from benchmarks.comm_baselines import (  # noqa: E402
-    TINY_LLAMA, Tensors, check_powersgd, ddp_bytes, numel, powersgd_bytes, ring, run_powersgd_ddp, zero2_bytes,
-)
-from qgalore_dist.core import DEFAULT_TARGET_MODULES  # noqa: E402
+from benchmarks._common import RESULTS_DIR, environment, environment_md, write_outputs  # noqa: E402
+from comm_harness import CASES, validate  # noqa: E402  (tests/, on sys.path through _common)
+from qgalore_dist.distributed.comm import KINDS  # noqa: E402
 from qgalore_dist.distributed.plan import MatrixSpec, plan_ownership  # noqa: E402
-from qgalore_dist.quant import packed_numel  # noqa: E402
+from qgalore_dist.estimate.comm import (Tensors, compressed_payload, ddp_bytes, lowrank_by_owner,  # noqa: E402
+                                        numel, ours_refresh_all, ours_steady, powersgd_bytes, zero2_bytes)
+from qgalore_dist.estimate.model import model_shapes  # noqa: E402
 
 MiB = 2**20
 MODELS = ("llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b")
 RANKS = (128, 256, 512, 1024)
 PAPER_RANK = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}
 """The GaLore / Q-GaLore pre-training rank of each size (the plot's configuration)."""
-KINDS = ("lowrank_reduce", "full_grad_reduce", "proj_broadcast", "update_gather", "dense", "control")
 TARGET = {"model": "llama_7b", "rank": 1024, "ratio": 3.5, "compressed_ratio": 7.0}
-PAYLOAD_BLOCK, CODE_BYTES, ABSMAX_BYTES = 256, 1, 4
-"""``exchange._PAYLOAD_CODEC``: signed dynamic 8-bit codes, one fp32 absmax per 256 values."""
 VARIANTS = {  # name: (b_lowrank, b_dense_grad, compress_lowrank, compress_dense); dense parameters 2 B (bf16)
     "ours_fp32": (4, 4, False, False), "ours_bf16": (2, 2, False, False),
     "ours_int8": (1, 2, True, False), "ours_int8_fp32_dense": (1, 4, True, False),
     "ours_int8_all": (1, 1, True, True),
 }
-CASES = {  # validation: name -> (model dtype, payload_dtype, compress_lowrank, compress_dense)
-    "fp32 model, fp32 payload": ("float32", "float32", False, False),
-    "bf16 model, fp32 payload (ours fp32)": ("bfloat16", "float32", False, False),
-    "bf16 model, bf16 payload (ours bf16)": ("bfloat16", "bfloat16", False, False),
-    "bf16 model, int8 low-rank + bf16 dense (ours int8)": ("bfloat16", "bfloat16", True, False),
-    "fp32 model, int8 low-rank + fp32 dense": ("float32", "float32", True, False),
-    "bf16 model, int8 low-rank + int8 dense (ours int8 all)": ("bfloat16", "bfloat16", True, True),
-}
 
 
-# ----------------------------------------------------------------------------- shapes
-def model_tensors(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...], bool]]:
-    """(name, shape, is_galore) of every parameter, in model order."""
-    galore = {f"{name}.weight" for name, mod in model.named_modules()
-              if name.rsplit(".", 1)[-1] in DEFAULT_TARGET_MODULES and hasattr(mod, "weight")}
-    return [(n, tuple(p.shape), n in galore) for n, p in model.named_parameters()]
-
-
-def meta_tensors(name: str):
-    from transformers import LlamaForCausalLM
-
-    with torch.device("meta"):
-        return model_tensors(LlamaForCausalLM(load_config(name)))
-
-
-# ----------------------------------------------------------------------------- closed forms
-def lowrank_by_owner(tensors: Tensors, rank: int, world: int, placement: str = "balanced") -> list[int]:
-    """Low-rank elements (max(m, n) * r per matrix) each rank owns under ``plan_ownership``."""
-    specs = [MatrixSpec(name=n, shape=s, rank=rank) for n, s, g in tensors if g]
-    plan = plan_ownership(specs, world, placement)
-    out = [0] * world
-    for spec in specs:
-        out[plan.owner[spec.name]] += max(spec.shape) * rank
-    return out
-
-
-def dense_by_owner(tensors: Tensors, world: int) -> list[int]:
-    """Dense elements each rank owns: the optimizer's placement (largest first, to the least
-    loaded rank, ties to the lower index)."""
-    dense = [(i, numel(s)) for i, (_, s, g) in enumerate(tensors) if not g]
-    load = [0] * world
-    for _, n in sorted(dense, key=lambda d: (-d[1], d[0])):
-        load[min(range(world), key=lambda k: (load[k], k))] += n
-    return load
-
-
-def compressed_payload(elements: int) -> int:
-    """Bytes of ``elements`` values as 8-bit codes + one fp32 absmax per block."""
-    return CODE_BYTES * elements + ABSMAX_BYTES * -(-elements // PAYLOAD_BLOCK)
-
-
-def _lowrank_kinds(tensors: Tensors, rank: int, world: int, b_lowrank: int, compress: bool,
-                   at_rank: int | None) -> tuple[float, float]:
-    """(lowrank_reduce, update_gather) bytes; ``at_rank`` None gives the mean over ranks."""
-    f = ring(world)
-    if not compress:
-        lowrank = sum(max(s) * rank for _, s, g in tensors if g)
-        return f * lowrank * b_lowrank, f * lowrank * b_lowrank
-    per_owner = [compressed_payload(x) for x in lowrank_by_owner(tensors, rank, world)]
-    gather = sum(f * b for b in per_owner)
-    if at_rank is None:
-        return gather, gather
-    return float(sum(b for o, b in enumerate(per_owner) if o != at_rank)), gather  # all-to-all: no ring
-
-
-def _dense_bytes(tensors: Tensors, world: int, b_dense_grad: int, b_dense_param: int, compress_dense: bool,
-                 at_rank: int | None) -> float:
-    """``dense`` kind: gradients to owners + parameters (or, compressed, directions) back."""
-    f = ring(world)
-    if not compress_dense:
-        return f * sum(numel(s) for _, s, g in tensors if not g) * (b_dense_grad + b_dense_param)
-    per_owner = [compressed_payload(x) for x in dense_by_owner(tensors, world)]
-    gather = f * sum(per_owner)
-    reduce = gather if at_rank is None else float(sum(b for o, b in enumerate(per_owner) if o != at_rank))
-    return reduce + gather
-
-
-def ours_steady(tensors: Tensors, rank: int, world: int, *, b_lowrank: int, b_dense_grad: int, b_dense_param: int,
-                compress: bool = False, compress_dense: bool = False, at_rank: int | None = None) -> dict[str, float]:
-    """Per-rank bytes of one steady-state step of QGaLoreAdamW8bit, by meter kind."""
-    f = ring(world)
-    n_galore = sum(1 for *_, g in tensors if g)
-    dense = [s for _, s, g in tensors if not g]
-    reduce, gather = _lowrank_kinds(tensors, rank, world, b_lowrank, compress, at_rank)
-    return {
-        "lowrank_reduce": reduce,
-        "full_grad_reduce": 0.0,
-        "proj_broadcast": 0.0,
-        "update_gather": gather,
-        "dense": _dense_bytes(tensors, world, b_dense_grad, b_dense_param, compress_dense, at_rank),
-        "control": 2 * f * 4 * (1 + 2 * (n_galore + len(dense))),
-    }
-
-
-def ours_refresh_all(tensors: Tensors, rank: int, world: int, *, proj_bits: int = 4, proj_group: int = 256,
-                     queue_size: int = 5, **steady_kw: Any) -> dict[str, float]:
-    """Per-rank bytes of a step on which every GaLore matrix refreshes (e.g. step 0)."""
-    f = ring(world)
-    out = ours_steady(tensors, rank, world, **steady_kw)
-    galore = [s for _, s, g in tensors if g]
-    proj = 0
-    for s in galore:
-        pn = min(s) * rank
-        proj += packed_numel(pn, proj_bits) + 2 * 4 * (pn // proj_group) + 8 * (3 + queue_size)
-    out["lowrank_reduce"] = 0.0  # refreshing matrices reduce their full gradient instead
-    out["full_grad_reduce"] = f * sum(numel(s) for s in galore) * 4
-    out["proj_broadcast"] = f * proj
-    return out
+# ----------------------------------------------------------------------------- tables
+def meta_tensors(name: str) -> Tensors:
+    """(name, shape, is_galore) of every parameter of a built-in model (from its config)."""
+    return model_shapes(name, 1).as_tuples()
 
 
 def _world_row(tensors: Tensors, rank: int, world: int, params: int) -> dict[str, Any]:
@@ -246,83 +107,6 @@ def model_table(name: str, worlds=(8, 64)) -> dict[str, Any]:
     for r in RANKS:
         if r < min_dim:
             out["ranks"][str(r)] = {f"N{n}": _world_row(tensors, r, n, params) for n in worlds}
-    return out
-
-
-# ----------------------------------------------------------------------------- validation (metered)
-def _ours_case(rank: int, model_dtype: str, payload_dtype: str, compress: bool, compress_dense: bool) -> dict:
-    """Two metered steps of QGaLoreAdamW8bit on the tiny LLaMA (inside the process group)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from qgalore_dist import QGaLoreAdamW8bit, QGaLoreConfig, prepare_model
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).to(getattr(torch, model_dtype))
-    prepare_model(model, group_size=64)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or p.dtype == torch.uint8]
-    cfg = QGaLoreConfig(lr=0.01, rank=8, update_proj_gap=100, proj_group_size=64, payload_dtype=payload_dtype,
-                        compress_lowrank=compress, compress_dense=compress_dense)
-    opt = QGaLoreAdamW8bit([p for _, p in named], cfg, names={p: n for n, p in named})
-    # The constructor's agreement checks (all_gather_object of the config and the shapes) are
-    # metered as control traffic; close that "step" so step 0 holds only step 0's bytes.
-    construction = {k: v["bytes"] for k, v in opt.comm.meter.end_step().items() if v["bytes"]}
-    data = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 4, 32), generator=torch.Generator().manual_seed(1234))
-    meters = []
-    for step in range(2):  # step 0 refreshes every projector, step 1 is steady
-        x = data[step, 2 * rank:2 * rank + 2]
-        model(input_ids=x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        meters.append({k: v["bytes"] for k, v in opt.comm.meter.last_step.items()})
-    tensors = [(n, tuple(p.shape), p.dtype == torch.uint8) for n, p in named]
-    return {"meters": meters, "construction": construction, "tensors": tensors, "svds": opt.svd_count,
-            "owners": sorted(set(opt.plan.owner.values())),
-            "dense_param_bytes": next(p.element_size() for _, p in named if p.dtype != torch.uint8),
-            "payload_bytes": torch.tensor([], dtype=getattr(torch, payload_dtype)).element_size()}
-
-
-def _validate_rank(rank: int, world: int, cases: dict[str, tuple[str, str, bool, bool]],
-                   psgd_dtypes: tuple[str, ...]) -> dict:
-    return {"ours": {name: _ours_case(rank, *case) for name, case in cases.items()},
-            "powersgd": {d: run_powersgd_ddp(rank, d) for d in psgd_dtypes}}
-
-
-def _check_case(results: list[dict], world: int, compress: bool, compress_dense: bool) -> dict[str, Any]:
-    res = results[0]
-    kw = dict(b_lowrank=res["payload_bytes"], b_dense_grad=res["payload_bytes"],
-              b_dense_param=res["dense_param_bytes"], compress=compress, compress_dense=compress_dense)
-    closed = [[ours_refresh_all(res["tensors"], 8, world, proj_group=64, at_rank=k, **kw) for k in range(world)],
-              [ours_steady(res["tensors"], 8, world, at_rank=k, **kw) for k in range(world)]]
-    steps = []
-    for step in range(2):
-        rows = {k: {"metered": [r["meters"][step][k] for r in results],
-                    "closed_form": [closed[step][rk][k] for rk in range(world)]} for k in KINDS}
-        exact = all(row["metered"] == row["closed_form"] for row in rows.values())
-        steps.append({"step": step, "kind": "refresh, all matrices" if step == 0 else "steady", "kinds": rows,
-                      "metered_total": [sum(r["meters"][step].values()) for r in results],
-                      "closed_form_total": [sum(c.values()) for c in closed[step]], "exact_match": exact})
-    return {"dense_bytes_per_elem": {"grad": res["payload_bytes"], "param": res["dense_param_bytes"]},
-            "payload_bytes": res["payload_bytes"], "compress_lowrank": compress, "compress_dense": compress_dense,
-            "construction_bytes": [r["construction"] for r in results],
-            "galore_matrices": sum(1 for *_, g in res["tensors"] if g),
-            "dense_tensors": sum(1 for *_, g in res["tensors"] if not g), "steps": steps}
-
-
-def validate(world: int = 2, cases: dict[str, tuple[str, str, bool, bool]] | None = None,
-             psgd_dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> dict[str, Any]:
-    """One gloo launch: every Q-GaLore case against the meter, PowerSGD against counted bytes."""
-    from dist_harness import run_distributed
-
-    cases = CASES if cases is None else cases
-    results = run_distributed(_validate_rank, world, cases, psgd_dtypes)
-    out: dict[str, Any] = {"world_size": world, "runs": {}, "powersgd": {}}
-    for name, (_, _, compress, compress_dense) in cases.items():
-        out["runs"][name] = _check_case([r["ours"][name] for r in results], world, compress, compress_dense)
-    for dtype in psgd_dtypes:
-        out["powersgd"][dtype] = check_powersgd([r["powersgd"][dtype] for r in results], world)
-    out["ours_exact"] = all(s["exact_match"] for run in out["runs"].values() for s in run["steps"])
-    out["powersgd_exact"] = all(v["all_exact"] for v in out["powersgd"].values())
-    out["all_exact"] = out["ours_exact"] and out["powersgd_exact"]
     return out
 
 
@@ -397,7 +181,7 @@ def _md_header(p: dict[str, Any]) -> list[str]:
         "Sections 1-3 are **closed form** (meta-device shapes of `configs/models/*.json`); section 4 is "
         "**metered** (the package's `CommMeter`, and counted `all_reduce` bytes of torch's PowerSGD hook, on a "
         "real 2-rank gloo run) and checks the closed forms; section 5 is **measured** SVD time on this CPU. "
-        "Formulas: docstrings of `benchmarks/comm.py` and `benchmarks/comm_baselines.py`. MiB = 2^20 bytes; "
+        "Formulas: the docstring of `qgalore_dist/estimate/comm.py`. MiB = 2^20 bytes; "
         "exact bytes in `comm.json`; plot `comm.png`.", "",
         "- DDP-bf16: all-reduce of bf16 gradients, 2(N-1)/N * 2 * params. ZeRO-2: bf16 reduce-scatter + bf16 "
         "parameter all-gather, the same volume.",

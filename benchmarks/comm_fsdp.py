@@ -4,40 +4,12 @@ LLaMA 60M-7B at N = 8 and 64 shard ranks and on HSDP meshes R x S (replicas x sh
 FSDP2 + torchao ``AdamW8bit`` moves the same bytes as FSDP2 + AdamW (its 8-bit state is sharded
 like the parameters and never travels): that row, not a column of its own.
 
-Ring volumes per rank, as ``qgalore_dist.distributed.comm`` meters them: all-reduce of S bytes
-``2 (N-1)/N * S``, reduce-scatter / all-gather / broadcast / reduce ``(N-1)/N * S`` (S the whole
-gathered or scattered buffer, N the size of the group it runs in).
+Closed forms (ring volumes per rank, FSDP2's own collectives by kind and the package's by meter
+kind): ``qgalore_dist/estimate/comm_fsdp.py``, whose docstring has every formula.  n/a: shapes
+``check_shardable`` rejects (llama_1b at S > 1, llama_60m / llama_350m at S = 64).
 
-FSDP2 (torch 2.13: ``dist.all_gather_single`` / ``dist.reduce_scatter_single``, one call per
-``fully_shard`` group -- each decoder layer, and the root: embeddings, final norm, head -- and
-``dist.all_reduce`` across replicas on HSDP) moves dim-0 padded shards, ``ceil(d0/S) * rest``:
-``param_all_gather`` ``(S-1) * sum(shard bytes)`` per gather of a group, decoder layers twice a
-step (forward, and backward: ``reshard_after_forward=True``), the root once under FSDP2's default
-``reshard_after_forward=None`` (it stays unsharded into backward; ``shard_model`` keeps that
-default -- it passed ``True`` before, which gathered the root twice); ``grad_reduce_scatter`` ``(S-1) * sum(gradient shard bytes)``
-per group; ``grad_all_reduce`` (HSDP) ``2 (R-1)/R * sum(gradient shard bytes)``.
-
-* ``fsdp2_adamw``: fp32 parameters under ``MixedPrecisionPolicy(param_dtype=bf16,
-  reduce_dtype=bf16)``: parameters gathered and gradients reduced in bf16; AdamW is local.
-* ours (bf16 model): FSDP2 gathers each INT8 weight's uint8 codes (1 B) + fp32 scales and zeros
-  (2 * 4 B per 256 weights) and the bf16 dense tensors, and reduce-scatters only dense gradients
-  (uint8 codes have none: the layer hands its full gradient to the optimizer's sink).  The
-  package then sends, by meter kind (b = ``payload_dtype`` bytes, default fp32):
-    - ``lowrank_reduce``: right-projected matrices (all with ``"sharded"``, ``m >= n`` with
-      ``"std"``): reduce-scatter of the (m, r) rows in the shard group, ``(S-1)/S * m r b``, and on
-      HSDP an all-reduce of this rank's m/S rows across replicas, ``2 (R-1)/R * m r b / S``;
-      ``"std"``'s left-projected matrices (m < n: down_proj): (r, n) to the owner over the world,
-      ``(W-1)/W * r n b``, and ``update_gather``: the owner's (r, n) direction back, the same;
-    - ``control``: finite / has-gradient flags, an all-reduce over the world of
-      ``1 + 2 (#GaLore + #dense tensors)`` fp32 values (no clipping: ``max_grad_norm=0``);
-    - refresh step (every matrix refreshing; reported as the extra over a steady step): the fp32
-      (m, n) gradient to its owner over the world, ``(W-1)/W * m n 4`` (``full_grad_reduce``), and
-      ``proj_broadcast``: packed INT4 codes + fp32 scales/zeros per 256 + the fp64 schedule
-      ``8 (3 + queue_size)``, of ``n r`` (right) or ``m r`` (left) elements; left matrices then
-      skip their low-rank reduce.
-  n/a: shapes ``check_shardable`` rejects (llama_1b at S > 1, llama_60m / llama_350m at S = 64).
-
-Validation (counted): W gloo ranks (2: FSDP; 4: HSDP 2 x 2) train a small LlamaForCausalLM (hidden
+Validation (counted; harness ``tests/comm_fsdp_harness.py``, shared with
+``tests/unit/test_bench_comm_fsdp.py``): W gloo ranks (2: FSDP; 4: HSDP 2 x 2) train a small LlamaForCausalLM (hidden
 64, intermediate 160, 2 layers, odd vocab 127: padded shards) two steps (0: every projector
 refreshes, 1: steady) per case: FSDP2 + AdamW and ours (``"sharded"`` fp32 / bf16 payloads,
 ``"std"``).  Every ``torch.distributed`` collective (FSDP2 and the package look them up at call
@@ -54,144 +26,31 @@ Run from the repository root:  python benchmarks/comm_fsdp.py   (about 1-2 min o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
 _REPO = Path(__file__).resolve().parents[1]
-for _p in (_REPO, _REPO / "tests"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
 
 from benchmarks._common import RESULTS_DIR, environment, environment_md, write_outputs  # noqa: E402
-from benchmarks.comm import PAPER_RANK, meta_tensors, mib, model_tensors  # noqa: E402
-from benchmarks.comm_baselines import TINY_LLAMA, Tensors, numel, ring  # noqa: E402
-from qgalore_dist.distributed.comm import KINDS  # noqa: E402
-from qgalore_dist.quant import packed_numel  # noqa: E402
+from benchmarks.comm import PAPER_RANK, meta_tensors, mib  # noqa: E402
+from comm_fsdp_harness import OURS, validate  # noqa: E402  (tests/, on sys.path through _common)
+from qgalore_dist.estimate.comm import Tensors, numel  # noqa: E402
+from qgalore_dist.estimate.comm_fsdp import (DENSE_BYTES, GROUP_SIZE, OURS_ROOT_REGATHER,  # noqa: E402
+                                             baseline_step, fsdp2_traffic, fsdp_group, not_shardable,
+                                             ours_fsdp_params, ours_step)
 
 MODELS = tuple(PAPER_RANK)
 MESHES = ((1, 8), (1, 64), (2, 4), (8, 8))  # (replicas, shards): FSDP at 8 and 64 ranks, HSDP 2 x 4, 8 x 8
-FSDP2_KINDS = ("param_all_gather", "grad_reduce_scatter", "grad_all_reduce")
-OURS = {"ours_sharded": ("sharded", 4), "ours_sharded_bf16": ("sharded", 2), "ours_std": ("std", 4)}  # B/low-rank el.
-# shard_model leaves reshard_after_forward at FSDP2's default (None): the root stays unsharded into backward
-# and is gathered once, as the baseline's (the counted run checks it).
-OURS_ROOT_REGATHER = False
-DENSE_BYTES = 2          # bf16 dense parameters and gradients, ours and the baseline alike
-GROUP_SIZE = 256         # prepare_model's INT8 group size
-PROJ_BITS, PROJ_GROUP, QUEUE = 4, 256, 5   # QGaLoreConfig defaults
-TINY = {**TINY_LLAMA, "vocab_size": 127}   # odd vocab: padded embedding / head shards
-TINY_GALORE = dict(rank=8, group_size=64, proj_group=64)
-FsdpParam = tuple[str, tuple[int, ...], int, int]  # name, shape, gathered B per element, gradient B (0: none)
 
 
-# ----------------------------------------------------------------------------- closed forms
-def shard_numel(shape: Sequence[int], shards: int) -> int:
-    """Elements of one rank's FSDP2 shard: dim 0 padded to a multiple of ``shards``."""
-    return -(-shape[0] // shards) * numel(shape[1:])
-
-
-def fsdp_group(name: str) -> str:
-    """The ``fully_shard`` group of a parameter: its decoder layer, or the root."""
-    parts = name.split(".layers.")
-    return "root" if len(parts) == 1 else "layer" + parts[1].split(".")[0]
-
-
-def not_shardable(tensors: Tensors, shards: int, group_size: int = GROUP_SIZE) -> str | None:
-    """Why ``qgalore_dist.integrations.fsdp.check_shardable`` rejects these shapes, or None."""
-    for name, (m, n), _ in (t for t in tensors if t[2]):
-        if m % shards or ((m // shards) * n) % group_size:
-            return f"{name} ({m}x{n}) cannot be row-sharded over {shards} ranks without cutting a {group_size}-group"
-    return None
-
-
-def ours_fsdp_params(tensors: Tensors, group_size: int = GROUP_SIZE) -> list[FsdpParam]:
-    """What FSDP2 holds under ``shard_model``: per INT8 weight its uint8 codes and fp32
-    scales / zeros ((m n / group_size, 1) frozen Parameters), per dense tensor the bf16 tensor."""
-    out: list[FsdpParam] = []
-    for name, shape, galore in tensors:
-        if galore:
-            groups = numel(shape) // group_size
-            out += [(name, shape, 1, 0), (name + "_scales", (groups, 1), 4, 0), (name + "_zeros", (groups, 1), 4, 0)]
-        else:
-            out.append((name, shape, DENSE_BYTES, DENSE_BYTES))
-    return out
-
-
-def fsdp2_traffic(params: Sequence[FsdpParam], replicas: int, shards: int, *, root_regather: bool) -> dict[str, float]:
-    """FSDP2's own bytes per rank per step (module doc), by collective."""
-    if replicas < 1 or shards < 2:
-        raise ValueError(f"need replicas >= 1 and shards >= 2, got {replicas} x {shards}")
-    gathered, reduced = {}, {}  # one rank's shard bytes per group: parameters, gradients
-    for name, shape, b, grad_b in params:
-        key = fsdp_group(name)
-        gathered[key] = gathered.get(key, 0) + shard_numel(shape, shards) * b
-        reduced[key] = reduced.get(key, 0) + shard_numel(shape, shards) * grad_b
-    out = dict.fromkeys(FSDP2_KINDS, 0.0)
-    for key, shard_bytes in gathered.items():
-        gathers = 2 if key != "root" or root_regather else 1
-        out["param_all_gather"] += gathers * ring(shards) * (shards * shard_bytes)
-        if reduced[key]:
-            out["grad_reduce_scatter"] += ring(shards) * (shards * reduced[key])
-            if replicas > 1:
-                out["grad_all_reduce"] += 2 * ring(replicas) * reduced[key]
-    return out
-
-
-def _projector_bytes(elements: int, proj_bits: int, proj_group: int) -> int:
-    """One refresh's broadcast payload: packed codes, fp32 scales + zeros, fp64 schedule vector."""
-    return packed_numel(elements, proj_bits) + 2 * 4 * (elements // proj_group) + 8 * (3 + QUEUE)
-
-
-def package_traffic(tensors: Tensors, replicas: int, shards: int, *, rank: int, projection: str, payload: int,
-                    refresh: bool = False, proj_bits: int = PROJ_BITS,
-                    proj_group: int = PROJ_GROUP) -> dict[str, float]:
-    """The package's bytes per rank per step, by meter kind (module doc); ``refresh``: a step on
-    which every matrix refreshes."""
-    if projection not in ("sharded", "std"):
-        raise ValueError(f"projection must be 'sharded' or 'std', got {projection!r}")
-    world = replicas * shards
-    out = dict.fromkeys(KINDS, 0.0)
-    galore = [shape for _, shape, g in tensors if g]
-    for m, n in galore:
-        right = projection == "sharded" or m >= n
-        if right:
-            out["lowrank_reduce"] += ring(shards) * (m * rank * payload)
-            if replicas > 1:
-                out["lowrank_reduce"] += 2 * ring(replicas) * (m // shards * rank * payload)
-        else:
-            if not refresh:  # a refreshing left matrix is projected by its owner after the full reduce
-                out["lowrank_reduce"] += ring(world) * (rank * n * payload)
-            out["update_gather"] += ring(world) * (rank * n * payload)
-        if refresh:
-            out["full_grad_reduce"] += ring(world) * (m * n * 4)
-            out["proj_broadcast"] += ring(world) * _projector_bytes((n if right else m) * rank, proj_bits, proj_group)
-    n_dense = sum(1 for *_, g in tensors if not g)
-    out["control"] = 2 * ring(world) * (4 * (1 + 2 * (len(galore) + n_dense)))
-    return out
-
-
-def ours_step(tensors: Tensors, replicas: int, shards: int, *, rank: int, projection: str, payload: int,
-              refresh: bool = False, group_size: int = GROUP_SIZE, **proj: int) -> dict[str, Any]:
-    """FSDP2 + package bytes of one step of ours, by collective / kind, and their total."""
-    fsdp = fsdp2_traffic(ours_fsdp_params(tensors, group_size), replicas, shards, root_regather=OURS_ROOT_REGATHER)
-    package = package_traffic(tensors, replicas, shards, rank=rank, projection=projection, payload=payload,
-                              refresh=refresh, **proj)
-    return {"fsdp2": fsdp, "package": package, "total": sum(fsdp.values()) + sum(package.values())}
-
-
-def baseline_step(tensors: Tensors, replicas: int, shards: int) -> dict[str, Any]:
-    """FSDP2 + AdamW (bf16 mixed precision, FSDP2's default root rule); torchao AdamW8bit alike."""
-    params = [(name, shape, DENSE_BYTES, DENSE_BYTES) for name, shape, _ in tensors]  # bf16 gathers and grads
-    fsdp = fsdp2_traffic(params, replicas, shards, root_regather=False)
-    return {"fsdp2": fsdp, "package": dict.fromkeys(KINDS, 0.0), "total": sum(fsdp.values())}
-
-
+# ----------------------------------------------------------------------------- tables
 def _ours_cell(tensors: Tensors, replicas: int, shards: int, rank: int, projection: str, payload: int,
                baseline: float) -> dict[str, Any]:
     steady = ours_step(tensors, replicas, shards, rank=rank, projection=projection, payload=payload)
@@ -221,200 +80,6 @@ def model_rows(name: str, meshes: Sequence[tuple[int, int]] = MESHES) -> dict[st
     return out
 
 
-# ----------------------------------------------------------------------------- counted run
-_RING = {"all_gather_single": 1, "reduce_scatter_single": 1, "all_reduce": 2, "reduce_scatter": 1, "reduce": 1,
-         "broadcast": 1}
-_OTHER = ("all_gather_into_tensor", "reduce_scatter_tensor", "all_gather", "all_to_all_single", "all_to_all",
-          "scatter", "gather", "all_gather_object", "broadcast_object_list")  # counted as unexpected
-
-
-def _payload_bytes(op: str, args: tuple, kwargs: dict) -> int:
-    """The buffer S of the ring formula: gathered output, scattered input, or the reduced tensor."""
-    if op == "all_gather_single":
-        t = kwargs.get("output_tensor", args[0] if args else None)
-    elif op == "reduce_scatter_single":
-        t = kwargs.get("input", args[1] if len(args) > 1 else None)
-    elif op == "reduce_scatter":
-        return sum(x.numel() * x.element_size() for x in (args[1] if len(args) > 1 else kwargs["input_list"]))
-    else:
-        t = args[0] if args else next(iter(kwargs.values()))
-    return t.numel() * t.element_size() if torch.is_tensor(t) else 0
-
-
-def _from_package() -> bool:
-    """Whether ``qgalore_dist`` code is on the calling stack (then it is one of the package's collectives)."""
-    frame = sys._getframe(2)
-    while frame is not None and f"{os.sep}qgalore_dist{os.sep}" not in frame.f_code.co_filename:
-        frame = frame.f_back
-    return frame is not None
-
-
-@contextlib.contextmanager
-def counting_collectives() -> Iterator[dict[str, Any]]:
-    """Wrap the ``torch.distributed`` collectives; yields ``{"phase": str, "calls": [...]}`` (set
-    ``phase`` to tag later calls); a call is ``(phase, source, op, group size, payload, ring bytes)``,
-    source ``package`` when made from ``qgalore_dist`` code, else ``torch`` (FSDP2, the optimizer)."""
-    import torch.distributed as dist
-
-    state: dict[str, Any] = {"phase": "other", "calls": []}
-    originals = {op: getattr(dist, op) for op in (*_RING, *_OTHER) if hasattr(dist, op)}
-
-    def wrap(op: str, fn):
-        def counted(*args, **kwargs):
-            size, source = dist.get_world_size(kwargs.get("group")), "package" if _from_package() else "torch"
-            payload = _payload_bytes(op, args, kwargs) if op in _RING else 0
-            state["calls"].append((state["phase"], source, op, size, payload, _RING.get(op, 0) * ring(size) * payload))
-            return fn(*args, **kwargs)
-        return counted
-
-    for op, fn in originals.items():
-        setattr(dist, op, wrap(op, fn))
-    try:
-        yield state
-    finally:
-        for op, fn in originals.items():
-            setattr(dist, op, fn)
-
-
-def _build_case(case: str, mesh, torchao_site: str | None):
-    """(model, optimizer, the optimizer's Collectives) of one case on ``mesh``."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from qgalore_dist import QGaLoreConfig, prepare_model
-    from qgalore_dist.integrations.fsdp import fully_shard_qgalore
-
-    torch.manual_seed(0)
-    if case.startswith("fsdp2_"):
-        model = LlamaForCausalLM(LlamaConfig(**TINY))
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
-        if case == "fsdp2_torchao_adamw8bit":
-            # private inductor cache: from the shared one a rank loaded a step built for 64-row shards, not 63
-            cache = tempfile.TemporaryDirectory(prefix="comm_fsdp_inductor_")  # removed with the optimizer
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
-            sys.path.insert(0, torchao_site)
-            from torchao.optim import AdamW8bit
-
-            opt = AdamW8bit(model.parameters(), lr=1e-3)
-            opt.inductor_cache = cache
-            return model, opt, []
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-3), []
-    projection, payload = OURS[case]
-    model = LlamaForCausalLM(LlamaConfig(**TINY)).to(torch.bfloat16)
-    prepare_model(model, group_size=TINY_GALORE["group_size"])
-    config = QGaLoreConfig(lr=0.01, rank=TINY_GALORE["rank"], update_proj_gap=100, payload_dtype={4: "float32",
-                           2: "bfloat16"}[payload], proj_group_size=TINY_GALORE["proj_group"])
-    model, opt = fully_shard_qgalore(model, config, mesh, projection=projection)
-    comms = list({id(c): c for c in (opt.comm, opt.shard_comm, opt.replicate_comm) if c is not None}.values())
-    for comm in comms:  # close the constructor's agreement checks (control traffic, not a step's)
-        comm.meter.end_step()
-    return model, opt, comms
-
-
-def _run_case(case: str, mesh, rank: int, counter: dict[str, Any], torchao_site: str | None) -> list[dict[str, Any]]:
-    """Two steps (0: every projector refreshes, 1: steady); per step the counted calls and the meter."""
-    model, opt, comms = _build_case(case, mesh, torchao_site)
-    data = torch.randint(0, TINY["vocab_size"], (2, 2, 16), generator=torch.Generator().manual_seed(1234 + rank))
-    steps = []
-    for step in range(2):
-        counter.update(calls=[], phase="forward")
-        loss = model(input_ids=data[step], labels=data[step]).loss
-        counter["phase"] = "backward"
-        loss.backward()
-        counter["phase"] = "step"
-        opt.step()
-        counter["phase"] = "other"
-        opt.zero_grad()
-        meter = {k: sum(c.meter.last_step[k]["bytes"] for c in comms) for k in KINDS}
-        steps.append({"calls": list(counter["calls"]), "meter": meter, "svds": getattr(opt, "svds_last_step", None),
-                      "state": _state_kind(opt)})
-    return steps
-
-
-def _state_kind(opt) -> str:
-    """Type of the first ``exp_avg`` in the optimizer's state (a DTensor's: with its local shard's)."""
-    moment = next((s["exp_avg"] for s in opt.state.values() if "exp_avg" in s), None)
-    return type(moment).__name__ + (f"[{type(moment.to_local()).__name__}]" if hasattr(moment, "to_local") else "")
-
-
-def _count_rank(rank: int, world: int, mesh_shape: tuple[int, ...], cases: tuple[str, ...],
-                torchao_site: str | None) -> dict[str, Any]:
-    """Inside the process group (``dist_harness.run_distributed``): every case, counted."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard")[-len(mesh_shape):])
-    with counting_collectives() as counter:
-        return {case: _run_case(case, mesh, rank, counter, torchao_site) for case in cases}
-
-
-_FSDP2_OP = {"all_gather_single": "param_all_gather", "reduce_scatter_single": "grad_reduce_scatter",
-             "all_reduce": "grad_all_reduce"}
-_PACKAGE_OPS = ("all_reduce", "reduce_scatter", "reduce", "broadcast")
-
-
-def _counted(calls: list) -> dict[str, Any]:
-    """Counted ring bytes: FSDP2's (torch's, in forward + backward) by collective, the package's
-    total, and any other call (``unexpected``: e.g. torch collectives inside ``step()``)."""
-    fsdp, n_calls = dict.fromkeys(FSDP2_KINDS, 0.0), dict.fromkeys(FSDP2_KINDS, 0)
-    package, package_calls, unexpected = 0.0, 0, []
-    for phase, source, op, size, _, nbytes in calls:
-        if source == "torch" and phase in ("forward", "backward") and op in _FSDP2_OP:
-            fsdp[_FSDP2_OP[op]] += nbytes
-            n_calls[_FSDP2_OP[op]] += 1
-        elif source == "package" and op in _PACKAGE_OPS:
-            package += nbytes
-            package_calls += 1
-        else:
-            unexpected.append(f"{op} from {source} in {phase} (group of {size})")
-    return {"fsdp2": fsdp, "fsdp2_calls": n_calls, "package": package, "package_calls": package_calls,
-            "unexpected": unexpected}
-
-
-def _predicted(case: str, replicas: int, shards: int, refresh: bool) -> dict[str, Any]:
-    """The closed form on the validation model's shapes (a meta-device instance)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    with torch.device("meta"):
-        tensors = model_tensors(LlamaForCausalLM(LlamaConfig(**TINY)))
-    if case.startswith("fsdp2_"):
-        return baseline_step(tensors, replicas, shards)
-    projection, payload = OURS[case]
-    return ours_step(tensors, replicas, shards, rank=TINY_GALORE["rank"], projection=projection, payload=payload,
-                     refresh=refresh, group_size=TINY_GALORE["group_size"], proj_group=TINY_GALORE["proj_group"])
-
-
-def check_case(case: str, per_rank: list[list[dict[str, Any]]], replicas: int, shards: int) -> list[dict[str, Any]]:
-    """Per step and rank: counted FSDP2 bytes vs closed form, meter and counted package bytes vs
-    the package closed form; ``exact`` when all are equal and nothing unexpected ran."""
-    out = []
-    for step in range(2):
-        predicted = _predicted(case, replicas, shards, refresh=step == 0)
-        ranks = []
-        for steps in per_rank:
-            got, meter = _counted(steps[step]["calls"]), steps[step]["meter"]
-            exact = (got["fsdp2"] == predicted["fsdp2"] and meter == predicted["package"]
-                     and got["package"] == sum(predicted["package"].values()) and not got["unexpected"])
-            ranks.append({**got, **{k: steps[step][k] for k in ("meter", "svds", "state")}, "exact": exact})
-        out.append({"step": step, "kind": "steady" if step else "first" if case.startswith("fsdp2_") else "refresh all",
-                    "predicted": predicted, "ranks": ranks, "exact": all(r["exact"] for r in ranks)})
-    return out
-
-
-def validate(mesh_shape: tuple[int, ...], cases: Sequence[str], torchao_site: str | None = None) -> dict[str, Any]:
-    """One gloo launch of ``prod(mesh_shape)`` ranks running every case, checked (``check_case``)."""
-    from dist_harness import run_distributed
-
-    replicas, shards = (1, *mesh_shape)[-2:]
-    start, world = time.perf_counter(), replicas * shards
-    results = run_distributed(_count_rank, world, tuple(mesh_shape), tuple(cases), torchao_site, timeout_s=300)
-    runs = {case: check_case(case, [r[case] for r in results], replicas, shards) for case in cases}
-    return {"mesh": f"{replicas}x{shards}", "world": world, "runs": runs, "wall_s": time.perf_counter() - start,
-            "exact": all(s["exact"] for steps in runs.values() for s in steps)}
-
-
 # ----------------------------------------------------------------------------- report
 def _md_header(p: dict[str, Any]) -> list[str]:
     return [
@@ -425,7 +90,7 @@ def _md_header(p: dict[str, Any]) -> list[str]:
         "Sections 1-2: **closed form** (meta-device shapes of `configs/models/*.json`, paper GaLore ranks); section "
         "4 **counts** every `torch.distributed` call of real gloo runs against it. Ring volumes per rank (all-reduce "
         "2(N-1)/N * S, the others (N-1)/N * S, N the group's size); MiB = 2^20 B; formulas: the docstring of "
-        "`benchmarks/comm_fsdp.py`; exact bytes: `comm_fsdp.json`. Mesh R x S: R replicas (HSDP), S shards.", "",
+        "`qgalore_dist/estimate/comm_fsdp.py`; exact bytes: `comm_fsdp.json`. Mesh R x S: R replicas (HSDP), S shards.", "",
         "- **FSDP2 + AdamW**: fp32 parameters, bf16 `MixedPrecisionPolicy` (gathers and gradients in bf16), FSDP2's "
         "default root rule (root gathered once, layers twice). **FSDP2 + torchao AdamW8bit moves exactly the same "
         "bytes** (its state is sharded and never travels), hence no column of its own (section 5).",

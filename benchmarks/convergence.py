@@ -64,8 +64,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, RESULTS_DIR, environment, environment_md, load_config, write_outputs  # noqa: E402
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+from benchmarks._common import REPO, RESULTS_DIR, environment, environment_md, load_config, write_outputs  # noqa: E402
 
 DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "corpus"
 RUNS = ("adamw", "galore", "ours_fp", "ours_q", "ours_zero2", "ours_dp", "ours_dp_int8")

@@ -4,31 +4,12 @@ What is measured
     For each model the parameter shapes come from ``LlamaForCausalLM`` built on
     ``torch.device('meta')`` (nothing is allocated); GaLore matrices are the ``nn.Linear`` layers
     named q/k/v/o/gate/up/down_proj (Q-GaLore's ``target_modules``; for these LLaMAs the same
-    set as GaLore's "attn"/"mlp" rule).  Each approach's bytes are then a closed form per tensor:
-
-    * ``adamw``            bf16 weights, fp32 m and v (10 B/param).
-    * ``adamw_bf16``       bf16 weights, bf16 m and v (6 B/param): the convention closest to
-                           GaLore's Table 2 "Full-Rank" estimates (exact at 350M).
-    * ``adamw8bit``        bitsandbytes AdamW8bit: bf16 weights; m, v 8-bit block-wise (1 B each
-                           + one fp32 absmax per 256-element block); tensors under 4096 elements
-                           keep fp32 m, v (bnb's ``min_8bit_size``).
-    * ``galore_bf16``      GaLore AdamW (the GaLore paper's estimate): bf16 weights, bf16 low-rank
-                           m, v (max(m,n)*r each), bf16 projector min(m,n)*r, bf16 dense m, v.
-    * ``galore8bit``       galore_torch GaLoreAdamW8bit: bf16 weights, bnb 8-bit low-rank m, v,
-                           bf16 projector, bnb 8-bit dense m, v.
-    * ``qgalore_ref``      the Q-GaLore reference code as it stores things: INT8 codes + bf16
-                           scales/zeros per 256 (bf16 after the first step), projector codes one
-                           per byte (not packed) + bf16 scales/zeros per 256, bf16 first singular
-                           vector, bnb 8-bit low-rank and dense m, v, bf16 other weights.
-    * ``qgalore_dist``     this package's QGaLoreAdamW8bit: INT8 codes + fp32 scales/zeros per
-                           256, bf16 other weights, INT4 projector packed two per byte + fp32
-                           scales/zeros per 256, fp32 first singular vector (adaptive schedule),
-                           8-bit low-rank and dense m, v (+ fp32 absmax per 256; fp32 m, v under
-                           4096 elements).
-
-    Not included anywhere: gradients, activations, temporaries (SVD workspaces, dequantized
-    weights), the 2 x 256 fp32 quantile maps shared by all 8-bit states, and the model's two
-    fp32 RoPE buffers (head_dim/2 floats each).
+    set as GaLore's "attn"/"mlp" rule; ``qgalore_dist.estimate.model`` derives the same list from
+    the config alone, checked here on every config).  Each approach's bytes are then a closed
+    form per tensor: ``qgalore_dist.estimate.states`` (its docstring lists the approaches:
+    AdamW fp32 / bf16 states, bnb AdamW8bit, GaLore bf16 / 8-bit, the Q-GaLore reference as
+    stored, and qgalore-dist).  Not included anywhere: gradients, activations, temporaries, the
+    shared 8-bit quantile maps and the RoPE buffers.
 
 Validation
     A tiny real model (``llama_9m`` shapes, small vocab) is converted with ``prepare_model``,
@@ -37,7 +18,7 @@ Validation
     zeros / past vector) are compared, component by component, with the ``qgalore_dist`` formula
     evaluated on the meta-device shapes of the same config.
 
-Per rank (``benchmarks/memory_ranks.py``, whose docstring has the conventions)
+Per rank (``benchmarks/memory_ranks.py``; conventions and formulas: ``qgalore_dist/estimate/ranks.py``)
     Weights, gradients, optimizer, projectors, communication buffers and peak on the most loaded
     of N = 1, 2, 4, 8, 64 ranks, ours vs. DDP/ZeRO-2 baselines; the 7B-at-8-ranks target; a PNG;
     and the accounting checked against the measured RSS of 2 gloo ranks (exit code 1 if outside).
@@ -52,9 +33,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -62,11 +43,13 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-from benchmarks._common import RESULTS_DIR, environment, environment_md, load_config, write_outputs  # noqa: E402
+from benchmarks import memory_fsdp, memory_ranks, memory_rss  # noqa: E402
+from benchmarks._common import (RESULTS_DIR, environment, environment_md, load_config, meta_model,  # noqa: E402
+                                write_outputs)
 from qgalore_dist.core import DEFAULT_TARGET_MODULES  # noqa: E402
-from qgalore_dist.quant import packed_numel  # noqa: E402
-
-GiB = 2**30
+from qgalore_dist.estimate.model import Layout, Tensor, model_shapes, model_tensors, param_counts  # noqa: E402
+from qgalore_dist.estimate.states import (APPROACHES, GiB, account, lowrank_numel,  # noqa: E402
+                                          qgalore_dist_components, sum_dicts)
 
 # Ranks of the GaLore / Q-GaLore C4 scripts (reference doc section 3.2/3.3); the papers use 512 at 1B.
 SCRIPT_RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 1024, "llama_7b": 1024}
@@ -88,162 +71,13 @@ PAPER_GB = {
 }
 
 
-@dataclass(frozen=True)
-class Tensor:
-    """One parameter: its name, shape and whether it is a GaLore matrix."""
-
-    name: str
-    shape: tuple[int, ...]
-    galore: bool
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Storage constants shared by the formulas."""
-
-    rank: int
-    state_block: int = 256       # elements per absmax block of 8-bit moments (bnb 0.50 and qgalore_dist)
-    min_8bit_size: int = 4096    # tensors with fewer elements keep fp32 moments
-    weight_group: int = 256      # INT8 weight group size
-    proj_group: int = 256        # projector quantization group size
-    proj_bits: int = 4
-    dense_bytes: int = 2         # bytes per element of non-GaLore weights (bf16)
-    adaptive: bool = True        # qgalore_dist keeps the previous first singular vector only when adaptive
-
-
-# ----------------------------------------------------------------------------- shapes
-def meta_model(config) -> torch.nn.Module:
-    """``LlamaForCausalLM(config)`` on the meta device (shapes only, no memory)."""
-    from transformers import LlamaForCausalLM
-
-    with torch.device("meta"):
-        return LlamaForCausalLM(config)
-
-
-def model_tensors(model: torch.nn.Module) -> list[Tensor]:
-    """Every parameter of ``model``, GaLore matrices being the target ``nn.Linear`` weights."""
+# ----------------------------------------------------------------------------- shapes of the real model
+def meta_tensors(model: torch.nn.Module) -> list[Tensor]:
+    """Every parameter of a (meta-device) HF model, GaLore matrices being the target ``nn.Linear``
+    weights: what ``qgalore_dist.estimate.model.model_tensors`` must reproduce from the config."""
     galore = {f"{name}.weight" for name, mod in model.named_modules()
               if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in DEFAULT_TARGET_MODULES}
     return [Tensor(n, tuple(p.shape), n in galore) for n, p in model.named_parameters()]
-
-
-def param_counts(tensors: list[Tensor]) -> dict[str, int]:
-    """Total, GaLore-managed and embedding + head parameter counts."""
-    return {
-        "total": sum(t.numel for t in tensors),
-        "galore": sum(t.numel for t in tensors if t.galore),
-        "embed_head": sum(t.numel for t in tensors if t.name.endswith(("embed_tokens.weight", "lm_head.weight"))),
-    }
-
-
-# ----------------------------------------------------------------------------- per-tensor closed forms
-def moment_8bit_bytes(numel: int, lay: Layout) -> int:
-    """One block-wise 8-bit moment: codes + fp32 absmax per block; fp32 under ``min_8bit_size``."""
-    if numel < lay.min_8bit_size:
-        return 4 * numel
-    return numel + 4 * math.ceil(numel / lay.state_block)
-
-
-def lowrank_numel(shape: tuple[int, ...], rank: int) -> int:
-    """Elements of the low-rank gradient / moments: max(m, n) * r (proj_type std)."""
-    return max(shape) * rank
-
-
-def proj_numel(shape: tuple[int, ...], rank: int) -> int:
-    """Elements of the projector: min(m, n) * r (proj_type std)."""
-    return min(shape) * rank
-
-
-def adamw(t: Tensor, lay: Layout) -> dict[str, int]:
-    return {"weights": 2 * t.numel, "state": 8 * t.numel}
-
-
-def adamw_bf16(t: Tensor, lay: Layout) -> dict[str, int]:
-    return {"weights": 2 * t.numel, "state": 4 * t.numel}
-
-
-def adamw8bit(t: Tensor, lay: Layout) -> dict[str, int]:
-    return {"weights": 2 * t.numel, "state": 2 * moment_8bit_bytes(t.numel, lay)}
-
-
-def galore_bf16(t: Tensor, lay: Layout) -> dict[str, int]:
-    if not t.galore:
-        return adamw_bf16(t, lay)
-    return {"weights": 2 * t.numel, "state": 4 * lowrank_numel(t.shape, lay.rank),
-            "projector": 2 * proj_numel(t.shape, lay.rank)}
-
-
-def galore8bit(t: Tensor, lay: Layout) -> dict[str, int]:
-    if not t.galore:
-        return adamw8bit(t, lay)
-    return {"weights": 2 * t.numel, "state": 2 * moment_8bit_bytes(lowrank_numel(t.shape, lay.rank), lay),
-            "projector": 2 * proj_numel(t.shape, lay.rank)}
-
-
-def qgalore_ref(t: Tensor, lay: Layout) -> dict[str, int]:
-    if not t.galore:
-        return adamw8bit(t, lay)
-    pn = proj_numel(t.shape, lay.rank)
-    return {
-        "weights": t.numel + 2 * 2 * (t.numel // lay.weight_group),
-        "state": 2 * moment_8bit_bytes(lowrank_numel(t.shape, lay.rank), lay),
-        "projector": pn + 2 * 2 * (pn // lay.proj_group) + 2 * min(t.shape),
-    }
-
-
-def qgalore_dist_components(t: Tensor, lay: Layout) -> dict[str, int]:
-    """qgalore_dist, broken down exactly as the validation measures the real objects."""
-    if not t.galore:
-        return {"dense_weights": lay.dense_bytes * t.numel, "dense_state": 2 * moment_8bit_bytes(t.numel, lay)}
-    pn = proj_numel(t.shape, lay.rank)
-    return {
-        "int8_codes": t.numel,
-        "int8_scales_zeros": 2 * 4 * (t.numel // lay.weight_group),
-        "lowrank_state": 2 * moment_8bit_bytes(lowrank_numel(t.shape, lay.rank), lay),
-        "proj_codes": packed_numel(pn, lay.proj_bits),
-        "proj_scales_zeros": 2 * 4 * (pn // lay.proj_group),
-        "proj_past_vector": 4 * min(t.shape) if lay.adaptive else 0,
-    }
-
-
-_QGD_GROUPS = {"weights": ("dense_weights", "int8_codes", "int8_scales_zeros"),
-               "state": ("dense_state", "lowrank_state"),
-               "projector": ("proj_codes", "proj_scales_zeros", "proj_past_vector")}
-
-
-def qgalore_dist(t: Tensor, lay: Layout) -> dict[str, int]:
-    comp = qgalore_dist_components(t, lay)
-    return {k: sum(comp.get(c, 0) for c in cs) for k, cs in _QGD_GROUPS.items()}
-
-
-APPROACHES: dict[str, tuple[str, Callable[[Tensor, Layout], dict[str, int]]]] = {
-    "adamw": ("AdamW: bf16 weights, fp32 m+v", adamw),
-    "adamw_bf16": ("AdamW: bf16 weights, bf16 m+v (GaLore-paper convention)", adamw_bf16),
-    "adamw8bit": ("bnb AdamW8bit: bf16 weights, 8-bit m+v", adamw8bit),
-    "galore_bf16": ("GaLore AdamW: bf16 weights, bf16 low-rank m+v, bf16 P", galore_bf16),
-    "galore8bit": ("GaLore AdamW8bit: bf16 weights, 8-bit low-rank m+v, bf16 P", galore8bit),
-    "qgalore_ref": ("Q-GaLore reference as stored: INT8 W (bf16 scales), INT4 P one code/byte", qgalore_ref),
-    "qgalore_dist": ("qgalore-dist QGaLoreAdamW8bit: INT8 W (fp32 scales), INT4 P packed, 8-bit m+v", qgalore_dist),
-}
-
-
-def sum_dicts(parts: list[dict[str, int]]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for part in parts:
-        for k, v in part.items():
-            out[k] = out.get(k, 0) + v
-    return out
-
-
-def account(tensors: list[Tensor], lay: Layout, fn: Callable[[Tensor, Layout], dict[str, int]]) -> dict[str, int]:
-    """Sum a per-tensor closed form over the model; adds ``total``."""
-    out = {"weights": 0, "state": 0, "projector": 0, **sum_dicts([fn(t, lay) for t in tensors])}
-    out["total"] = sum(v for k, v in out.items())
-    return out
 
 
 # Reference doc section 3.1: hidden, intermediate, heads, layers, vocab, max_seq.
@@ -265,10 +99,13 @@ def config_checks() -> list[dict[str, Any]]:
         fixed = (c.hidden_act == "silu" and c.rms_norm_eps == 1e-6 and c.initializer_range == 0.02
                  and c.bos_token_id == 0 and c.eos_token_id == 1 and c.pad_token_id is None
                  and not c.tie_word_embeddings)
-        counts = param_counts(model_tensors(meta_model(c)))
+        meta = meta_tensors(meta_model(c))
+        counts = param_counts(meta)
         out.append({"config": name, "fields": dict(zip(("hidden", "intermediate", "heads", "layers", "vocab",
                                                         "max_position_embeddings"), got)),
-                    "matches_doc_table": got == expected and fixed, "params": counts})
+                    "matches_doc_table": got == expected and fixed, "params": counts,
+                    # the estimator's shapes, from the config alone, are the HF model's
+                    "estimate_shapes_match": model_tensors(c.to_dict()) == meta})
     return out
 
 
@@ -277,8 +114,7 @@ def model_rows(models: list[str], ranks: dict[str, int]) -> list[dict[str, Any]]
     """Per model: parameter counts (checked against the doc) and bytes per approach."""
     rows = []
     for name, rank in ((m, ranks[m]) for m in models):
-        config = load_config(name.split("@")[0])
-        tensors = model_tensors(meta_model(config))
+        tensors = list(model_shapes(name.split("@")[0], rank).tensors)
         counts = param_counts(tensors)
         lay = Layout(rank=rank)
         row = {"model": name, "rank": rank, "params": counts,
@@ -348,7 +184,7 @@ def validate(config_name: str, vocab: int, rank: int, dtype: torch.dtype, seed: 
 
     measured = measure_real(model, opt)
     shapes = meta_model(config).to(dtype)  # .to(dtype) casts the RoPE buffers as it did the real model's
-    tensors = model_tensors(shapes)
+    tensors = model_tensors(config.to_dict())
     formula = sum_dicts([qgalore_dist_components(t, lay) for t in tensors])
     formula["other_buffers"] = sum(b.numel() * b.element_size() for b in shapes.buffers())
     formula["unaccounted_state"] = 0
@@ -463,28 +299,26 @@ NOTES = [
 
 # ----------------------------------------------------------------------------- per rank (memory_ranks.py)
 def per_rank_payload(models: list[str], ranks: dict[str, int], skip_rss: bool) -> dict[str, Any]:
-    """Per-rank tables, 7B target verdict, RSS validation (lazy import: memory_ranks imports us)."""
-    from benchmarks import memory_fsdp as mf, memory_ranks as mr, memory_rss
-
-    rows, buckets = mr.per_rank_rows(models, ranks), mr.ZeroBuckets.from_ds_config()
-    rss = {"ran": False, "ok": True, "reason": "--skip-rss-validation"} if skip_rss else memory_rss.rss_validation()
-    fsdp = {"ran": False, "ok": True, "reason": "--skip-rss-validation"} if skip_rss else mf.validate_fsdp()
+    """Per-rank tables, 7B target verdicts, RSS and FSDP2 validations."""
+    mr = memory_ranks
+    rows, buckets = mr.per_rank_rows(models, ranks), mr.zero2_buckets()
+    skipped = {"ran": False, "ok": True, "reason": "--skip-rss-validation"}
+    rss = skipped if skip_rss else memory_rss.rss_validation()
+    fsdp = skipped if skip_rss else memory_fsdp.validate_fsdp()
     return {"per_rank": rows, "per_rank_approaches": {k: d for k, (d, _) in mr.approaches(buckets).items()},
-            "per_rank_doc": mr.__doc__, "rss_doc": memory_rss.__doc__, "per_rank_fsdp2_doc": mf.__doc__, "zero2_buckets": asdict(buckets),
-            "target": mr.target_verdict(rows), "rss_validation": rss,
-            "target_fsdp2": mf.fsdp_target(rows), "fsdp2_validation": fsdp}
+            "per_rank_doc": mr.RANKS_DOC, "rss_doc": memory_rss.__doc__, "per_rank_fsdp2_doc": mr.FSDP_DOC,
+            "zero2_buckets": asdict(buckets), "target": mr.target_verdict(rows), "rss_validation": rss,
+            "target_fsdp2": mr.fsdp_target(rows), "fsdp2_validation": fsdp}
 
 
 def per_rank_markdown(payload: dict[str, Any]) -> list[str]:
-    from benchmarks.memory_fsdp import fsdp_markdown
-    from benchmarks.memory_rss import rss_markdown
-
+    fsdp_markdown, rss_markdown = memory_fsdp.fsdp_markdown, memory_rss.rss_markdown
     rows, t, zb = payload["per_rank"], payload["target"], payload["zero2_buckets"]
     worlds = list(rows[0]["approaches"]["ddp_adamw"])
     lines = ["## Memory per rank (closed form, the most loaded rank), GiB", "",
              "model states = weights + gradients + optimizer + projectors; peak = model states + communication "
              "buffers + largest temporary. No activations, no library scratch. Conventions and every formula: "
-             "docstring of `benchmarks/memory_ranks.py`; ZeRO-2 reduce buckets from `configs/ds/zero2_bf16.json`: "
+             "docstrings of `qgalore_dist/estimate/ranks.py` and `fsdp.py`; ZeRO-2 reduce buckets from `configs/ds/zero2_bf16.json`: "
              f"{zb['reduce_bucket_size']:,} elements x {2 if zb['overlap_comm'] else 1} (overlap_comm) x bf16. "
              "`ours_*_refresh`: a step on which every GaLore matrix refreshes (step 0, and while the adaptive "
              "schedules coincide).", ""]
@@ -534,7 +368,7 @@ def plot_per_rank(rows: list[dict[str, Any]], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.memory_ranks import TARGET_GIB, TARGET_MODEL
+    TARGET_GIB, TARGET_MODEL = memory_ranks.TARGET_GIB, memory_ranks.TARGET_MODEL
 
     row = next((r for r in rows if r["model"] == TARGET_MODEL), None)
     if row is None:

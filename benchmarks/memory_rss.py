@@ -1,5 +1,5 @@
-"""Memory per rank of ``benchmarks/memory_ranks.py``'s ``ours`` accounting, checked against the
-resident set size of real gloo ranks.
+"""Memory per rank of ``qgalore_dist.estimate.ranks``' ``ours`` accounting (torch.distributed),
+checked against the resident set size of real gloo ranks.
 
 Validation (``rss_validation``)
     A 2-layer model with llama_60m widths trains three steps (refresh, steady, refresh) on 2 gloo
@@ -22,9 +22,10 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks._common import load_config
-from benchmarks.memory import meta_model
-from benchmarks.memory_ranks import MiB, Shapes, dense_owners, galore_owners, model_shapes, ours_rank_bytes
+from benchmarks._common import load_config, meta_model
+from qgalore_dist.estimate.model import Shapes, model_shapes
+from qgalore_dist.estimate.ranks import dense_owners, galore_owners, ours_rank_bytes
+from qgalore_dist.estimate.states import MiB
 from qgalore_dist.optim import QGaLoreConfig
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
-"""benchmarks/comm_fsdp.py: the FSDP2 / HSDP bytes-per-step closed forms, by hand on a one-matrix
+"""``qgalore_dist.estimate.comm_fsdp`` (the figures of ``benchmarks/comm_fsdp.py``): the FSDP2 / HSDP bytes-per-step closed forms, by hand on a one-matrix
 model, and against every collective counted on real gloo runs (2 ranks FSDP2, 4 ranks HSDP 2 x 2)."""
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks import comm_fsdp as C
+import comm_fsdp_harness
+from qgalore_dist.estimate import comm_fsdp as C
 
 # One decoder layer with a 64 x 32 INT8 matrix and a 32-element norm, and a 10 x 32 embedding in
 # the root (10 rows over 4 shards: padded to 3 rows each).  INT8 groups of 64, GaLore rank 8.
@@ -56,7 +57,7 @@ def test_hsdp_replica_terms_only_with_replicas():
 @pytest.mark.parametrize("mesh,cases", [((2,), ("fsdp2_adamw", "ours_sharded")), ((2, 2), ("ours_std",))],
                          ids=["fsdp2-2-ranks", "hsdp-2x2"])
 def test_closed_form_equals_counted_bytes(mesh, cases):
-    v = C.validate(mesh, cases)
+    v = comm_fsdp_harness.validate(mesh, cases)
     for case, steps in v["runs"].items():
         for s in steps:
             for r in s["ranks"]:

@@ -1,19 +1,16 @@
-"""benchmarks/memory_ranks.py's per-rank accounting: at one rank it is the single-rank total that
-benchmarks/memory.py validates byte for byte; sharded state summed over ranks is the unsharded
-state; ZeRO-2 + AdamW is DeepSpeed's own estimate (the 26.7 GB of the 7B target)."""
+"""``qgalore_dist.estimate``'s per-rank accounting (the figures of ``benchmarks/memory.py``): at one rank
+it is the single-rank total that the benchmark validates byte for byte; sharded state summed over
+ranks is the unsharded state; ZeRO-2 + AdamW is DeepSpeed's own estimate (the 26.7 GB of the 7B
+target)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from qgalore_dist.estimate import fsdp as mf, ranks as mr, states as memory
+from qgalore_dist.estimate.model import model_shapes
 
-from benchmarks import memory, memory_ranks as mr  # noqa: E402
-
-SHAPES = mr.model_shapes("llama_60m", rank=128)
+SHAPES = model_shapes("llama_60m", rank=128)
 
 
 def test_one_rank_is_the_validated_single_rank_total():
@@ -52,7 +49,7 @@ def test_overlap_keeps_one_copy_of_the_gradients_over_all_ranks(world):
     of local gradients being filled, low-rank and dense alike, so over all ranks the owned parts
     add up to exactly one copy of every gradient."""
     def one_bucket(elements: list[int], elem_bytes: int) -> int:
-        return mr._bucket(elem_bytes * sum(elements), elem_bytes * max(elements), mr._bucket_cap())
+        return mr.bucket(elem_bytes * sum(elements), elem_bytes * max(elements), mr.bucket_cap())
 
     lowrank = [memory.lowrank_numel(t.shape, SHAPES.lay.rank) for t in SHAPES.galore]
     dense = [t.numel for t in SHAPES.dense]
@@ -63,11 +60,11 @@ def test_overlap_keeps_one_copy_of_the_gradients_over_all_ranks(world):
     assert all(o.optimizer == p.optimizer and o.weights == p.weights for o, p in zip(overlap, plain))
     # llama_60m's low-rank gradients fit in one 25 MiB bucket (no saving there); 7B's are 24 GiB:
     assert one_bucket(lowrank, 4) == 4 * sum(lowrank)
-    big = mr.model_shapes("llama_7b", rank=1024)
+    big = model_shapes("llama_7b", rank=1024)
     big_lowrank = [memory.lowrank_numel(t.shape, 1024) for t in big.galore]
-    saved = [mr.ours_rank_bytes(big, world, r, steady=True, zero=mr.ZeroBuckets.from_ds_config()).gradients
+    saved = [mr.ours_rank_bytes(big, world, r, steady=True, zero=mr.ZeroBuckets()).gradients
              - mr.ours_rank_bytes(big, world, r, steady=True, overlap=True,
-                                  zero=mr.ZeroBuckets.from_ds_config()).gradients for r in range(world)]
+                                  zero=mr.ZeroBuckets()).gradients for r in range(world)]
     assert one_bucket(big_lowrank, 4) < 4 * sum(big_lowrank) / 100 and min(saved) > 0
     assert sum(saved) == (world - 1) * 4 * sum(big_lowrank) - world * one_bucket(big_lowrank, 4)
     # refresh steps are not overlapped: the same bytes
@@ -81,19 +78,26 @@ def test_dense_owners_cover_every_dense_tensor_once():
     assert set(owners.values()) <= {0, 1, 2}
 
 
+def test_default_zero_buckets_are_the_repositorys_ds_configs(repo_root):
+    assert mr.ZeroBuckets() == mr.ZeroBuckets.from_ds_config(repo_root / "configs" / "ds" / "zero2_bf16.json")
+    assert mr.ZERO3_DEFAULT == mr.ZeroBuckets.from_ds_config(repo_root / "configs" / "ds" / "zero3_bf16.json", stage=3)
+    with pytest.raises(ValueError, match="stage-2"):
+        mr.ZeroBuckets.from_ds_config(repo_root / "configs" / "ds" / "zero3_bf16.json")
+
+
 def test_zero2_adamw_is_deepspeeds_estimate_for_7b_at_8_ranks():
-    shapes = mr.model_shapes("llama_7b", rank=1024)
-    zero = mr.ZeroBuckets.from_ds_config()
-    ours = mr.zero2_adamw(shapes, 8, 0, zero)
-    estimate = mr.deepspeed_zero2_estimate(shapes.total, 8)
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    shapes = model_shapes("llama_7b", rank=1024)
+    ours = mr.zero2_adamw(shapes, 8, 0, mr.ZeroBuckets())
+    estimate = int(estimate_zero2_model_states_mem_needs(shapes.total, num_gpus_per_node=8, num_nodes=1,
+                                                         cpu_offload=False)[1])
     assert abs(ours.model_states - estimate) <= 18
     assert round(estimate / 2**30, 1) == 26.7
 
 
 @pytest.mark.parametrize("world", [2, 8])
 def test_fsdp2_rows_shard_weights_and_state_and_reject_unshardable_shapes(world):
-    from benchmarks import memory_fsdp as mf
-
     one = mf.fsdp_rank_bytes(SHAPES, 1, 0, steady=True)
     ranks = [mf.fsdp_rank_bytes(SHAPES, world, r, steady=True) for r in range(world)]
     # llama_60m's rows divide evenly over 2 and 8 ranks: shards sum to the unsharded bytes.
@@ -103,4 +107,4 @@ def test_fsdp2_rows_shard_weights_and_state_and_reject_unshardable_shapes(world)
     galore_steady = sum(4 * t.shape[0] * SHAPES.lay.rank for t in SHAPES.galore)
     assert len({b.gradients for b in ranks}) == 1 and ranks[0].gradients > galore_steady
     with pytest.raises(mr.Unsupported):  # intermediate 5461: no even row split
-        mf.fsdp_rank_bytes(mr.model_shapes("llama_1b", rank=1024), world, 0, steady=True)
+        mf.fsdp_rank_bytes(model_shapes("llama_1b", rank=1024), world, 0, steady=True)

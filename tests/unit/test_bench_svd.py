@@ -1,33 +1,47 @@
-"""benchmarks/svd.py's measuring pieces: the schedule bookkeeping against the reference's simulated
+"""The measuring pieces of ``benchmarks/svd.py`` (``tests/svd_harness.py``): the schedule bookkeeping against the reference's simulated
 SVD steps (reference/qgalore-algorithm.md section 2.2), the exact/randomized basis comparison on a
 matrix with a known spectrum, the validations, and a few-step training run end to end."""
 
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import svd_harness as svd
+from qgalore_dist.core import RefreshSchedule
+from qgalore_dist.estimate.schedule import adaptive_refresh_steps, fixed_refresh_steps
 
-from benchmarks import svd  # noqa: E402
+
+def _refresh_schedule_steps(steps: int, gap: int) -> list[int]:
+    """The adaptive rule's best case driven through ``RefreshSchedule`` itself (a constant first
+    singular vector: every cosine is 1)."""
+    schedule, vector, done = RefreshSchedule(gap=gap), torch.ones(4), []
+    for step in range(steps):
+        if schedule.is_due(step, has_projector=bool(done)):
+            schedule.record(vector)
+            done.append(step)
+    return done
 
 
 def test_best_case_adaptive_schedule_matches_reference_simulation():
     """All cosines >= 0.4 from T = 200: the reference doc's list, 14 SVDs in 150k steps."""
-    assert svd.best_case_adaptive_steps(150_000, 200) == [
+    assert adaptive_refresh_steps(150_000, 200) == [
         0, 200, 400, 600, 800, 1000, 1200, 1600, 3200, 6400, 12800, 25600, 51200, 102400]
+
+
+@pytest.mark.parametrize("steps,gap", [(150_000, 200), (5000, 50), (40, 10), (7, 1), (3000, 3)])
+def test_closed_form_schedule_is_refresh_schedules(steps, gap):
+    assert adaptive_refresh_steps(steps, gap) == _refresh_schedule_steps(steps, gap)
 
 
 @pytest.mark.parametrize("steps,gap,fixed,best", [(2000, 200, 10, 8), (2000, 50, 40, 10), (40, 10, 4, 4)])
 def test_schedule_counts_over_a_short_run(steps, gap, fixed, best):
     """Within 2000 steps the adaptive rule saves at most 20% at T = 200 and 75% at T = 50."""
-    assert svd.fixed_svd_steps(steps, gap) == list(range(0, steps, gap))
-    assert len(svd.fixed_svd_steps(steps, gap)) == fixed
-    assert len(svd.best_case_adaptive_steps(steps, gap)) == best
+    assert fixed_refresh_steps(steps, gap) == list(range(0, steps, gap))
+    assert len(fixed_refresh_steps(steps, gap)) == fixed
+    assert len(adaptive_refresh_steps(steps, gap)) == best
 
 
 def _power_law_matrix(m: int, n: int, alpha: float) -> torch.Tensor:
@@ -71,7 +85,7 @@ def test_validate_count_flags_broken_schedules():
     assert svd.validate_count({"runs": [_run(fixed, [0, 10, 20, 30])]}, 40) == []
     assert svd.validate_count({"runs": [_run(fixed, [0, 10, 30])]}, 40)
     adaptive = svd.RunSpec(**{**fixed.__dict__, "adaptive": True, "steps": 2000, "gap": 50})
-    assert svd.validate_count({"runs": [_run(adaptive, svd.best_case_adaptive_steps(2000, 50))]}, 2000) == []
+    assert svd.validate_count({"runs": [_run(adaptive, adaptive_refresh_steps(2000, 50))]}, 2000) == []
     assert svd.validate_count({"runs": [_run(adaptive, [0, 50, 100])]}, 2000)  # fewer than the best case
 
 
