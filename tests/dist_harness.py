@@ -57,7 +57,8 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 120) -> list:
             results.append(torch.load(path, weights_only=False) if os.path.exists(path) else {"error": "no result (crashed or timed out)"})
     _PORTS.clear()
     run_distributed.last_results = [res.get("ok", res.get("error")) for res in results]
-    errors = [f"rank {r}: {res['error']}" for r, res in enumerate(results) if "error" in res]
+    errors = [f"rank {r}: {res['error']}\n{res.get('traceback', '')[-2000:]}" for r, res in enumerate(results)
+              if "error" in res]
     if errors:
         raise RuntimeError("\n".join(errors))
     return [res["ok"] for res in results]

@@ -43,8 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, help="tokens per sequence: adds activation figures")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--eager-attention", action="store_true", help="activations keep the s^2 attention probabilities")
-    p.add_argument("--streamed-refresh", action="store_true",
-                   help="model refresh steps with full gradients streamed to their owners (DESIGN step 3)")
+    p.add_argument("--streamed-refresh", action=argparse.BooleanOptionalAction, default=True,
+                   help="refresh steps stream full gradients to their owners (QGaLoreConfig.stream_refresh, "
+                        "the default); --no-streamed-refresh: the old path, every rank keeps them")
     p.add_argument("--int8-partitioned", action="store_true", help="ZeRO-3: INT8 weights partitioned 1/N")
     p.add_argument("--overlap-comm", action="store_true", help="QGaLoreConfig.overlap_comm (ddp / zero2 / zero3)")
     p.add_argument("--update-proj-gap", type=int, default=200, help="initial refresh gap T")

@@ -102,9 +102,11 @@ def fsdp2_traffic(params: Sequence[FsdpParam], replicas: int, shards: int, *, ro
 
 def package_traffic(tensors: Tensors, replicas: int, shards: int, *, rank: int, projection: str, payload: int,
                     refresh: bool = False, proj_bits: int = PROJ_BITS,
-                    proj_group: int = PROJ_GROUP) -> dict[str, float]:
+                    proj_group: int = PROJ_GROUP, streamed_refresh: bool = True) -> dict[str, float]:
     """The package's bytes per rank per step, by meter kind (module doc); ``refresh``: a step on
-    which every matrix refreshes."""
+    which every matrix refreshes.  With ``streamed_refresh`` (``QGaLoreConfig.stream_refresh``) a
+    refreshing right-projected matrix's rows come from its owner: one fp32 ``(m, r)`` broadcast
+    over the world instead of the row reduce-scatter (and HSDP's replicate all-reduce)."""
     if projection not in ("sharded", "std"):
         raise ValueError(f"projection must be 'sharded' or 'std', got {projection!r}")
     world = replicas * shards
@@ -112,7 +114,9 @@ def package_traffic(tensors: Tensors, replicas: int, shards: int, *, rank: int, 
     galore = [shape for _, shape, g in tensors if g]
     for m, n in galore:
         right = projection == "sharded" or m >= n
-        if right:
+        if right and refresh and streamed_refresh:
+            out["lowrank_reduce"] += ring(world) * (m * rank * 4)
+        elif right:
             out["lowrank_reduce"] += ring(shards) * (m * rank * payload)
             if replicas > 1:
                 out["lowrank_reduce"] += 2 * ring(replicas) * (m // shards * rank * payload)

@@ -118,20 +118,22 @@ def layer_groups(shapes: Shapes) -> tuple[int, int]:
     return root, max(layers.values())
 
 
-def _step_buffers(shapes: Shapes, world: int, rank: int, steady: bool) -> int:
+def _step_buffers(shapes: Shapes, world: int, rank: int, steady: bool, streamed_refresh: bool = True) -> int:
     """The step's row reduce-scatter buffers (and, refreshing, the projections and owner results)."""
     lay, b, owners = shapes.lay, payload_bytes(), galore_owners(shapes, world)
     rows_all = sum(t.shape[0] * lay.rank for t in shapes.galore)      # sum of m r over matrices
     rows_owned = sum(t.shape[0] * lay.rank for t in shapes.galore if owners[t.name] == rank)
     rows_max = max(t.shape[0] * lay.rank for t in shapes.galore)
     out = bucket(b * rows_all, b * rows_max, bucket_cap()) + b * rows_all // world
-    if not steady:  # _refresh's owner results + _reduce_rows' projections of the new full gradients
+    if not steady and streamed_refresh:  # owner's R of its matrices + one bucket of R broadcast
+        out += 4 * rows_owned + bucket(4 * rows_all, 4 * rows_max, bucket_cap())
+    elif not steady:  # _refresh's owner results + _reduce_rows' projections of the new full gradients
         out += 4 * rows_owned + 4 * rows_all
     return out
 
 
 def fsdp_rank_bytes(shapes: Shapes, world: int, rank: int, *, steady: bool,
-                    streamed_refresh: bool = False) -> RankBytes:
+                    streamed_refresh: bool = True) -> RankBytes:
     """``FSDPQGaLoreAdamW8bit`` (``projection="sharded"``) on ``rank`` of ``world`` (module doc)."""
     reason = not_shardable(shapes, world)
     if reason:
@@ -139,7 +141,7 @@ def fsdp_rank_bytes(shapes: Shapes, world: int, rank: int, *, steady: bool,
     c, lay, owners = components(shapes, world, rank), shapes.lay, galore_owners(shapes, world)
     root, layer = layer_groups(shapes)
     root_grads = lay.dense_bytes * sum(t.numel for t in shapes.dense if ".layers." not in t.name)
-    buffers = max(_step_buffers(shapes, world, rank, steady), root + 2 * root_grads + 2 * layer)
+    buffers = max(_step_buffers(shapes, world, rank, steady, streamed_refresh), root + 2 * root_grads + 2 * layer)
     largest = max(shapes.galore, key=lambda t: t.numel)
     (m, n), r = largest.shape, lay.rank
     temporary = max(4 * (r * n + 5 * (m // world) * n), 4 * m * n)
@@ -191,6 +193,9 @@ def approaches() -> dict[str, tuple[str, Any]]:
                                     lambda s, n, r: fsdp2_baseline_bytes(s, n, r, eight_bit=True)),
         "ours_fsdp2_steady": ("ours on FSDP2 (qgalore_dist.integrations.fsdp, sharded rows), steady step",
                               lambda s, n, r: fsdp_rank_bytes(s, n, r, steady=True)),
-        "ours_fsdp2_refresh": ("ours on FSDP2, refresh step (all matrices: full fp32 gradients)",
+        "ours_fsdp2_refresh": ("ours on FSDP2, refresh step (all matrices; full gradients streamed to owners)",
                                lambda s, n, r: fsdp_rank_bytes(s, n, r, steady=False)),
+        "ours_fsdp2_refresh_kept": ("ours on FSDP2, refresh step with stream_refresh=False (every rank keeps "
+                                    "every full fp32 gradient)",
+                                    lambda s, n, r: fsdp_rank_bytes(s, n, r, steady=False, streamed_refresh=False)),
     }

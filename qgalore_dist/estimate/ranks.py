@@ -286,7 +286,7 @@ def _dense_zero(shapes: Shapes, world: int, *, steady: bool, overlap: bool, rece
 
 def ours_rank_bytes(shapes: Shapes, world: int, rank: int, *, steady: bool, zero: ZeroBuckets | None = None,
                     receive_slots: bool = True, update_temporary: int | None = None, overlap: bool = False,
-                    streamed_refresh: bool = False, zero_stage: int = 2, int8_partitioned: bool = False) -> RankBytes:
+                    streamed_refresh: bool = True, zero_stage: int = 2, int8_partitioned: bool = False) -> RankBytes:
     """``QGaLoreAdamW8bit`` on rank ``rank`` of ``world`` (module doc); ``zero`` given: dense tensors
     under DeepSpeed ZeRO stage ``zero_stage`` (2 or 3) instead of the optimizer's own owners.
 

@@ -50,9 +50,10 @@ class EstimateRequest:
     """Per-decoder-layer activation checkpointing (activations)."""
     fused_attention: bool = True
     """SDPA / FlashAttention (no s^2 attention probabilities kept; activations)."""
-    streamed_refresh: bool = False
-    """Refresh steps reduce full gradients to their owner during backward, bucket by bucket
-    (DESIGN step 3); False: every rank holds every refreshing full gradient (the code today)."""
+    streamed_refresh: bool = True
+    """``QGaLoreConfig.stream_refresh`` (the default): refresh steps reduce full gradients to
+    their owner during backward, bucket by bucket; False: every rank holds every refreshing full
+    gradient until ``step()`` (the old path)."""
     int8_partitioned: bool = False
     """ZeRO-3 only: INT8 codes + scales partitioned 1/N and gathered (False: replicated, today)."""
     overlap_comm: bool = False
@@ -264,7 +265,7 @@ def _worst(req: EstimateRequest, ours: list[MemoryRow]) -> tuple[str, str]:
         held = ("the full fp32 gradients of the matrices this rank owns + one bucket in flight + one "
                 "transient full gradient (streamed refresh)")
     else:
-        held = "the full fp32 gradient of every refreshing matrix on every rank (streamed_refresh=False: the code today)"
+        held = "the full fp32 gradient of every refreshing matrix on every rank (stream_refresh=False)"
     if worst == "refresh":
         return worst, f"a refresh step holds {held} instead of the low-rank gradients ({grow / 2**30:+.2f} GiB)"
     return worst, f"the low-rank gradients and buffers of a steady step outweigh a refresh step's {held}"

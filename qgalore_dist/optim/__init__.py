@@ -2,5 +2,6 @@
 
 from .config import QGaLoreConfig
 from .qgalore_adamw import QGaLoreAdamW8bit
+from .refresh import RefreshError
 
-__all__ = ["QGaLoreAdamW8bit", "QGaLoreConfig"]
+__all__ = ["QGaLoreAdamW8bit", "QGaLoreConfig", "RefreshError"]

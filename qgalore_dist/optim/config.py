@@ -84,6 +84,14 @@ class QGaLoreConfig:
     ``optimizer.no_sync()`` on all but the last micro-batch, or every micro-batch is reduced.
     Not combined with payload compression yet; not under FSDP2."""
 
+    stream_refresh: bool = True
+    """On a refresh step, reduce each refreshing INT8 layer's full fp32 gradient to the layer's
+    owner *during backward*, a bucket at a time as the layers finish, and free it on every other
+    rank at once (the owner keeps only the matrices it owns until its SVDs at ``step()``).  A
+    refresh step then needs about the memory of a steady step (one bucket and one layer's
+    gradient more) instead of every refreshing matrix's full gradient on every rank.  False:
+    the old path (full gradients kept on every rank until ``step()``), for comparison."""
+
     bucket_cap_mb: float = 25.0
     """Largest flat buffer one exchange collective carries, in MiB (DDP's ``bucket_cap_mb``).
     Tensors are packed in order into buckets up to this size (a larger tensor travels alone), so
@@ -118,6 +126,7 @@ class QGaLoreConfig:
             ("seed", isinstance(self.seed, int) and self.seed >= 0, "an int >= 0"),
             ("placement", self.placement in PLACEMENTS, f"one of {PLACEMENTS}"),
             ("payload_dtype", self.payload_dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
+            ("stream_refresh", isinstance(self.stream_refresh, bool), "true or false"),
         ]
         for name, ok, expected in checks:
             if not ok:

@@ -15,7 +15,6 @@ untouched) and counted in ``skipped_steps``.  ``state_dict()`` holds only tensor
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import zlib
 from typing import Any, Iterable
@@ -25,11 +24,9 @@ import torch
 from ..core import (
     Projector,
     RefreshSchedule,
-    accumulate_full_grad,
     advance_moments,
     apply_direction_,
     int8_layer_of,
-    lowrank_sink,
     weight_step,
 )
 from ..distributed import (
@@ -43,11 +40,13 @@ from ..distributed import (
 )
 from ..distributed.replicas import agree_on_gradients, check_replicas, validate_agreement
 from ..quant import BlockwiseCodec, Moment, StreamKey
+from .backward import BackwardReduces
 from .config import QGaLoreConfig
 from .layout import ReplicatedLayout, WeightLayout
+from .refresh import RefreshError, refresh_owned, share_projectors, share_row_lowrank
 from .state import flatten_param_state, load_param_state
 
-__all__ = ["QGaLoreAdamW8bit"]
+__all__ = ["QGaLoreAdamW8bit", "RefreshError"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +118,10 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         validate_agreement(self.comm, "GaLore/dense parameter shapes",
                            [(self.name_of(p), tuple(p.shape), str(p.dtype)) for p in all_params])
         self._plan_owners()
-        self._overlap, self._overlap_dense = self._build_overlap() if cfg.overlap_comm else (None, None)
+        self.reduces = BackwardReduces.build(
+            self.comm, overlap_comm=cfg.overlap_comm, stream_refresh=cfg.stream_refresh, dtype=self._payload_dtype,
+            bucket_bytes=self._bucket_bytes,
+            dense_owned=[(p, self.owner[p]) for p in self.dense_params] if manage_dense else None)
         self.arm_grad_sinks()
 
     # ----------------------------------------------------------------- construction
@@ -155,67 +157,20 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
             self.owner[p] = r
             load[r] += p.numel()
 
-    def _build_overlap(self) -> tuple[OverlappedReduce, OverlappedReduce | None]:
-        """``overlap_comm``: the low-rank reduce (planned before each backward, in
-        ``_arm_grad_sinks``) and, when this optimizer manages them, the dense one: planned once,
-        each dense parameter reporting from a post-accumulate-grad hook."""
-        common = dict(dtype=self._payload_dtype, bucket_bytes=self._bucket_bytes)
-        lowrank = OverlappedReduce(self.comm, kind="lowrank_reduce", local_grad=lambda p: int8_layer_of(p).lowrank_grad,
-                                   drop_grad=lambda p: setattr(int8_layer_of(p), "lowrank_grad", None), **common)
-        if not self.manage_dense:
-            return lowrank, None
-        dense = OverlappedReduce(self.comm, kind="dense", local_grad=lambda p: p.grad,
-                                 drop_grad=lambda p: setattr(p, "grad", None), **common)
-        hooked = [p for p in self.dense_params if p.requires_grad]
-        dense.plan([(p, self.owner[p], p.shape) for p in hooked[::-1]])
-        for p in hooked:
-            p.register_post_accumulate_grad_hook(dense.ready)
-        return lowrank, dense
-
     def arm_grad_sinks(self) -> None:
-        """Before each backward: INT8 layers whose projector refreshes at the coming step keep
-        the full gradient, all others project at once (low-rank accumulation) -- and, with
-        ``overlap_comm``, report to the overlapped reduce, planned here for the coming step."""
-        steady = []
-        for p in self.galore_params:
-            layer = int8_layer_of(p)
-            if layer is None:
-                continue
-            proj = self.state[p]["projector"]
-            if self._refresh_due(p):
-                layer.grad_sink = accumulate_full_grad
-            elif self._overlap is None:
-                layer.grad_sink = lowrank_sink(proj.project)
-            else:
-                layer.grad_sink = self._reporting_sink(p, lowrank_sink(proj.project))
-                steady.append((p, self.owner[p], torch.Size(proj.lowrank_shape)))
-        if self._overlap is not None:
-            self._overlap.plan(steady[::-1])  # backward meets the last layers first
+        """Before each backward (and after loading state): every INT8 layer's gradient sink and
+        the backward reduces' plans for the coming step (:meth:`.backward.BackwardReduces.arm`)."""
+        self.reduces.arm(self.galore_params, refresh_due=self._refresh_due, owner=self.owner,
+                         projector=lambda p: self.state[p]["projector"])
 
-    def _reporting_sink(self, p: torch.Tensor, accumulate):
-        overlap = self._overlap
-
-        def sink(layer, weight_grad: torch.Tensor) -> None:
-            accumulate(layer, weight_grad)
-            overlap.ready(p)
-        return sink
-
-    @contextlib.contextmanager
     def no_sync(self):
-        """Backward passes inside accumulate gradients locally without any exchange (DDP's
-        ``no_sync``): use it on all but the last micro-batch with ``overlap_comm``.  Without
-        ``overlap_comm`` nothing is exchanged before ``step()`` anyway, and this does nothing."""
-        reducers = self._reducers()
-        for reducer in reducers:
-            reducer.sync = False
-        try:
-            yield
-        finally:
-            for reducer in reducers:
-                reducer.sync = True
+        """Context manager: backward passes inside accumulate gradients locally without any
+        exchange (DDP's ``no_sync``): use it on all but the last micro-batch with
+        ``overlap_comm`` or ``stream_refresh``; otherwise nothing is exchanged before ``step()``."""
+        return self.reduces.no_sync()
 
     def _reducers(self) -> list[OverlappedReduce]:
-        return [r for r in (self._overlap, self._overlap_dense) if r is not None]
+        return self.reduces.all()
 
     # ----------------------------------------------------------------- gradients
     def _local_grad(self, p: torch.Tensor) -> tuple[str, torch.Tensor] | None:
@@ -292,19 +247,19 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
     @property
     def overlap(self) -> OverlappedReduce | None:
         """The low-rank reduce overlapped with backward (``overlap_comm``), or None."""
-        return self._overlap
+        return self.reduces.lowrank
 
     @property
     def dense_overlap(self) -> OverlappedReduce | None:
         """The dense-gradient reduce overlapped with backward (``overlap_comm``), or None."""
-        return self._overlap_dense
+        return self.reduces.dense
 
     def lowrank_grad_bytes(self) -> int:
         """Bytes of low-rank gradients this rank holds now: the layers' local accumulators plus,
         with ``overlap_comm``, the owned reduced sums and the buffers still in flight."""
         local = [layer.lowrank_grad for layer in map(int8_layer_of, self.galore_params)
                  if layer is not None and layer.lowrank_grad is not None]
-        held = self._overlap.held_bytes() if self._overlap is not None else 0
+        held = self.reduces.lowrank.held_bytes() if self.reduces.lowrank is not None else 0
         return sum(t.numel() * t.element_size() for t in local) + held
 
     @property
@@ -377,28 +332,44 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
 
     # --- refresh
     def _refresh(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
-        """Owners run the SVD on the averaged full gradient and broadcast the new projector
-        and schedule; returns the owner's averaged low-rank gradients."""
-        cfg, dp_rank, lowrank = self.config, self.comm.rank, {}
-        payloads = []
-        for p in params:
-            state, owner = self.state[p], self.owner[p]
-            proj: Projector = state["projector"]
-            grad = self.comm.reduce_mean_to(self._local_grad(p)[1].clone(), owner, "full_grad_reduce")
-            if owner == dp_rank:
-                key = StreamKey(cfg.seed, state.get("step", 0), self._stream_ids[p])
-                proj.refresh(grad, step=key[1], method=cfg.svd_method, oversample=cfg.svd_oversample,
-                             power_iters=cfg.svd_power_iters, key=key)
-                lowrank[p] = proj.project(grad)
-                payload = proj.to_payload()
-            else:
-                payload = proj.payload_template(p.device)
-            payloads += [((p, k), owner, t) for k, t in payload.items()]
-        received = broadcast_from_owners(self.comm, payloads, "proj_broadcast", bucket_bytes=self._bucket_bytes)
-        for p in params:
-            self.state[p]["projector"].load_payload({k: t for (q, k), t in received.items() if q is p})
+        """Owners run the SVD on the averaged full gradient of each refreshing matrix; every
+        rank receives the new INT4 projectors and schedules.  Returns averaged low-rank
+        gradients under the new projectors: on owners, for owner-reduced matrices; with
+        ``stream_refresh``, also this rank's rows of row-reduced ones (the owner projects the
+        averaged gradient and every rank takes its rows).  If an SVD fails anywhere, every rank
+        raises :class:`RefreshError` here, with every projector as before the step."""
+        cfg, full = self.config, self._averaged_full_grads(params)
+        keys = {p: StreamKey(cfg.seed, self.state[p].get("step", 0), self._stream_ids[p]) for p in full}
+        lowrank, snapshots, failed = refresh_owned({p: self.state[p]["projector"] for p in full}, full, keys, cfg,
+                                                   names=self._names)
+        bad = share_projectors(self.comm, [(p, self.owner[p], self.state[p]["projector"], p.device) for p in params],
+                               failed, bucket_bytes=self._bucket_bytes)
+        if bad:
+            for p, snapshot in snapshots.items():
+                self.state[p]["projector"].load_state_dict(snapshot)
+            self.skipped_steps += 1
+            self._finish_step()
+            raise RefreshError.naming([f"{self.name_of(p)} (owner rank {self.owner[p]})" for p in bad],
+                                      self.steps_taken - 1)
+        if self.reduces.full is not None and params:
+            rows = [(p, self.owner[p], self.state[p]["projector"].lowrank_shape, self.layout.rows(p))
+                    for p in params if self.row_reduced(p) and p in self.reduces.full.members]
+            lowrank.update(share_row_lowrank(self.comm, rows, lowrank, device=params[0].device,
+                                             bucket_bytes=self._bucket_bytes))
         self.svds_last_step = len(params)
         return lowrank
+
+    def _averaged_full_grads(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
+        """``{p: full gradient averaged over ranks}`` for the refreshing ``params`` this rank
+        owns: streamed ones were reduced during backward; the rest are reduced now, one by one."""
+        streamed = self.reduces.full.members if self.reduces.full is not None else set()
+        out = self.reduces.full.collect(params) if self.reduces.full is not None else {}
+        for p in params:
+            if p not in streamed:
+                grad = self.comm.reduce_mean_to(self._local_grad(p)[1].clone(), self.owner[p], "full_grad_reduce")
+                if self.owner[p] == self.comm.rank:
+                    out[p] = grad
+        return out
 
     # --- reduce
     def row_reduced(self, p: torch.Tensor) -> bool:
@@ -413,10 +384,12 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
 
     def _reduce_lowrank(self, params: list[torch.Tensor], *, refreshing: set) -> dict[torch.Tensor, torch.Tensor]:
         """Averaged low-rank gradients: row ranges on every rank (row-sharded layouts), the
-        rest on their owners.  Owner-reduced ``refreshing`` matrices have theirs from the
-        refresh (on their owner); row-reduced ones project their full gradient with the new P."""
-        rows = [p for p in params if self.row_reduced(p)]
-        skip = set(rows) | refreshing | (self._overlap.members if self._overlap is not None else set())
+        rest on their owners.  Owner-reduced ``refreshing`` matrices, and streamed row-reduced
+        ones, have theirs from the refresh; other row-reduced refreshing ones project their
+        own full gradient with the new P."""
+        streamed = self.reduces.full.members if self.reduces.full is not None else set()
+        rows = [p for p in params if self.row_reduced(p) and p not in streamed]
+        skip = set(rows) | refreshing | (self.reduces.lowrank.members if self.reduces.lowrank is not None else set())
         owned = [p for p in params if p not in skip]
         out = {}
         if rows:
@@ -426,16 +399,16 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         out.update(reduce_to_owners(self.comm, [(p, self.owner[p], self._lowrank_local(p)) for p in owned],
                                     "lowrank_reduce", dtype=self._payload_dtype, bucket_bytes=self._bucket_bytes,
                                     residuals=residuals))
-        if self._overlap is not None:
-            out.update(self._overlap.collect(params))
+        if self.reduces.lowrank is not None:
+            out.update(self.reduces.lowrank.collect(params))
         return out
 
     def _reduce_dense(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Averaged dense gradients on their owners (ZeRO-1 style), or the engine's local shards."""
         if self.layout.dense_local:  # fully_shard already averaged them
             return {p: self.layout.local(p.grad) for p in params}
-        if self._overlap_dense is not None:  # reduced during backward
-            return self._overlap_dense.collect(params)
+        if self.reduces.dense is not None:  # reduced during backward
+            return self.reduces.dense.collect(params)
         residuals = self.comm_residuals if self.config.compress_dense else None
         return reduce_to_owners(self.comm, [(p, self.owner[p], p.grad) for p in params], "dense",
                                 dtype=self._payload_dtype, bucket_bytes=self._bucket_bytes, residuals=residuals)

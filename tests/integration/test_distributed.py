@@ -301,3 +301,81 @@ def test_overlap_comm_with_gradient_accumulation():
     torch.testing.assert_close(torch.tensor(every_micro[0]["losses"]), torch.tensor(plain[0]["losses"]),
                                rtol=1e-4, atol=0)
     assert every_micro[0]["meter"]["lowrank_reduce"]["bytes"] == 2 * plain[0]["meter"]["lowrank_reduce"]["bytes"]
+
+
+def _refresh_step(rank: int, world_size: int, stream: bool) -> dict:
+    """One refresh step (step 0: every matrix refreshes): the full gradients each rank holds
+    after backward, and every replicated tensor after the step."""
+    from qgalore_dist.core import int8_layer_of
+
+    model, opt = _build(stream_refresh=stream)
+    x = _batches(1, 1)[0, 0, rank * 2:(rank + 1) * 2]
+    model(input_ids=x, labels=x).loss.backward()
+    stream_reduce = opt.reduces.full
+    if stream_reduce is not None:
+        stream_reduce.wait_all()
+    local = sum(4 * layer.weight_grad.numel() for layer in map(int8_layer_of, opt.galore_params)
+                if layer.weight_grad is not None)
+    held = local + (stream_reduce.held_bytes() if stream_reduce is not None else 0)
+    owned = sum(4 * p.numel() for p in opt.galore_params if opt.owner[p] == rank)
+    total = sum(4 * p.numel() for p in opt.galore_params)
+    launches = stream_reduce.launches_in_backward if stream_reduce is not None else 0
+    opt.step()
+    return {"held": held, "owned": owned, "total": total, "launches": launches, "svds": opt.svds_last_step,
+            "tensors": {n: t.clone() for n, t in opt.replicated_tensors()}, "meter": opt.comm.meter.last_step}
+
+
+def test_streamed_refresh_keeps_only_owned_full_gradients_and_changes_no_bit():
+    """stream_refresh (default): after backward on a refresh step each rank holds exactly the full
+    fp32 gradients of the matrices it owns (the rest left for their owners during backward);
+    projectors, schedules, INT8 codes and dense parameters equal the old path bit for bit, and
+    the full-gradient bytes sent are the same."""
+    streamed = run_distributed(_refresh_step, 2, True)
+    kept = run_distributed(_refresh_step, 2, False)
+    for rank, (s, k) in enumerate(zip(streamed, kept)):
+        assert s["svds"] == k["svds"] == 14
+        assert k["held"] == k["total"]
+        assert s["held"] == s["owned"] < s["total"]
+        assert s["launches"] > 0 and k["launches"] == 0
+        assert s["tensors"].keys() == k["tensors"].keys()
+        differing = [n for n in s["tensors"] if not torch.equal(s["tensors"][n], k["tensors"][n])]
+        assert not differing, f"rank {rank}: {differing[:5]}"
+        assert s["meter"]["full_grad_reduce"]["bytes"] == k["meter"]["full_grad_reduce"]["bytes"] > 0
+
+
+def _svd_fails_on_its_owner(rank: int, world_size: int) -> dict:
+    from qgalore_dist.optim import RefreshError
+
+    model, opt = _build()
+    victim = opt.galore_params[3]
+    proj = opt.state[victim]["projector"]
+    if opt.owner[victim] == rank:
+        def failing_refresh(*args, **kwargs):
+            raise torch.linalg.LinAlgError("simulated: SVD did not converge")
+        proj.refresh = failing_refresh
+    before = {n: t.clone() for n, t in opt.replicated_tensors()}
+    x = _batches(1, 1)[0, 0, rank * 2:(rank + 1) * 2]
+    model(input_ids=x, labels=x).loss.backward()
+    with pytest.raises(RefreshError) as caught:
+        opt.step()
+    after = dict(opt.replicated_tensors())
+    out = {"message": str(caught.value), "skipped": opt.skipped_steps, "victim": opt.name_of(victim),
+           "unchanged": sorted(before) == sorted(after) and all(torch.equal(before[n], after[n]) for n in before),
+           "no_moments": all("exp_avg" not in opt.state[p] for p in opt.galore_params + opt.dense_params),
+           "no_projector": not any(opt.state[p]["projector"].has_matrix() for p in opt.galore_params)}
+    proj.__dict__.pop("refresh", None)  # the SVD works again: the next step refreshes and trains
+    opt.zero_grad()
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    out["next_svds"] = opt.svds_last_step
+    opt.check_replicas()
+    return out
+
+
+def test_a_failed_svd_raises_on_every_rank_and_changes_nothing():
+    results = run_distributed(_svd_fails_on_its_owner, 2)
+    assert results[0]["message"] == results[1]["message"]
+    assert results[0]["victim"] in results[0]["message"] and "step 0" in results[0]["message"]
+    for r in results:
+        assert r["skipped"] == 1 and r["unchanged"] and r["no_moments"] and r["no_projector"]
+        assert r["next_svds"] == 14

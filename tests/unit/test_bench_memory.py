@@ -35,9 +35,9 @@ def test_sharded_state_sums_to_the_unsharded_state(world):
     assert all(b.comm_buffers > 0 for b in ranks)
 
 
-def test_refresh_step_holds_full_fp32_gradients():
+def test_refresh_step_without_streaming_holds_full_fp32_gradients():
     steady = mr.ours_rank_bytes(SHAPES, 4, 0, steady=True)
-    refresh = mr.ours_rank_bytes(SHAPES, 4, 0, steady=False)
+    refresh = mr.ours_rank_bytes(SHAPES, 4, 0, steady=False, streamed_refresh=False)
     galore = sum(t.numel for t in SHAPES.galore)
     lowrank = sum(memory.lowrank_numel(t.shape, SHAPES.lay.rank) for t in SHAPES.galore)
     assert refresh.gradients - steady.gradients == 4 * (galore - lowrank)

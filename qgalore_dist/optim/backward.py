@@ -1,0 +1,108 @@
+"""What runs during backward: each INT8 layer's gradient sink, and the reduces that send
+gradients to their owners as soon as backward produces them (:class:`OverlappedReduce`).
+
+* ``lowrank`` (``overlap_comm``): steady layers' low-rank gradients.
+* ``dense`` (``overlap_comm`` where the optimizer manages dense parameters): ``p.grad`` from
+  post-accumulate-grad hooks.
+* ``full`` (``stream_refresh``, world size > 1): refreshing layers' full fp32 gradients, so no
+  rank holds more full gradients than the refreshing matrices it owns plus one bucket.
+
+:meth:`BackwardReduces.arm` (before each backward) gives every INT8 layer its sink for the
+coming step and plans the ``lowrank`` and ``full`` reduces; plans depend only on shapes, owners
+and the refresh schedule, so they are the same on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..core import Projector, accumulate_full_grad, int8_layer_of, lowrank_sink
+from ..distributed import Collectives, OverlappedReduce
+
+__all__ = ["BackwardReduces"]
+
+
+@dataclass(kw_only=True, slots=True)
+class BackwardReduces:
+    """The reduces overlapped with backward (module doc); each None when off."""
+
+    lowrank: OverlappedReduce | None = None
+    dense: OverlappedReduce | None = None
+    full: OverlappedReduce | None = None
+
+    @classmethod
+    def build(cls, comm: Collectives, *, overlap_comm: bool, stream_refresh: bool, dtype: torch.dtype,
+              bucket_bytes: int | None, dense_owned: list[tuple[torch.Tensor, int]] | None) -> "BackwardReduces":
+        """``dense_owned``: ``(parameter, owner_rank)`` of the dense parameters the optimizer
+        reduces itself (None: an engine does), hooked in reverse order (backward's)."""
+        common = dict(dtype=dtype, bucket_bytes=bucket_bytes)
+        out = cls()
+        if overlap_comm:
+            out.lowrank = OverlappedReduce(comm, kind="lowrank_reduce", local_grad=lambda p: int8_layer_of(p).lowrank_grad,
+                                           drop_grad=lambda p: setattr(int8_layer_of(p), "lowrank_grad", None), **common)
+        if overlap_comm and dense_owned is not None:
+            out.dense = OverlappedReduce(comm, kind="dense", local_grad=lambda p: p.grad,
+                                         drop_grad=lambda p: setattr(p, "grad", None), **common)
+            hooked = [(p, owner) for p, owner in dense_owned if p.requires_grad]
+            out.dense.plan([(p, owner, p.shape) for p, owner in hooked[::-1]])
+            for p, _ in hooked:
+                p.register_post_accumulate_grad_hook(out.dense.ready)
+        # One process owns every matrix: streaming would only copy its gradients into itself.
+        if stream_refresh and comm.world_size > 1:
+            out.full = OverlappedReduce(comm, kind="full_grad_reduce", dtype=torch.float32, bucket_bytes=bucket_bytes,
+                                        local_grad=lambda p: int8_layer_of(p).weight_grad,
+                                        drop_grad=lambda p: setattr(int8_layer_of(p), "weight_grad", None))
+        return out
+
+    def all(self) -> list[OverlappedReduce]:
+        return [r for r in (self.lowrank, self.dense, self.full) if r is not None]
+
+    def arm(self, galore_params: list[torch.Tensor], *, refresh_due: Callable[[torch.Tensor], bool],
+            owner: dict[torch.Tensor, int], projector: Callable[[torch.Tensor], Projector]) -> None:
+        """Give each INT8 layer its sink for the coming backward: refreshing layers keep the
+        full gradient (with ``full``: until it leaves for its owner), the others project at
+        once (with ``lowrank``: and report); then plan both reduces."""
+        steady, refreshing = [], []
+        for p in galore_params:
+            layer = int8_layer_of(p)
+            if layer is None:
+                continue
+            proj = projector(p)
+            if refresh_due(p):
+                full_shape = torch.Size((layer.out_features, layer.in_features))
+                layer.grad_sink = (accumulate_full_grad if self.full is None
+                                   else _reporting(p, accumulate_full_grad, self.full))
+                refreshing.append((p, owner[p], full_shape))
+            elif self.lowrank is None:
+                layer.grad_sink = lowrank_sink(proj.project)
+            else:
+                layer.grad_sink = _reporting(p, lowrank_sink(proj.project), self.lowrank)
+                steady.append((p, owner[p], torch.Size(proj.lowrank_shape)))
+        if self.lowrank is not None:  # backward meets the last layers first
+            self.lowrank.plan(steady[::-1])
+        if self.full is not None:
+            self.full.plan(refreshing[::-1])
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Gradients accumulate locally, nothing is launched (DDP's ``no_sync``)."""
+        reducers = self.all()
+        for reducer in reducers:
+            reducer.sync = False
+        try:
+            yield
+        finally:
+            for reducer in reducers:
+                reducer.sync = True
+
+
+def _reporting(p: torch.Tensor, accumulate, reducer: OverlappedReduce):
+    """A sink that accumulates like ``accumulate`` and then tells ``reducer`` that ``p`` grew."""
+    def sink(layer, weight_grad: torch.Tensor) -> None:
+        accumulate(layer, weight_grad)
+        reducer.ready(p)
+    return sink
