@@ -202,7 +202,7 @@ def optimizer_load_template(opt, saved_keys: dict[str, Any], *, raw: bool = True
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     _check_saveable(opt)
-    rank = opt.comm.rank
+    dp_rank = opt.comm.rank
     out: dict[str, Any] = {}
     if _META not in saved_keys:
         raise ValueError("checkpoint has no Q-GaLore optimizer state (no optim.__meta__)")
@@ -219,7 +219,7 @@ def optimizer_load_template(opt, saved_keys: dict[str, Any], *, raw: bool = True
                 continue
             out[prefix + field] = torch.empty(md.size, dtype=md.properties.dtype)
         sharded = _row_sharded(opt, p)
-        if not sharded and opt.owner.get(p) != rank:
+        if not sharded and opt.owner.get(p) != dp_rank:
             continue  # another rank owns this moment now
         for moment, _ in _MOMENTS:
             if sharded:

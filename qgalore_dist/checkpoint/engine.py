@@ -71,12 +71,12 @@ def _galore_owned_state(opt: QGaLoreAdamW8bit) -> tuple[dict[str, torch.Tensor],
     """Tensors and scalars of every parameter this rank owns, keyed ``name::field``."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
-    rank = opt.comm.rank
+    dp_rank = opt.comm.rank
     for p in opt.galore_params + opt.dense_params:
         name = opt.name_of(p)
         if p in opt.comm_residuals:
-            tensors[f"{name}{_SEP}grad_residual.rank{rank}"] = opt.comm_residuals[p]
-        if opt.owner.get(p) != rank:
+            tensors[f"{name}{_SEP}grad_residual.rank{dp_rank}"] = opt.comm_residuals[p]
+        if opt.owner.get(p) != dp_rank:
             continue
         for field, value in opt.param_state(p).items():
             key = f"{name}{_SEP}{field}"
@@ -93,20 +93,20 @@ def _load_galore_state(opt: QGaLoreAdamW8bit, tensors: dict, scalars: dict, same
     for key, value in [*tensors.items(), *scalars.items()]:
         name, field = key.split(_SEP, 1)
         by_name.setdefault(name, {})[field] = value
-    rank = opt.comm.rank
+    dp_rank = opt.comm.rank
     for p in opt.galore_params + opt.dense_params:
         name = opt.name_of(p)
         fields = by_name.pop(name, {})
-        residual = fields.pop(f"grad_residual.rank{rank}", None)
+        residual = fields.pop(f"grad_residual.rank{dp_rank}", None)
         fields = {k: v for k, v in fields.items() if not k.startswith("grad_residual.")}
         update_residual = fields.pop("update_residual", None)
-        if opt.owner[p] != rank:
+        if opt.owner[p] != dp_rank:
             fields = {k: v for k, v in fields.items() if not k.startswith("exp_avg")}
         elif update_residual is not None:
             opt.update_residuals[p] = update_residual.to(p.device)
         if residual is not None and same_world:
             opt.comm_residuals[p] = residual.to(p.device)
-        if opt.owner[p] != rank:  # moments that moved to another owner
+        if opt.owner[p] != dp_rank:  # moments that moved to another owner
             opt.state[p].pop("exp_avg", None)
             opt.state[p].pop("exp_avg_sq", None)
         if fields:
@@ -249,12 +249,12 @@ def save_engine_checkpoint(target, save_dir: str, *, tag: str | None = None, cli
     import torch.distributed as dist
 
     model, galore, engine = _target_parts(target)
-    comm, rank = galore.comm, galore.comm.rank
+    comm, dp_rank = galore.comm, galore.comm.rank
     tag = tag or f"step{engine.global_steps if engine is not None else galore.steps_taken}"
     if "/" in tag or tag in ("", ".", "..", "latest") or tag.endswith(".tmp"):
         raise ValueError(f"checkpoint tag {tag!r} must be a plain directory name")
     final, tmp = os.path.join(save_dir, tag), os.path.join(save_dir, tag + ".tmp")
-    if rank == 0:
+    if dp_rank == 0:
         os.makedirs(save_dir, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
         os.makedirs(tmp)
@@ -263,12 +263,12 @@ def save_engine_checkpoint(target, save_dir: str, *, tag: str | None = None, cli
         dist.barrier(group=comm.group)
     files: dict[str, dict] = {}
     owned, scalars = _galore_owned_state(galore)
-    files[f"optim_rank{rank}.safetensors"] = write_tensors(os.path.join(tmp, f"optim_rank{rank}.safetensors"), owned)
-    files[f"optim_rank{rank}.json"] = write_json(os.path.join(tmp, f"optim_rank{rank}.json"), scalars)
+    files[f"optim_rank{dp_rank}.safetensors"] = write_tensors(os.path.join(tmp, f"optim_rank{dp_rank}.safetensors"), owned)
+    files[f"optim_rank{dp_rank}.json"] = write_json(os.path.join(tmp, f"optim_rank{dp_rank}.json"), scalars)
     if engine is not None:  # this rank's dense partition as stored: the bit-identical path
-        files[f"dense_rank{rank}.safetensors"] = write_tensors(
-            os.path.join(tmp, f"dense_rank{rank}.safetensors"), engine.basic_optimizer.raw_state())
-    if rank == 0:
+        files[f"dense_rank{dp_rank}.safetensors"] = write_tensors(
+            os.path.join(tmp, f"dense_rank{dp_rank}.safetensors"), engine.basic_optimizer.raw_state())
+    if dp_rank == 0:
         files["model.safetensors"] = write_tensors(os.path.join(tmp, "model.safetensors"), model_tensors)
         meta = _meta(galore, engine, client_state)
         if engine is not None:
@@ -276,7 +276,7 @@ def save_engine_checkpoint(target, save_dir: str, *, tag: str | None = None, cli
             meta["engine"]["dense_steps"] = dense_steps
         files["meta.json"] = write_json(os.path.join(tmp, "meta.json"), meta)
     all_files = comm.all_gather_object(files)
-    if rank == 0:
+    if dp_rank == 0:
         merged = {k: v for d in all_files for k, v in d.items()}
         write_json(os.path.join(tmp, "manifest.json"), {"format_version": FORMAT_VERSION, "files": merged})
         fsync_dir(tmp)

@@ -1,8 +1,9 @@
 """Data-parallel Q-GaLore: ownership plan, metered collectives and owner-grouped exchanges.
 Everything here degenerates to the identity at world size 1."""
 
-from .comm import KINDS, Collectives, CommMeter
+from .comm import KINDS, Collectives, CommMeter, TrafficKind
 from .exchange import (
+    OwnedTensor,
     broadcast_from_owners,
     broadcast_from_owners_compressed,
     pack_buckets,
@@ -14,7 +15,7 @@ from .overlap import OverlappedReduce
 from .plan import PLACEMENTS, MatrixSpec, OwnershipPlan, plan_ownership
 
 __all__ = [
-    "KINDS", "PLACEMENTS", "Collectives", "CommMeter", "MatrixSpec", "OverlappedReduce", "OwnershipPlan",
+    "KINDS", "PLACEMENTS", "Collectives", "CommMeter", "OwnedTensor", "TrafficKind", "MatrixSpec", "OverlappedReduce", "OwnershipPlan",
     "broadcast_from_owners", "broadcast_from_owners_compressed", "pack_buckets", "plan_ownership",
     "reduce_rows_to_shards", "reduce_to_owners", "reduce_to_owners_compressed",
 ]

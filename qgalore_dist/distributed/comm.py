@@ -13,12 +13,18 @@ import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from typing import Literal, get_args
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["KINDS", "CommMeter", "Collectives"]
+__all__ = ["TrafficKind", "KINDS", "CommMeter", "Collectives"]
 
-KINDS = ("lowrank_reduce", "full_grad_reduce", "proj_broadcast", "update_gather", "dense", "control")
+TrafficKind = Literal["lowrank_reduce", "full_grad_reduce", "proj_broadcast", "update_gather", "dense", "control"]
+"""What a collective carries, the key of the byte meter: low-rank gradients to owners or row shards,
+full gradients of refreshing matrices to their owners, INT4 projectors from owners, Adam directions
+from owners, dense gradients / parameters / directions, control flags and digests."""
+KINDS: tuple[str, ...] = get_args(TrafficKind)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -31,7 +37,7 @@ class CommMeter:
     last_step: dict[str, dict[str, float]] = field(default_factory=dict)
     """Bytes and calls per kind of the last finished step (``{kind: {"bytes", "calls"}}``)."""
 
-    def record(self, kind: str, nbytes: float) -> None:
+    def record(self, kind: TrafficKind, nbytes: float) -> None:
         assert kind in KINDS, f"unknown collective kind {kind!r}"
         self.step_bytes[kind] += nbytes
         self.step_calls[kind] += 1
@@ -66,7 +72,7 @@ class Collectives:
         self.step_index = 0
         """Optimizer step being executed; named in errors so a failure says where it happened."""
 
-    def _run(self, what: str, kind: str, fn, *args, **kwargs):
+    def _run(self, what: str, kind: TrafficKind, fn, *args, **kwargs):
         """Run one collective; a failure (a peer that died, the process group's timeout) is
         re-raised naming the operation, its kind and the step, instead of an opaque gloo error."""
         try:
@@ -83,7 +89,7 @@ class Collectives:
     def _global_rank(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
 
-    def all_reduce_mean(self, tensor: torch.Tensor, kind: str) -> torch.Tensor:
+    def all_reduce_mean(self, tensor: torch.Tensor, kind: TrafficKind) -> torch.Tensor:
         """In place: ``tensor`` becomes the mean over ranks."""
         if self.world_size == 1:
             return tensor
@@ -91,7 +97,7 @@ class Collectives:
         self._run("all_reduce", kind, dist.all_reduce, tensor)
         return tensor.div_(self.world_size)
 
-    def all_reduce_sum(self, tensor: torch.Tensor, kind: str) -> torch.Tensor:
+    def all_reduce_sum(self, tensor: torch.Tensor, kind: TrafficKind) -> torch.Tensor:
         """In place: ``tensor`` becomes the sum over ranks."""
         if self.world_size == 1:
             return tensor
@@ -107,7 +113,7 @@ class Collectives:
         self._run("all_reduce(min)", "control", dist.all_reduce, tensor, op=dist.ReduceOp.MIN)
         return tensor
 
-    def reduce_scatter_mean(self, chunks: list[torch.Tensor], kind: str) -> torch.Tensor:
+    def reduce_scatter_mean(self, chunks: list[torch.Tensor], kind: TrafficKind) -> torch.Tensor:
         """``chunks[r]`` (1-D, sizes may differ) is summed over ranks onto rank ``r``; returns
         this rank's chunk divided by the world size."""
         assert len(chunks) == self.world_size, f"{len(chunks)} chunks for world size {self.world_size}"
@@ -118,7 +124,7 @@ class Collectives:
         self._run("reduce_scatter", kind, dist.reduce_scatter, out, [c.contiguous() for c in chunks])
         return out.div_(self.world_size)
 
-    def reduce_scatter_start(self, chunks: list[torch.Tensor], kind: str):
+    def reduce_scatter_start(self, chunks: list[torch.Tensor], kind: TrafficKind):
         """Start an asynchronous reduce-scatter (sum) of ``chunks`` as :meth:`reduce_scatter_mean`
         does; returns ``(out, handle)``.  ``out`` (this rank's chunk) holds the *sum* only after
         :meth:`wait` on the handle; ``chunks`` must stay alive until then.  At world size 1,
@@ -131,7 +137,7 @@ class Collectives:
         handle = self._run("reduce_scatter(async)", kind, dist.reduce_scatter, out, chunks, async_op=True)
         return out, handle
 
-    def wait(self, handle, what: str, kind: str) -> None:
+    def wait(self, handle, what: str, kind: TrafficKind) -> None:
         """Complete an asynchronous collective; a failure names it like :meth:`_run` does."""
         if handle is None:
             return
@@ -142,7 +148,7 @@ class Collectives:
                 f"qgalore-dist: {what} ({kind}) failed at optimizer step {self.step_index} "
                 f"on rank {self.rank} of {self.world_size}: {exc}") from exc
 
-    def reduce_mean_to(self, tensor: torch.Tensor, owner: int, kind: str) -> torch.Tensor:
+    def reduce_mean_to(self, tensor: torch.Tensor, owner: int, kind: TrafficKind) -> torch.Tensor:
         """Sum ``tensor`` onto ``owner`` (in place); on the owner it is divided by the world size."""
         if self.world_size == 1:
             return tensor
@@ -150,7 +156,7 @@ class Collectives:
         self._run("reduce", kind, dist.reduce, tensor, dst=self._global_rank(owner))
         return tensor.div_(self.world_size) if self.rank == owner else tensor
 
-    def broadcast_from(self, tensor: torch.Tensor, owner: int, kind: str) -> torch.Tensor:
+    def broadcast_from(self, tensor: torch.Tensor, owner: int, kind: TrafficKind) -> torch.Tensor:
         """In place: every rank receives ``owner``'s ``tensor``."""
         if self.world_size == 1:
             return tensor
@@ -158,7 +164,7 @@ class Collectives:
         self._run("broadcast", kind, dist.broadcast, tensor, src=self._global_rank(owner))
         return tensor
 
-    def all_to_all(self, send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], kind: str) -> torch.Tensor:
+    def all_to_all(self, send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], kind: TrafficKind) -> torch.Tensor:
         """Rank ``r`` receives ``send_sizes[r]`` elements from every rank; returns the
         concatenation over source ranks (``sum(recv_sizes)`` elements)."""
         if self.world_size == 1:

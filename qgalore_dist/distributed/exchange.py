@@ -5,17 +5,29 @@ collective per bucket and kind -- few calls, bounded temporary memory, the same 
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from typing import Hashable, NamedTuple, Sequence
 
 import torch
 
 from ..quant import BlockwiseCodec, Moment
-from .comm import Collectives
+from .comm import Collectives, TrafficKind
 
 __all__ = [
-    "broadcast_from_owners", "broadcast_from_owners_compressed", "pack_buckets", "reduce_rows_to_shards",
+    "OwnedTensor", "broadcast_from_owners", "broadcast_from_owners_compressed", "pack_buckets", "reduce_rows_to_shards",
     "reduce_to_owners", "reduce_to_owners_compressed",
 ]
+
+class OwnedTensor(NamedTuple):
+    """One tensor of an owner-grouped exchange, in the same order on every rank."""
+
+    key: Hashable
+    """What the tensor belongs to (a parameter, or ``(parameter, field)``); keys the result."""
+    owner_rank: int
+    """The rank (in the exchange's group) that receives the reduced tensor / sends the value."""
+    tensor: torch.Tensor
+    """This rank's contribution (reduces), or the owner's value / a receive buffer of the same
+    shape and dtype (broadcasts); a ``torch.Size`` where only the shape matters (bucket plans)."""
+
 
 # Payload compression: bitsandbytes' signed dynamic 8-bit map, one fp32 absmax per 256 values.
 _PAYLOAD_CODEC = BlockwiseCodec(bits=8, block_size=256, min_8bit_size=0)
@@ -67,8 +79,8 @@ def _split(flat: torch.Tensor, group: Sequence[tuple[Hashable, torch.Tensor]]) -
 
 def reduce_to_owners(
     coll: Collectives,
-    items: Sequence[tuple[Hashable, int, torch.Tensor]],
-    kind: str,
+    items: Sequence[OwnedTensor],
+    kind: TrafficKind,
     *,
     dtype: torch.dtype = torch.float32,
     bucket_bytes: int | None = None,
@@ -96,7 +108,7 @@ def reduce_to_owners(
 def reduce_rows_to_shards(
     shard_comm: Collectives,
     items: Sequence[tuple[Hashable, tuple[int, int], torch.Tensor]],
-    kind: str,
+    kind: TrafficKind,
     *,
     replicate_comm: Collectives | None = None,
     dtype: torch.dtype = torch.float32,
@@ -116,7 +128,7 @@ def reduce_rows_to_shards(
     return out
 
 
-def _reduce_rows_bucket(shard_comm, replicate_comm, bucket, kind: str, dtype) -> dict[Hashable, torch.Tensor]:
+def _reduce_rows_bucket(shard_comm, replicate_comm, bucket, kind: TrafficKind, dtype) -> dict[Hashable, torch.Tensor]:
     world = shard_comm.world_size
     chunks = []
     for k in range(world):
@@ -135,8 +147,8 @@ def _reduce_rows_bucket(shard_comm, replicate_comm, bucket, kind: str, dtype) ->
 
 def broadcast_from_owners(
     coll: Collectives,
-    items: Sequence[tuple[Hashable, int, torch.Tensor]],
-    kind: str,
+    items: Sequence[OwnedTensor],
+    kind: TrafficKind,
     *,
     bucket_bytes: int | None = None,
     residuals: dict[Hashable, torch.Tensor] | None = None,
@@ -166,8 +178,8 @@ def broadcast_from_owners(
 
 def reduce_to_owners_compressed(
     coll: Collectives,
-    items: Sequence[tuple[Hashable, int, torch.Tensor]],
-    kind: str,
+    items: Sequence[OwnedTensor],
+    kind: TrafficKind,
     residuals: dict[Hashable, torch.Tensor],
     *,
     bucket_bytes: int | None = None,
@@ -195,7 +207,7 @@ def _encode_with_feedback(group: Sequence[tuple[Hashable, torch.Tensor]], residu
     return moment
 
 
-def _reduce_bucket_compressed(coll: Collectives, items, kind: str, residuals) -> dict[Hashable, torch.Tensor]:
+def _reduce_bucket_compressed(coll: Collectives, items, kind: TrafficKind, residuals) -> dict[Hashable, torch.Tensor]:
     device = items[0][2].device
     by_owner = _group_by_owner(items, coll.world_size)
     codes, absmaxes = [], []
@@ -218,8 +230,8 @@ def _reduce_bucket_compressed(coll: Collectives, items, kind: str, residuals) ->
 
 def broadcast_from_owners_compressed(
     coll: Collectives,
-    items: Sequence[tuple[Hashable, int, torch.Tensor]],
-    kind: str,
+    items: Sequence[OwnedTensor],
+    kind: TrafficKind,
     residuals: dict[Hashable, torch.Tensor],
     *,
     bucket_bytes: int | None = None,
@@ -236,7 +248,7 @@ def broadcast_from_owners_compressed(
     return out
 
 
-def _broadcast_bucket_compressed(coll: Collectives, items, kind: str, residuals) -> dict[Hashable, torch.Tensor]:
+def _broadcast_bucket_compressed(coll: Collectives, items, kind: TrafficKind, residuals) -> dict[Hashable, torch.Tensor]:
     device = items[0][2].device
     payload = []
     by_owner = _group_by_owner(items, coll.world_size)

@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from .comm import Collectives
+from .comm import Collectives, TrafficKind
 from .exchange import pack_buckets
 
 __all__ = ["OverlappedReduce"]
@@ -70,7 +70,7 @@ class OverlappedReduce:
     gradient sinks / hooks during backward (module doc).  ``local_grad(p)`` reads this rank's
     accumulated gradient of ``p`` (None: none yet) and ``drop_grad(p)`` releases it."""
 
-    def __init__(self, comm: Collectives, *, kind: str, dtype: torch.dtype, bucket_bytes: int | None,
+    def __init__(self, comm: Collectives, *, kind: TrafficKind, dtype: torch.dtype, bucket_bytes: int | None,
                  local_grad: Callable[[torch.Tensor], torch.Tensor | None],
                  drop_grad: Callable[[torch.Tensor], None]) -> None:
         self.comm, self.kind, self.dtype, self.bucket_bytes = comm, kind, dtype, bucket_bytes

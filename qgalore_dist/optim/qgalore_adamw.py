@@ -33,6 +33,7 @@ from ..distributed import (
     Collectives,
     MatrixSpec,
     OverlappedReduce,
+    OwnedTensor,
     broadcast_from_owners,
     pack_buckets,
     plan_ownership,
@@ -153,9 +154,9 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         # Dense parameters: greedy by size, ZeRO-1 style (each one's moments live on one rank).
         load = [0] * self.comm.world_size
         for p in sorted(self.dense_params, key=lambda q: (-q.numel(), self._tensor_ids[q])):
-            r = min(range(self.comm.world_size), key=lambda k: (load[k], k))
-            self.owner[p] = r
-            load[r] += p.numel()
+            dp_rank = min(range(self.comm.world_size), key=lambda k: (load[k], k))
+            self.owner[p] = dp_rank
+            load[dp_rank] += p.numel()
 
     def arm_grad_sinks(self) -> None:
         """Before each backward (and after loading state): every INT8 layer's gradient sink and
@@ -396,7 +397,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
             out.update(self.layout.reduce_rows([(p, self._lowrank_local(p)) for p in rows],
                                                dtype=self._payload_dtype, bucket_bytes=self._bucket_bytes))
         residuals = self.comm_residuals if self.config.compress_lowrank else None
-        out.update(reduce_to_owners(self.comm, [(p, self.owner[p], self._lowrank_local(p)) for p in owned],
+        out.update(reduce_to_owners(self.comm, [OwnedTensor(p, self.owner[p], self._lowrank_local(p)) for p in owned],
                                     "lowrank_reduce", dtype=self._payload_dtype, bucket_bytes=self._bucket_bytes,
                                     residuals=residuals))
         if self.reduces.lowrank is not None:
@@ -410,7 +411,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         if self.reduces.dense is not None:  # reduced during backward
             return self.reduces.dense.collect(params)
         residuals = self.comm_residuals if self.config.compress_dense else None
-        return reduce_to_owners(self.comm, [(p, self.owner[p], p.grad) for p in params], "dense",
+        return reduce_to_owners(self.comm, [OwnedTensor(p, self.owner[p], p.grad) for p in params], "dense",
                                 dtype=self._payload_dtype, bucket_bytes=self._bucket_bytes, residuals=residuals)
 
     # --- clip
@@ -452,9 +453,9 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         compressed = self.config.compress_lowrank and self.comm.world_size > 1
         itemsize = 4 if compressed else self._payload_dtype.itemsize
         residuals = self.update_residuals if self.config.compress_lowrank else None
-        sized = [(p, self.owner[p], torch.Size(self.state[p]["projector"].lowrank_shape)) for p in owned]
+        sized = [OwnedTensor(p, self.owner[p], torch.Size(self.state[p]["projector"].lowrank_shape)) for p in owned]
         for bucket in pack_buckets(sized, self._bucket_bytes, lambda shape: itemsize):
-            directions = [(p, owner, self._direction(p, lowrank, coef)) for p, owner, _ in bucket]
+            directions = [OwnedTensor(p, owner, self._direction(p, lowrank, coef)) for p, owner, _ in bucket]
             received = broadcast_from_owners(self.comm, directions, "update_gather", residuals=residuals)
             for p, direction in received.items():
                 self._apply_galore(p, direction.to(torch.float32))
@@ -507,7 +508,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
                 grad = grads[p] if coef == 1.0 else grads[p] * coef
                 direction = advance_moments(state, grad, self.codec, betas=group["betas"], eps=group["eps"])
                 apply_direction_(p, direction, weight_step(group, state["step"]))
-        for p, value in broadcast_from_owners(self.comm, [(p, self.owner[p], p.data) for p in params], "dense",
+        for p, value in broadcast_from_owners(self.comm, [OwnedTensor(p, self.owner[p], p.data) for p in params], "dense",
                                               bucket_bytes=self._bucket_bytes).items():
             if value.data_ptr() != p.data_ptr():  # world size 1: the value is p itself
                 p.data.copy_(value)
@@ -526,10 +527,10 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
                 if local or owner == self.comm.rank:
                     grad = grads[p] if coef == 1.0 else grads[p] * coef
                     codec = self.layout.moment_codec(p.numel(), self.codec) if local else self.codec
-                    directions.append((p, owner, advance_moments(state, grad, codec, betas=group["betas"],
+                    directions.append(OwnedTensor(p, owner, advance_moments(state, grad, codec, betas=group["betas"],
                                                                  eps=group["eps"])))
                 else:
-                    directions.append((p, owner, torch.empty(p.shape, dtype=torch.float32, device=p.device)))
+                    directions.append(OwnedTensor(p, owner, torch.empty(p.shape, dtype=torch.float32, device=p.device)))
             received = ({p: d for p, _, d in directions} if local else
                         broadcast_from_owners(self.comm, directions, "dense", residuals=self.update_residuals))
             for p, direction in received.items():

@@ -14,7 +14,7 @@ from typing import Hashable
 import torch
 
 from ..core import Projector
-from ..distributed import Collectives, broadcast_from_owners
+from ..distributed import Collectives, OwnedTensor, broadcast_from_owners
 from ..quant import StreamKey
 from .config import QGaLoreConfig
 
@@ -72,7 +72,7 @@ def share_projectors(comm: Collectives, items: list[tuple[Hashable, int, Project
             payload = proj.payload_template(device)
             if k in failed:
                 payload["schedule"].fill_(float("nan"))
-        payloads += [((k, name), owner, t) for name, t in payload.items()]
+        payloads += [OwnedTensor((k, name), owner, t) for name, t in payload.items()]
     received = broadcast_from_owners(comm, payloads, "proj_broadcast", bucket_bytes=bucket_bytes)
     bad = [k for k, _, _, _ in items if not bool(torch.isfinite(received[(k, "schedule")]).all())]
     if not bad:
@@ -86,7 +86,7 @@ def share_row_lowrank(comm: Collectives, items: list[tuple[Hashable, int, tuple[
     """Row-sharded layouts: ``items`` are ``(key, owner_rank, (m, r) shape, (r0, r1) rows of
     this rank)`` (receive buffers on ``device``).  The owner's ``lowrank[key]`` (popped) reaches every rank, which keeps its
     rows: only the owner still holds the averaged full gradient it was projected from."""
-    sends = [(k, owner, lowrank.pop(k) if owner == comm.rank else torch.empty(shape, device=device))
+    sends = [OwnedTensor(k, owner, lowrank.pop(k) if owner == comm.rank else torch.empty(shape, device=device))
              for k, owner, shape, _ in items]
     received = broadcast_from_owners(comm, sends, "lowrank_reduce", bucket_bytes=bucket_bytes)
     return {k: received[k][r0:r1].clone() for k, _, _, (r0, r1) in items}
