@@ -39,3 +39,31 @@ def test_config_type_checks_every_field_by_name(key, value, expected):
 def test_config_accepts_ints_for_floats():
     cfg = QGaLoreConfig(lr=1, scale=1, eps=1, weight_decay=0, max_grad_norm=1, betas=[0, 0.5])
     assert cfg.betas == (0, 0.5)
+
+
+# ------------------------------------------------------------------ target_modules
+def _tiny(**kw):
+    from helpers import tiny_llama
+
+    return tiny_llama(layers=1, hidden=64, intermediate=128, vocab=96, **kw)
+
+
+def test_target_matching_nothing_beside_others_is_refused_with_the_nearest_name():
+    model = _tiny()
+    with pytest.raises(ValueError) as info:
+        prepare_model(model, target_modules=["q_proj", "v_pro"], group_size=64)
+    message = str(info.value)
+    assert "'v_pro' matched no module" in message and "did you mean 'v_proj'?" in message
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())  # nothing half-converted
+
+
+def test_tied_target_is_refused_naming_both_parameters():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                         num_hidden_layers=1, vocab_size=96, tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.raises(ValueError) as info:
+        prepare_model(model, target_modules=["q_proj", "lm_head"], group_size=64)
+    assert "lm_head.weight is tied to model.embed_tokens.weight" in str(info.value)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
