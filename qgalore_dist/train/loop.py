@@ -24,6 +24,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,10 +55,61 @@ def _model_fields(name: str) -> tuple[dict | None, str | None]:
         return None, path
     if os.path.isfile(path):
         with open(path) as f:
-            return json.load(f), None
+            fields = json.load(f)
+        _check_model_keys(fields, path)
+        return fields, None
     names = sorted(f[:-5] for f in os.listdir(MODELS_DIR) if f.endswith(".json"))
     raise ValueError(f"model.name: {name!r} is neither a built-in model ({['tiny', *names]}), a LlamaConfig "
                      f"JSON file, nor an HF model directory with a config.json")
+
+
+_LEGACY_MODEL_KEYS = ("rope_scaling", "rope_theta", "torch_dtype")
+"""Keys of older LlamaConfig JSON files that transformers still converts."""
+
+
+def _check_model_keys(fields: Any, path: str) -> None:
+    """``ValueError`` for a key LlamaConfig does not have (it would silently keep its default)."""
+    import difflib
+    import inspect
+
+    from transformers import LlamaConfig, PretrainedConfig
+
+    if not isinstance(fields, dict):
+        raise ValueError(f"model.name: {path!r} must hold a JSON object of LlamaConfig fields")
+    valid = (set(LlamaConfig().to_dict()) | set(_LEGACY_MODEL_KEYS)
+             | set(inspect.signature(LlamaConfig.__init__).parameters)
+             | set(inspect.signature(PretrainedConfig.__init__).parameters)) - {"self", "kwargs"}
+    for key in fields:
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"model.name: {path!r} has unknown LlamaConfig key {key!r}; {hint}"
+                             f"valid keys: {sorted(valid)}")
+
+
+def check_model_config(cfg: TrainConfig, ds_config: dict) -> None:
+    """Before any process group, from the configs alone (every rank raises the same
+    ``ValueError``): the model config's keys, and the optimizer entry's ``target_modules``,
+    ``rank`` and ``rank_overrides`` against the model's shapes -- on a meta-device model (no
+    memory, no time), instead of failing after data preparation and DeepSpeed's start-up."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    from ..integrations.deepspeed import matrix_ranks, parse_optimizer_entry
+
+    fields, pretrained = _model_fields(cfg.model.name)
+    entry = parse_optimizer_entry(ds_config)
+    if entry is None:
+        return
+    if pretrained is not None:
+        config = AutoConfig.from_pretrained(pretrained)
+    else:
+        config = LlamaConfig(**{k: v for k, v in fields.items() if k not in ("architectures", "model_type")})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    try:
+        matrix_ranks(model, entry)
+    except ValueError as exc:
+        raise ValueError(f"model {cfg.model.name}: {exc}") from None
 
 
 def build_model(cfg: TrainConfig, *, vocab_size: int, seq_len: int) -> torch.nn.Module:
@@ -397,7 +449,13 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         print("Training config keys and defaults:\n" + yaml.safe_dump(TrainConfig().to_dict(), sort_keys=False))
         return 0
-    cfg, ds_config = parse_args(argv)
+    try:
+        cfg, ds_config = parse_args(argv)
+        check_model_config(cfg, ds_config)
+    except ValueError as exc:  # a user mistake: one line, argparse-style, from rank 0 (all ranks raise it)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"qgalore-train: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     env = init_distributed()
     _cpu_threads(env)
     # DeepSpeed's ZeRO calls a deprecated torch.distributed alias every step: one warning per rank.

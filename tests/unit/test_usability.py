@@ -67,3 +67,86 @@ def test_tied_target_is_refused_naming_both_parameters():
         prepare_model(model, target_modules=["q_proj", "lm_head"], group_size=64)
     assert "lm_head.weight is tied to model.embed_tokens.weight" in str(info.value)
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+# ------------------------------------------------------------------ rank against the model; overrides
+def _entry(**params):
+    from qgalore_dist.integrations.deepspeed import parse_optimizer_entry
+
+    return parse_optimizer_entry({"optimizer": {"type": "QGaLoreAdamW8bit", "params": params}})
+
+
+def test_rank_too_large_for_the_model_names_the_layer_and_the_flag():
+    from qgalore_dist.integrations.deepspeed import matrix_ranks
+
+    with pytest.raises(ValueError) as info:
+        matrix_ranks(_tiny(), _entry(rank=128))
+    message = str(info.value)
+    assert "optimizer.params.rank = 128 is too large for model.layers.0.self_attn.q_proj (64x64" in message
+    assert "--optim.rank 16" in message
+
+
+def test_rank_overrides_split_param_groups_with_their_rank():
+    from qgalore_dist import QGaLoreAdamW8bit
+    from qgalore_dist.integrations.deepspeed import galore_params, matrix_ranks
+
+    model, entry = _tiny(), _entry(rank=8, rank_overrides={"k_proj|v_proj": 16}, proj_group_size=64)
+    ranks = matrix_ranks(model, entry)
+    assert ranks["model.layers.0.self_attn.k_proj"] == 16 and ranks["model.layers.0.self_attn.q_proj"] == 8
+    prepare_model(model, group_size=64)
+    opt = QGaLoreAdamW8bit(galore_params(model, entry, ranks), entry.config,
+                           names={p: n for n, p in model.named_parameters()}, manage_dense=False)
+    got = {opt.name_of(p): opt.state[p]["projector"].rank for p in opt.galore_params}
+    assert got["model.layers.0.self_attn.v_proj.weight"] == 16 and got["model.layers.0.mlp.up_proj.weight"] == 8
+    assert len(got) == 7
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"x_proj": 4}, "rank_overrides: 'x_proj' selects none of the target modules"),
+    ({"q_proj": 64}, "rank_overrides['q_proj'] = 64 is too large"),
+    ({"q_proj": True}, "must map a regex (string) to an int >= 1"),
+    ({"(": 4}, "'(' is not a valid regex"),
+])
+def test_bad_rank_overrides_are_refused(overrides, message):
+    from qgalore_dist.integrations.deepspeed import matrix_ranks
+
+    with pytest.raises(ValueError) as info:
+        matrix_ranks(_tiny(), _entry(rank=8, rank_overrides=overrides))
+    assert message in str(info.value)
+
+
+# ------------------------------------------------------------------ qgalore-train: mistakes found at parse time
+def test_model_json_with_a_misspelled_key_names_the_nearest(tmp_path, capsys):
+    import json
+
+    from qgalore_dist.train.loop import main
+
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                                "num_hiden_layers": 2}))
+    assert main(["--model.name", str(path), "--run_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qgalore-train: error: model.name:")
+    assert "unknown LlamaConfig key 'num_hiden_layers'; did you mean 'num_hidden_layers'?" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_shipped_ds_config_rank_checked_against_the_default_model_at_parse_time(tmp_path, capsys):
+    import os
+
+    from qgalore_dist.train.loop import main
+
+    ds = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "ds", "zero2_bf16.json")
+    assert main(["--ds_config", ds, "--run_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qgalore-train: error: model tiny: ds_config optimizer.params.rank = 128 is too large")
+    assert "--optim.rank 32" in err and "Traceback" not in err
+
+
+def test_user_mistake_is_one_line_and_exit_2(capsys):
+    from qgalore_dist.train.loop import main
+
+    assert main(["--optim.rnak", "8"]) == 2
+    assert capsys.readouterr().err == ("qgalore-train: error: unknown config key 'optim.rnak'; did you mean "
+                                       "'rank'? valid keys: " + repr(__import__("qgalore_dist.integrations.deepspeed",
+                                       fromlist=["x"]).allowed_params()) + "\n")
