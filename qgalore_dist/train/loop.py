@@ -205,7 +205,7 @@ def resume(engine, ckpt_dir: str, log) -> dict | None:
 
     for tag in _checkpoint_tags(ckpt_dir):
         try:
-            return load_checkpoint(engine, ckpt_dir, tag=tag)
+            return load_checkpoint(engine, ckpt_dir, tag=tag, missing_ok=True)
         except CheckpointError as exc:
             log(f"[qgalore] checkpoint {tag} is unusable ({exc}); trying an older one")
     return None
