@@ -112,9 +112,10 @@ def check_model_config(cfg: TrainConfig, ds_config: dict) -> None:
         raise ValueError(f"model {cfg.model.name}: {exc}") from None
 
 
-def build_model(cfg: TrainConfig, *, vocab_size: int, seq_len: int) -> torch.nn.Module:
+def build_model(cfg: TrainConfig, *, vocab_size: int, seq_len: int, tokenizer=None) -> torch.nn.Module:
     """An fp32 ``LlamaForCausalLM``: from scratch (seeded, identical on every rank) with the
-    tokenizer's vocabulary, or loaded from an HF directory."""
+    tokenizer's vocabulary and its BOS/EOS ids (LlamaConfig's defaults 1/2 would be wrong for
+    any tokenizer of ours), or loaded from an HF directory."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     fields, pretrained = _model_fields(cfg.model.name)
@@ -125,6 +126,8 @@ def build_model(cfg: TrainConfig, *, vocab_size: int, seq_len: int) -> torch.nn.
                              f"embeddings, the tokenizer {vocab_size} tokens")
     else:
         fields.update(vocab_size=vocab_size, max_position_embeddings=max(seq_len, fields.get("max_position_embeddings", 0)))
+        if tokenizer is not None:
+            fields.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
         for key in ("architectures", "model_type", "transformers_version", "torch_dtype"):
             fields.pop(key, None)
         torch.manual_seed(cfg.seed)
@@ -343,7 +346,8 @@ class Run:
             _save_run_files(cfg, ds_config)
         _pretrained_tokenizer(cfg)
         self.data = build_data(cfg.data, rank=self.rank, world=self.world)
-        model = build_model(cfg, vocab_size=self.data.tokenizer.vocab_size, seq_len=cfg.data.seq_len)
+        model = build_model(cfg, vocab_size=self.data.tokenizer.vocab_size, seq_len=cfg.data.seq_len,
+                            tokenizer=self.data.tokenizer)
         self.engine, _, _, _ = initialize(model=model, config=ds_config, lr_scheduler=_lr_scheduler(cfg, ds_config))
         self.galore, self.micro = self.engine.qgalore, self.engine.train_micro_batch_size_per_gpu()
         self.stream = TrainStream(self.data, rank=self.rank, world=self.world, micro_batch=self.micro, seed=cfg.seed)

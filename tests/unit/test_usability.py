@@ -150,3 +150,15 @@ def test_user_mistake_is_one_line_and_exit_2(capsys):
     assert capsys.readouterr().err == ("qgalore-train: error: unknown config key 'optim.rnak'; did you mean "
                                        "'rank'? valid keys: " + repr(__import__("qgalore_dist.integrations.deepspeed",
                                        fromlist=["x"]).allowed_params()) + "\n")
+
+
+# ------------------------------------------------------------------ exported special tokens
+def test_model_takes_bos_and_eos_from_the_tokenizer():
+    from qgalore_dist.train.config import TrainConfig
+    from qgalore_dist.train.loop import build_model
+    from qgalore_dist.train.tokenizer import BPETokenizer
+
+    tok = BPETokenizer.train(["the cat sat on the mat"] * 20, vocab_size=300)
+    assert tok.eos_id == 0  # <|endoftext|> is the first special token
+    model = build_model(TrainConfig(), vocab_size=tok.vocab_size, seq_len=16, tokenizer=tok)
+    assert (model.config.bos_token_id, model.config.eos_token_id) == (0, 0)
