@@ -417,8 +417,33 @@ class Run:
         self.logger.close()
 
 
+def completed_step(cfg: TrainConfig) -> int | None:
+    """The step of a finished run in ``cfg.run_dir`` -- its newest checkpoint that verifies has
+    reached ``schedule.steps`` and ``summary.json`` was written -- or None.  Files only, so every
+    rank reaches the same verdict without a collective."""
+    from ..checkpoint import CheckpointError, verify_checkpoint
+
+    if not cfg.checkpoint.resume or not os.path.isfile(os.path.join(cfg.run_dir, "summary.json")):
+        return None
+    ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
+    for tag in _checkpoint_tags(ckpt_dir):
+        try:
+            verify_checkpoint(os.path.join(ckpt_dir, tag))
+        except CheckpointError:
+            continue
+        return int(tag[4:]) if int(tag[4:]) >= cfg.schedule.steps else None
+    return None
+
+
 def train(cfg: TrainConfig, ds_config: dict, *, launcher: str = "single process") -> int:
-    """Collective: the whole run on this rank.  Returns the exit code (0, also after a signal)."""
+    """Collective: the whole run on this rank.  Returns the exit code (0, also after a signal).
+    A run that already finished changes nothing (no rewritten summary, no second evaluation)."""
+    done = completed_step(cfg)
+    if done is not None:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[qgalore] {cfg.run_dir}: already complete at step {done}; raise --schedule.steps to "
+                  "continue", flush=True)
+        return 0
     run = Run(cfg, ds_config, launcher=launcher)
     stop, saved_at, evaluated_at = StopFlag(), -1, -1
     while run.progress.step < cfg.schedule.steps:

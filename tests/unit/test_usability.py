@@ -162,3 +162,26 @@ def test_model_takes_bos_and_eos_from_the_tokenizer():
     assert tok.eos_id == 0  # <|endoftext|> is the first special token
     model = build_model(TrainConfig(), vocab_size=tok.vocab_size, seq_len=16, tokenizer=tok)
     assert (model.config.bos_token_id, model.config.eos_token_id) == (0, 0)
+
+
+# ------------------------------------------------------------------ re-running a finished run
+def test_rerunning_a_finished_run_changes_nothing(tmp_path, capsys):
+    import json
+    import os
+
+    from qgalore_dist.checkpoint import FORMAT_VERSION
+    from qgalore_dist.train.config import parse_args
+    from qgalore_dist.train.loop import train
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step5"
+    ckpt.mkdir(parents=True)
+    (ckpt / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "files": {}}))
+    (run / "summary.json").write_text('{"steps": 5, "final_val_ppl": 12.5}\n')
+    (run / "metrics.jsonl").write_text('{"kind": "eval", "step": 5}\n')
+    before = {p: open(os.path.join(run, p)).read() for p in ("summary.json", "metrics.jsonl")}
+    cfg, ds = parse_args(["--run_dir", str(run), "--schedule.steps", "5"])
+    assert train(cfg, ds) == 0
+    assert f"{run}: already complete at step 5; raise --schedule.steps to continue" in capsys.readouterr().out
+    assert {p: open(os.path.join(run, p)).read() for p in before} == before
+    assert sorted(os.listdir(run)) == ["checkpoints", "metrics.jsonl", "summary.json"]
