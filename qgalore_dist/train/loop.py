@@ -300,7 +300,7 @@ def _train_step(engine, stream, stop: StopFlag) -> tuple[float, bool]:
 
 
 def _step_record(engine, progress: Progress, loss: float, seconds: float, tokens: int, svd_before: dict) -> dict:
-    from .metrics import peak_memory_bytes
+    from .metrics import peak_memory_bytes, peak_memory_kind
 
     galore = engine.qgalore
     svd_after = _svd_counts(galore)
@@ -308,7 +308,7 @@ def _step_record(engine, progress: Progress, loss: float, seconds: float, tokens
     comm = {kind: float(v["bytes"]) for kind, v in galore.comm.meter.last_step.items()}
     return dict(step=progress.step, tokens=progress.tokens, loss=loss, lr=float(engine.get_lr()[0]),
                 step_time_s=seconds, tokens_per_s=tokens / max(seconds, 1e-9), svd_count=len(refreshed),
-                svd_layers=refreshed, comm_bytes=comm, mem_bytes=peak_memory_bytes())
+                svd_layers=refreshed, comm_bytes=comm, mem_bytes=peak_memory_bytes(), mem_kind=peak_memory_kind())
 
 
 def _lr_scheduler(cfg: TrainConfig, ds_config: dict):
@@ -407,6 +407,7 @@ class Run:
         export_final_model(self.engine, self.data.tokenizer, out, self.rank)
         if self.rank == 0:
             self.logger.summary_extra["final_model"] = out
+            self.logger.summary_extra["svds_whole_run"] = self.galore.svd_count
             if self.cfg.logging.plots:
                 from ..plot import plot_run
 

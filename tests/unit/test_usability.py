@@ -185,3 +185,50 @@ def test_rerunning_a_finished_run_changes_nothing(tmp_path, capsys):
     assert f"{run}: already complete at step 5; raise --schedule.steps to continue" in capsys.readouterr().out
     assert {p: open(os.path.join(run, p)).read() for p in before} == before
     assert sorted(os.listdir(run)) == ["checkpoints", "metrics.jsonl", "summary.json"]
+
+
+# ------------------------------------------------------------------ log lines, summary and plots say what they show
+def _record(step, svds=0, loss=1.0):
+    return {"step": step, "tokens": 512 * step, "loss": loss, "lr": 1e-3, "step_time_s": 0.5, "tokens_per_s": 1000.0,
+            "svd_count": svds, "svd_layers": [f"l{i}" for i in range(svds)], "comm_bytes": {"lowrank_reduce": 1000.0},
+            "mem_bytes": 1000, "mem_kind": "host peak RSS"}
+
+
+def test_svd_column_counts_svds_since_the_last_line_and_summary_labels(tmp_path, capsys):
+    from qgalore_dist.train.metrics import RunLogger
+
+    log = RunLogger(str(tmp_path), rank=0, total_steps=4, log_every=2, tensorboard=False)
+    for step, svds in ((1, 3), (2, 0), (3, 2), (4, 0)):
+        log.log_step(_record(step, svds, loss=float(step)))
+    log.summary_extra["svds_whole_run"] = 12
+    summary = log.close()
+    out = capsys.readouterr().out
+    assert "step 0.50s  svd 3  comm" in out and "step 0.50s  svd 2  comm" in out  # steps 1-2, then 3-4
+    assert "train loss        3.5000  (mean of the last 2 steps)" in out
+    assert "(host peak RSS, rank 0)" in out and summary["peak_mem_kind"] == "host peak RSS"
+    assert "SVDs              5 this run, 12 whole run (resumed)" in out
+
+
+def test_resumes_are_recorded_and_marked_in_memory_png(tmp_path, monkeypatch):
+    from qgalore_dist.train import plot
+    from qgalore_dist.train.metrics import RunLogger
+
+    first = RunLogger(str(tmp_path), rank=0, total_steps=4, log_every=1, tensorboard=False)
+    for step in (1, 2):
+        first.log_step(_record(step))
+    first.close()
+    second = RunLogger(str(tmp_path), rank=0, total_steps=4, start_step=2, log_every=1, tensorboard=False)
+    for step in (3, 4):
+        second.log_step(_record(step))
+    second.close()
+    assert plot.load_resumes(str(tmp_path)) == [2]
+    drawn = {}
+    real = plot.plot_memory
+
+    def spy(train, path, resumes=()):
+        drawn["resumes"] = list(resumes)
+        return real(train, path, resumes)
+
+    monkeypatch.setattr(plot, "plot_memory", spy)
+    plot.plot_run(str(tmp_path))
+    assert drawn["resumes"] == [2]
