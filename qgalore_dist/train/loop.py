@@ -299,13 +299,19 @@ def _train_step(engine, stream, stop: StopFlag) -> tuple[float, bool]:
     return loss_sum / world, flags > 0
 
 
-def _step_record(engine, progress: Progress, loss: float, seconds: float, tokens: int, svd_before: dict) -> dict:
+def _step_record(engine, progress: Progress, loss: float, seconds: float, tokens: int, svd_before: dict,
+                 dense_bytes: float = 0.0) -> dict:
+    """``dense_bytes``: DeepSpeed's own traffic for the dense parameters (closed form, see
+    :mod:`.dense_comm`), logged beside the package's metered kinds as ``deepspeed_dense``."""
+    from .dense_comm import KIND
     from .metrics import peak_memory_bytes, peak_memory_kind
 
     galore = engine.qgalore
     svd_after = _svd_counts(galore)
     refreshed = [name for name, n in svd_after.items() if n > svd_before.get(name, 0)]
     comm = {kind: float(v["bytes"]) for kind, v in galore.comm.meter.last_step.items()}
+    if dense_bytes:
+        comm[KIND] = float(dense_bytes)
     return dict(step=progress.step, tokens=progress.tokens, loss=loss, lr=float(engine.get_lr()[0]),
                 step_time_s=seconds, tokens_per_s=tokens / max(seconds, 1e-9), svd_count=len(refreshed),
                 svd_layers=refreshed, comm_bytes=comm, mem_bytes=peak_memory_bytes(), mem_kind=peak_memory_kind())
@@ -338,6 +344,7 @@ class Run:
     def __init__(self, cfg: TrainConfig, ds_config: dict, *, launcher: str) -> None:
         from .. import initialize
         from .data import TrainStream, build_data
+        from .dense_comm import engine_dense_bytes
         from .metrics import RunLogger
 
         self.cfg, self.rank, self.world = cfg, dist.get_rank(), dist.get_world_size()
@@ -353,6 +360,9 @@ class Run:
         self.stream = TrainStream(self.data, rank=self.rank, world=self.world, micro_batch=self.micro, seed=cfg.seed)
         self.tokens_per_step = self.micro * self.engine.gradient_accumulation_steps() * self.world * cfg.data.seq_len
         self.progress = Progress()
+        int8 = {id(p) for p in self.galore.galore_params}
+        dense_numel = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if id(p) not in int8)
+        self.dense_bytes = engine_dense_bytes(self.engine, dense_numel, self.world)
         client = resume(self.engine, self.ckpt_dir, self._say) if cfg.checkpoint.resume else None
         if client:
             self.progress = Progress(**client["progress"])
@@ -377,7 +387,8 @@ class Run:
         self.progress.step += 1
         self.progress.tokens += self.tokens_per_step
         seconds = time.perf_counter() - start
-        self.logger.log_step(_step_record(self.engine, self.progress, loss, seconds, self.tokens_per_step, svd_before))
+        self.logger.log_step(_step_record(self.engine, self.progress, loss, seconds, self.tokens_per_step, svd_before,
+                                          self.dense_bytes))
         if not math.isfinite(loss):  # the same all-reduced value on every rank: all raise here
             raise FloatingPointError(f"loss is {loss} at step {self.progress.step}; the last good checkpoint is kept")
         return stopping

@@ -346,8 +346,13 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def _format_summary(s: dict[str, Any]) -> str:
     """The end-of-run block.  No line may read like a step log line (tests grep those)."""
-    by_kind = ", ".join(f"{k} {human_bytes(v)}" for k, v in s["mean_comm_bytes_per_step_by_kind"].items() if v)
+    kinds = s["mean_comm_bytes_per_step_by_kind"]
+    ours = {k: v for k, v in kinds.items() if v and k != "deepspeed_dense"}
+    by_kind = ", ".join(f"{k} {human_bytes(v)}" for k, v in ours.items())
     comm = "n/a" if s["mean_comm_bytes_per_step"] is None else human_bytes(s["mean_comm_bytes_per_step"])
+    if kinds.get("deepspeed_dense"):  # both parts, labelled: the package's metered bytes + DeepSpeed's
+        by_kind = (f"Q-GaLore exchanges {human_bytes(sum(ours.values()))}" + (f": {by_kind}" if by_kind else "")
+                   + f"; DeepSpeed dense parameters {human_bytes(kinds['deepspeed_dense'])}, closed form")
     whole = s.get("svds_whole_run")
     svds = f"{s['total_svds']} this run" + (f", {whole} whole run (resumed)" if whole not in (None, s["total_svds"]) else "")
     lines = [

@@ -232,3 +232,28 @@ def test_resumes_are_recorded_and_marked_in_memory_png(tmp_path, monkeypatch):
     monkeypatch.setattr(plot, "plot_memory", spy)
     plot.plot_run(str(tmp_path))
     assert drawn["resumes"] == [2]
+
+
+# ------------------------------------------------------------------ DeepSpeed's dense traffic counted and labelled
+def test_deepspeed_dense_bytes_closed_form():
+    from qgalore_dist.train.dense_comm import dense_bytes_per_step
+
+    common = dict(world=4, numel=1000, grad_bytes=2, param_bytes=2)
+    assert dense_bytes_per_step(stage=0, **common) == pytest.approx(2 * 0.75 * 1000 * 2)
+    assert dense_bytes_per_step(stage=1, **common) == pytest.approx(0.75 * 1000 * 4)
+    assert dense_bytes_per_step(stage=2, accumulation=3, **common) == pytest.approx(0.75 * 1000 * (3 * 2 + 2))
+    assert dense_bytes_per_step(stage=3, accumulation=2, **common) == pytest.approx(2 * 0.75 * 1000 * 6)
+    assert dense_bytes_per_step(stage=2, world=1, numel=1000, grad_bytes=2, param_bytes=2) == 0
+
+
+def test_summary_labels_package_and_deepspeed_traffic(tmp_path, capsys):
+    from qgalore_dist.train.metrics import RunLogger
+
+    log = RunLogger(str(tmp_path), rank=0, total_steps=1, log_every=1, tensorboard=False)
+    record = _record(1)
+    record["comm_bytes"] = {"lowrank_reduce": 1000.0, "deepspeed_dense": 3000.0}
+    log.log_step(record)
+    summary = log.close()
+    assert summary["mean_comm_bytes_per_step"] == 4000.0
+    assert ("sent per step     4.0kB  (Q-GaLore exchanges 1.0kB: lowrank_reduce 1.0kB; DeepSpeed dense "
+            "parameters 3.0kB, closed form)") in capsys.readouterr().out
