@@ -420,7 +420,7 @@ class Run:
             self.logger.summary_extra["final_model"] = out
             self.logger.summary_extra["svds_whole_run"] = self.galore.svd_count
             if self.cfg.logging.plots:
-                from ..plot import plot_run
+                from .plot import plot_run
 
                 plot_run(self.cfg.run_dir)
                 self.logger.summary_extra["plots"] = os.path.join(self.cfg.run_dir, "plots")
