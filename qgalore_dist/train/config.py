@@ -27,7 +27,7 @@ import yaml
 from ..integrations.deepspeed import OPTIMIZER_TYPE, allowed_params, load_ds_config
 from .data import DataConfig
 
-__all__ = ["DEFAULT_DS_CONFIG", "CheckpointConfig", "EvalConfig", "LoggingConfig", "ModelConfig",
+__all__ = ["DEFAULT_DS_CONFIG", "CheckpointConfig", "DistConfig", "EvalConfig", "LoggingConfig", "ModelConfig",
            "ScheduleConfig", "TrainConfig", "parse_args"]
 
 DEFAULT_DS_CONFIG: dict[str, Any] = {
@@ -94,6 +94,14 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class DistConfig:
+    timeout_s: float = 600.0
+    """Timeout in seconds of every collective of every process group the run creates (the world
+    group and DeepSpeed's ZeRO groups alike): a stuck or dead peer makes the others fail within it,
+    naming the operation, instead of hanging for torch's default 30 minutes."""
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     run_dir: str = "runs/qgalore"
     """Where the resolved configs, metrics, checkpoints, tokenizer, plots and final model go."""
@@ -107,6 +115,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     optim: dict[str, Any] = field(default_factory=dict)
     """Overrides of the ds_config ``QGaLoreAdamW8bit`` params (``--optim.rank 256``)."""
 
@@ -118,6 +127,8 @@ class TrainConfig:
         for name, value, low in checks:
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not self.dist.timeout_s > 0:
+            raise ValueError(f"dist.timeout_s must be a number of seconds > 0, got {self.dist.timeout_s!r}")
         if not 0.0 <= self.schedule.min_lr_ratio <= 1.0:
             raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.schedule.min_lr_ratio!r}")
         if self.ds_config is not None and not os.path.isfile(self.ds_config):

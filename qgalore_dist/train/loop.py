@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"qgalore-train: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    env = init_distributed()
+    env = init_distributed(timeout_s=cfg.dist.timeout_s)
     _cpu_threads(env)
     # DeepSpeed's ZeRO calls a deprecated torch.distributed alias every step: one warning per rank.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated", category=FutureWarning)
