@@ -497,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"qgalore-train: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    if completed_step(cfg) is not None:  # nothing to do: say so before DeepSpeed's start-up
+        return train(cfg, ds_config)
     env = init_distributed(timeout_s=cfg.dist.timeout_s)
     _cpu_threads(env)
     # DeepSpeed's ZeRO calls a deprecated torch.distributed alias every step: one warning per rank.
