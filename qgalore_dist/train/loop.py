@@ -456,8 +456,9 @@ def train(cfg: TrainConfig, ds_config: dict, *, launcher: str = "single process"
             print(f"[qgalore] {cfg.run_dir}: already complete at step {done}; raise --schedule.steps to "
                   "continue", flush=True)
         return 0
+    stop = StopFlag()  # before the (long) set-up: a signal during it is honoured after the first step
     run = Run(cfg, ds_config, launcher=launcher)
-    stop, saved_at, evaluated_at = StopFlag(), -1, -1
+    saved_at, evaluated_at = -1, -1
     while run.progress.step < cfg.schedule.steps:
         stopping = run.step(stop)
         step = run.progress.step
