@@ -28,7 +28,7 @@ from ..integrations.deepspeed import OPTIMIZER_TYPE, allowed_params, load_ds_con
 from .data import DataConfig
 
 __all__ = ["DEFAULT_DS_CONFIG", "CheckpointConfig", "DistConfig", "EvalConfig", "LoggingConfig", "ModelConfig",
-           "ScheduleConfig", "TrainConfig", "parse_args"]
+           "ScheduleConfig", "TrainConfig", "field_docs", "help_text", "parse_args"]
 
 DEFAULT_DS_CONFIG: dict[str, Any] = {
     "train_micro_batch_size_per_gpu": 4,
@@ -138,6 +138,50 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` of a dataclass whose fields carry attribute docstrings (the string
+    literal right after each annotated field), read from its source."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # no source (frozen app): keys and defaults only
+        return {}
+    body, docs = tree.body[0].body, {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def help_text() -> str:
+    """Every ``--section.key`` with its default and docstring, for ``qgalore-train --help``."""
+    import textwrap
+
+    lines = []
+
+    def walk(section: Any, prefix: str) -> None:
+        docs = field_docs(type(section))
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                lines.append(f"\n{prefix}{f.name}:")
+                walk(value, f"{prefix}{f.name}.")
+                continue
+            lines.append(f"  --{prefix}{f.name} (default {value!r})")
+            if docs.get(f.name):
+                lines.append(textwrap.fill(docs[f.name], width=100, initial_indent="      ",
+                                           subsequent_indent="      "))
+
+    walk(TrainConfig(), "")
+    lines.append(f"\n  --optim.<key>: any {OPTIMIZER_TYPE} ds_config param: {', '.join(allowed_params())}")
+    lines.append("  --ds.<key>[.<sub>] VALUE: any ds_config key (e.g. --ds.zero_optimization.stage 3)")
+    return "\n".join(lines)
 
 
 def _is_section(tp: Any) -> bool:

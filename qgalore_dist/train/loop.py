@@ -488,13 +488,16 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if {"-h", "--help"} & set(argv):
+        from .config import help_text
+
         print(__doc__)
-        print("Training config keys and defaults:\n" + yaml.safe_dump(TrainConfig().to_dict(), sort_keys=False))
+        print("Training config keys (YAML/JSON file via --config, or --section.key VALUE); examples in "
+              "configs/train/:\n" + help_text())
         return 0
     try:
         cfg, ds_config = parse_args(argv)
         check_model_config(cfg, ds_config)
-    except ValueError as exc:  # a user mistake: one line, argparse-style, from rank 0 (all ranks raise it)
+    except (ValueError, FileNotFoundError) as exc:  # a user mistake: one line, argparse-style, from rank 0
         if os.environ.get("RANK", "0") == "0":
             print(f"qgalore-train: error: {exc}", file=sys.stderr, flush=True)
         return 2

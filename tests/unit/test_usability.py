@@ -257,3 +257,30 @@ def test_summary_labels_package_and_deepspeed_traffic(tmp_path, capsys):
     assert summary["mean_comm_bytes_per_step"] == 4000.0
     assert ("sent per step     4.0kB  (Q-GaLore exchanges 1.0kB: lowrank_reduce 1.0kB; DeepSpeed dense "
             "parameters 3.0kB, closed form)") in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ --help and example configs
+def test_help_shows_every_key_with_its_docstring(capsys):
+    from qgalore_dist.train.loop import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "  --schedule.steps (default 300)\n      Optimizer steps to train to" in out
+    assert "  --dist.timeout_s (default 600.0)" in out and "configs/train/" in out
+    assert "  --data.tokenizer (default 'bpe')" in out and "rank_overrides" in out
+
+
+def test_example_training_configs_parse_and_fit_their_models(monkeypatch):
+    import glob
+    import os
+
+    from qgalore_dist.train.config import parse_args
+    from qgalore_dist.train.loop import check_model_config
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.chdir(root)
+    files = sorted(glob.glob("configs/train/*.yaml"))
+    assert len(files) >= 2
+    for path in files:
+        cfg, ds = parse_args(["--config", path])
+        check_model_config(cfg, ds)
