@@ -497,9 +497,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, ds_config = parse_args(argv)
         check_model_config(cfg, ds_config)
-    except (ValueError, FileNotFoundError) as exc:  # a user mistake: one line, argparse-style, from rank 0
-        if os.environ.get("RANK", "0") == "0":
-            print(f"qgalore-train: error: {exc}", file=sys.stderr, flush=True)
+    except (ValueError, FileNotFoundError) as exc:  # a user mistake: one line, argparse-style, exit 2
+        # Every rank raises it (from the same files); under a launcher each says which rank it is.
+        rank = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
+        print(f"{rank}qgalore-train: error: {exc}", file=sys.stderr, flush=True)
         return 2
     if completed_step(cfg) is not None:  # nothing to do: say so before DeepSpeed's start-up
         return train(cfg, ds_config)
