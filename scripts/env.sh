@@ -25,7 +25,7 @@ export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 
 # DeepSpeed on CPU JIT-compiles its shared-memory all-reduce op (deepspeed_shm_comm) the first time
-# ranks form a group: that needs a C++ compiler and the Python headers, and takes 1-3 minutes with
+# ranks form a group: that needs a C++ compiler and the Python headers, and takes minutes with
 # no output.  Do it once here, saying so (cached in $TORCH_EXTENSIONS_DIR).
 qgalore_build_ds_ops() {
   local ext="$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm"
@@ -40,7 +40,7 @@ qgalore_build_ds_ops() {
          "apt-get install g++ python3-dev), then source scripts/env.sh again. Single-process use works without." >&2
     return 0
   fi
-  echo "[env] building DeepSpeed's CPU op deepspeed_shm_comm into $ext with $cxx (once; 1-3 minutes) ..." >&2
+  echo "[env] building DeepSpeed's CPU op deepspeed_shm_comm into $ext with $cxx (once; a few minutes) ..." >&2
   if python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)" \
       > "$TORCH_EXTENSIONS_DIR/build_shm_comm.log" 2>&1; then
     echo "[env] deepspeed_shm_comm built" >&2

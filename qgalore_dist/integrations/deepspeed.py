@@ -29,8 +29,9 @@ import copy
 import json
 import logging
 import os
+import dataclasses
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -62,7 +63,7 @@ class QGaLoreEntry:
     """Bits of the stored GaLore weights; only 8 is implemented (as in the reference)."""
     weight_group_size: int = 256
     """Group size of the INT8 weight quantization (the reference's 256)."""
-    rank_overrides: dict[str, int] = field(default_factory=dict)
+    rank_overrides: dict[str, int] = dataclasses.field(default_factory=dict)
     """``{regex: rank}``: a GaLore matrix whose full module name the regex finds (``re.search``,
     first match in order wins) gets this rank instead of ``rank``, e.g. ``{"k_proj|v_proj": 256}``.
     Every regex must select at least one target module."""
@@ -160,10 +161,11 @@ def matrix_ranks(model: nn.Module, entry: QGaLoreEntry) -> dict[str, int]:
         if ranks[name] >= side:
             key = f"rank_overrides[{pattern!r}]" if pattern is not None else "rank"
             flag = "" if pattern is not None else f" (qgalore-train: --optim.rank {max(1, side // 4)})"
+            example = f"{{{name.rsplit('.', 1)[-1]!r}: {max(1, side // 4)}}}"
             raise ValueError(
                 f"ds_config optimizer.params.{key} = {ranks[name]} is too large for {name} "
                 f"({module.out_features}x{module.in_features}; a GaLore rank must be < {side}): lower it{flag}, "
-                f"or give such layers their own rank with rank_overrides, e.g. {{{name.rsplit('.', 1)[-1]!r}: {side // 4}}}")
+                f"or give such layers their own rank with rank_overrides, e.g. {example}")
     for pattern in entry.rank_overrides:
         if not any(re.search(pattern, name) for name, _ in targets):
             raise ValueError(f"ds_config optimizer.params.rank_overrides: {pattern!r} selects none of the target "

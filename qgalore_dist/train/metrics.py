@@ -354,7 +354,9 @@ def _format_summary(s: dict[str, Any]) -> str:
         by_kind = (f"Q-GaLore exchanges {human_bytes(sum(ours.values()))}" + (f": {by_kind}" if by_kind else "")
                    + f"; DeepSpeed dense parameters {human_bytes(kinds['deepspeed_dense'])}, closed form")
     whole = s.get("svds_whole_run")
-    svds = f"{s['total_svds']} this run" + (f", {whole} whole run (resumed)" if whole not in (None, s["total_svds"]) else "")
+    svds = f"{s['total_svds']} this run"
+    if whole not in (None, s["total_svds"]):
+        svds += f", {whole} whole run (resumed)"
     lines = [
         f"[qgalore] run summary ({s['run_dir']})",
         f"  steps done        {s['steps']}  (this run {s['steps_this_run']}), tokens {_fmt(s['tokens'], ',')}",

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from qgalore_dist import QGaLoreConfig, prepare_model
 from qgalore_dist.core import Int8Linear
