@@ -227,7 +227,7 @@ def find_targets(model: nn.Module, target_modules: Iterable[str]) -> list[tuple[
     for target in targets:
         if not any(_matches(n, (target,)) for n, _ in named):
             raise ValueError(f"target_modules entry {target!r} matched no module of {type(model).__name__} "
-                             f"(the other entries match {len(matched)} modules, which would train while "
+                             f"(the other entries match {len(matched)} module(s), which would train while "
                              f"this one stays dense){_nearest_module_name(target, model)}")
     tied = _tied_names(model)
     for name, module in matched:
