@@ -25,4 +25,34 @@ if [[ -n "${HOSTFILE:-}" ]]; then
   if [[ -n "${MASTER_ADDR:-}" ]]; then args+=(--master_addr "$MASTER_ADDR"); fi
 fi
 
-exec deepspeed "${args[@]}" "${extra[@]}" "${train_cmd[@]}" "$@"
+# Not exec: SIGTERM/SIGINT to this script (scancel, a scheduler's preemption, kill, Ctrl-C) must reach
+# the ranks, which checkpoint and exit 0.  Sent to the `deepspeed` runner it would kill only the
+# runner (it installs no handler on one node) and leave the ranks running; sent to
+# deepspeed.launcher.launch it would terminate them, SIGKILL them after 30 s and exit 1 anyway.  So the
+# signal goes to the ranks (children of launch, itself a child of the runner) and launch and the
+# runner exit with the ranks' status.  With HOSTFILE the ranks run on other hosts: the runner gets
+# the signal and stops them through pdsh (exit status 1).
+deepspeed "${args[@]}" "${extra[@]}" "${train_cmd[@]}" "$@" &
+runner=$!
+
+forward() {
+  local sig=$1 launcher
+  if [[ -n "${HOSTFILE:-}" ]]; then
+    kill -s "$sig" "$runner" 2>/dev/null || true
+    return
+  fi
+  echo "launch/deepspeed.sh: SIG$sig: forwarding it to the ranks (they checkpoint and exit)" >&2
+  for launcher in $(pgrep -P "$runner"); do
+    pkill -"$sig" -P "$launcher" || true
+  done
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+
+rc=0
+while :; do
+  wait "$runner" || rc=$?         # a trapped signal interrupts wait: wait again for the real exit
+  kill -0 "$runner" 2>/dev/null || break
+  rc=0
+done
+exit "$rc"

@@ -53,10 +53,17 @@ def save_checkpoint(target, save_dir: str, *, tag: str | None = None, client_sta
     return path
 
 
-def load_checkpoint(target, load_dir: str, *, tag: str | None = None) -> dict | None:
+def load_checkpoint(target, load_dir: str, *, tag: str | None = None, missing_ok: bool = False) -> dict | None:
     """Collective.  Load ``<load_dir>/<tag>`` (default: the one ``latest`` names) into
-    ``target`` after verifying it; returns the saved ``client_state`` (None when ``load_dir``
-    holds no checkpoint yet)."""
+    ``target`` after verifying it; returns the saved ``client_state``.  When there is no such
+    checkpoint (``load_dir`` missing, no ``latest`` in it, or no ``<tag>``) raises
+    ``FileNotFoundError`` naming the path, or returns None with ``missing_ok=True`` (resume if
+    present)."""
+    missing = _missing(load_dir, tag)
+    if missing is not None:
+        if missing_ok:
+            return None
+        raise FileNotFoundError(missing)
     pair = _sharded_pair(target)
     if pair is None:
         from .engine import load_engine_checkpoint
@@ -69,6 +76,18 @@ def load_checkpoint(target, load_dir: str, *, tag: str | None = None) -> dict | 
         return None
     meta = load_dcp(*pair, os.path.join(load_dir, tag))
     return meta.get("client_state")
+
+
+def _missing(load_dir: str, tag: str | None) -> str | None:
+    """Why there is no checkpoint to load (a message naming the path), or None."""
+    if not os.path.isdir(load_dir):
+        return f"checkpoint directory {load_dir!r} does not exist"
+    if tag is None and latest_tag(load_dir) is None:
+        return (f"no checkpoint in {load_dir!r} (it has no 'latest' file): pass tag=, or missing_ok=True "
+                "to start fresh")
+    if tag is not None and not os.path.isdir(os.path.join(load_dir, tag)):
+        return f"checkpoint {os.path.join(load_dir, tag)!r} does not exist"
+    return None
 
 
 def _check_tag(tag: str) -> None:

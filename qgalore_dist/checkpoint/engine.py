@@ -27,6 +27,7 @@ function of (seed, step, tensor id), and the steps are in the optimizer state.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Any
@@ -246,13 +247,27 @@ def save_engine_checkpoint(target, save_dir: str, *, tag: str | None = None, cli
     """Collective: every rank calls it.  Writes ``<save_dir>/<tag>`` atomically and points
     ``latest`` at it; returns the checkpoint's path.  ``tag`` defaults to ``step<N>``;
     ``client_state`` must be JSON-serializable (e.g. the data loader's position)."""
-    import torch.distributed as dist
-
     model, galore, engine = _target_parts(target)
-    comm, dp_rank = galore.comm, galore.comm.rank
-    tag = tag or f"step{engine.global_steps if engine is not None else galore.steps_taken}"
+    steps = engine.global_steps if engine is not None else galore.steps_taken
+    tag = tag or f"step{steps}"
     if "/" in tag or tag in ("", ".", "..", "latest") or tag.endswith(".tmp"):
         raise ValueError(f"checkpoint tag {tag!r} must be a plain directory name")
+    # A collective that fails during the save names the step being saved, not the last one run.
+    previous, galore.comm.step_index = galore.comm.step_index, steps
+    try:
+        return _save_engine(model, galore, engine, save_dir, tag, client_state)
+    except RuntimeError as exc:
+        raise RuntimeError(f"qgalore-dist: saving checkpoint {tag!r} after optimizer step {steps} failed "
+                           f"on rank {galore.comm.rank}: {exc}") from exc
+    finally:
+        galore.comm.step_index = previous
+
+
+def _save_engine(model: nn.Module, galore: QGaLoreAdamW8bit, engine, save_dir: str, tag: str,
+                 client_state: dict | None) -> str:
+    import torch.distributed as dist
+
+    comm, dp_rank = galore.comm, galore.comm.rank
     final, tmp = os.path.join(save_dir, tag), os.path.join(save_dir, tag + ".tmp")
     if dp_rank == 0:
         os.makedirs(save_dir, exist_ok=True)
@@ -287,6 +302,14 @@ def save_engine_checkpoint(target, save_dir: str, *, tag: str | None = None, cli
     return final
 
 
+def config_diff(saved: dict, current: dict) -> dict[str, tuple]:
+    """``{key: (saved, current)}`` for the keys whose values differ once both went through JSON
+    (a tuple and the list it was saved as are equal)."""
+    saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(current))
+    return {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
+            if saved.get(k) != current.get(k)}
+
+
 def _verify_everywhere(comm, path: str) -> dict:
     """Every rank verifies; if any rank fails, every rank raises the same error (no hang)."""
     try:
@@ -312,10 +335,10 @@ def load_engine_checkpoint(target, load_dir: str, *, tag: str | None = None) -> 
     path = os.path.join(load_dir, tag)
     manifest = _verify_everywhere(comm, path)
     meta = read_json(os.path.join(path, "meta.json"))
-    if meta["qgalore_config"] != galore.config.to_dict():
-        diff = sorted(k for k, v in meta["qgalore_config"].items() if galore.config.to_dict().get(k) != v)
-        if any(k in diff for k in ("rank", "proj_type", "proj_bits", "proj_group_size", "state_bits", "seed")):
-            raise CheckpointError(f"{path}/meta.json: the checkpoint's Q-GaLore config differs in {diff}")
+    diff = config_diff(meta["qgalore_config"], galore.config.to_dict())
+    if any(k in diff for k in ("rank", "proj_type", "proj_bits", "proj_group_size", "state_bits", "seed")):
+        listed = ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in diff.items())
+        raise CheckpointError(f"{path}/meta.json: the checkpoint's Q-GaLore config differs in {listed}")
     saved_world = int(meta["world_size"])
     tensors, scalars = {}, {}
     for name in sorted(manifest["files"]):

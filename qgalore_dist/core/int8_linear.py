@@ -11,6 +11,7 @@ replaces the sink to project the gradient at once and keep only its low-rank ima
 
 from __future__ import annotations
 
+import difflib
 import re
 import weakref
 from typing import Callable, Iterable
@@ -24,7 +25,7 @@ from ..quant import check_group_layout, dequantize, quantize
 from .adam import WeightStep, apply_direction_
 
 __all__ = [
-    "DEFAULT_TARGET_MODULES", "Int8Linear", "accumulate_full_grad", "export_model", "int8_layer_of",
+    "DEFAULT_TARGET_MODULES", "Int8Linear", "accumulate_full_grad", "export_model", "find_targets", "int8_layer_of",
     "lowrank_sink", "prepare_model", "update_int8_codes_",
 ]
 
@@ -220,23 +221,63 @@ def _matches(name: str, targets: Iterable[str]) -> bool:
     return any(leaf == t or re.fullmatch(t, name) for t in targets)
 
 
-def prepare_model(model: nn.Module, *, target_modules: Iterable[str] = DEFAULT_TARGET_MODULES,
-                  group_size: int = 256) -> nn.Module:
-    """Replace, in place, every ``nn.Linear`` whose leaf name (or full name, as a regex) is in
-    ``target_modules`` with an :class:`Int8Linear`; other modules are left alone.
+def _nearest_module_name(target: str, model: nn.Module) -> str:
+    """``; did you mean 'v_proj'?`` for the leaf name of an ``nn.Linear`` closest to ``target``."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and isinstance(m, nn.Linear)})
+    close = difflib.get_close_matches(target, leaves, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; nn.Linear leaf names of the model: {leaves}"
 
-    Raises ``ValueError`` if a matching module is not an ``nn.Linear`` with a 2-D weight, or if
-    no module matches at all.
-    """
+
+def _tied_names(model: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter) -> every name it has`` for parameters registered under several names."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {k: v for k, v in names.items() if len(v) > 1}
+
+
+def find_targets(model: nn.Module, target_modules: Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every module ``target_modules`` selects, checked: raises
+    ``ValueError`` (deterministically, from the model alone, so every rank raises alike) when
+    no module matches, when one entry matches nothing while others match (naming the nearest
+    module name), when a match is not an ``nn.Linear`` with a 2-D weight, or when a match's
+    weight is tied to another parameter (naming both)."""
     targets = tuple(target_modules)
-    matched = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
+    named = [(n, m) for n, m in model.named_modules() if n]
+    matched = [(n, m) for n, m in named if _matches(n, targets)]
     if not matched:
         raise ValueError(f"target_modules={list(targets)} matched no module of {type(model).__name__}")
+    for target in targets:
+        if not any(_matches(n, (target,)) for n, _ in named):
+            raise ValueError(f"target_modules entry {target!r} matched no module of {type(model).__name__} "
+                             f"(the other entries match {len(matched)} module(s), which would train while "
+                             f"this one stays dense){_nearest_module_name(target, model)}")
+    tied = _tied_names(model)
     for name, module in matched:
         if isinstance(module, Int8Linear):
             continue
         if type(module) is not nn.Linear or module.weight.dim() != 2:
             raise ValueError(f"target module {name!r} is a {type(module).__name__}; target_modules must name nn.Linear layers")
+        others = [n for n in tied.get(id(module.weight), []) if n != f"{name}.weight"]
+        if others:
+            raise ValueError(f"target module {name!r}: its weight {name}.weight is tied to {others[0]} (one "
+                             f"tensor); an INT8 copy would untie them. Remove {name.rsplit('.', 1)[-1]!r} from "
+                             "target_modules or untie the weights (e.g. tie_word_embeddings=false)")
+    return matched
+
+
+def prepare_model(model: nn.Module, *, target_modules: Iterable[str] = DEFAULT_TARGET_MODULES,
+                  group_size: int = 256) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` whose leaf name (or full name, as a regex) is in
+    ``target_modules`` with an :class:`Int8Linear`; other modules are left alone.
+
+    Raises ``ValueError`` before changing anything (see :func:`find_targets`) if any entry of
+    ``target_modules`` matches no module, if a match is not an ``nn.Linear`` with a 2-D weight,
+    or if a match's weight is tied to another parameter.
+    """
+    for name, module in find_targets(model, target_modules):
+        if isinstance(module, Int8Linear):
+            continue
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, Int8Linear.from_linear(module, group_size=group_size, name=name))

@@ -29,6 +29,8 @@ import copy
 import json
 import logging
 import os
+import dataclasses
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -37,11 +39,12 @@ import torch.nn as nn
 
 from ..core import Int8Linear, prepare_model
 from ..core.adam import advance_moments, apply_direction_, weight_step
-from ..core.int8_linear import DEFAULT_TARGET_MODULES
+from ..core.int8_linear import DEFAULT_TARGET_MODULES, find_targets
 from ..distributed import Collectives
 from ..optim import QGaLoreAdamW8bit, QGaLoreConfig
 
-__all__ = ["OPTIMIZER_TYPE", "EngineOptimizer", "QGaLoreEntry", "initialize", "load_ds_config", "parse_optimizer_entry"]
+__all__ = ["OPTIMIZER_TYPE", "EngineOptimizer", "QGaLoreEntry", "galore_params", "initialize", "load_ds_config",
+           "matrix_ranks", "parse_optimizer_entry"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +63,13 @@ class QGaLoreEntry:
     """Bits of the stored GaLore weights; only 8 is implemented (as in the reference)."""
     weight_group_size: int = 256
     """Group size of the INT8 weight quantization (the reference's 256)."""
+    rank_overrides: dict[str, int] = dataclasses.field(default_factory=dict)
+    """``{regex: rank}``: a GaLore matrix whose full module name the regex finds (``re.search``,
+    first match in order wins) gets this rank instead of ``rank``, e.g. ``{"k_proj|v_proj": 256}``.
+    Every regex must select at least one target module."""
 
 
-_ENTRY_KEYS = ("target_modules", "weight_bits", "weight_group_size")
+_ENTRY_KEYS = ("target_modules", "weight_bits", "weight_group_size", "rank_overrides")
 
 
 def allowed_params() -> list[str]:
@@ -114,6 +121,7 @@ def parse_optimizer_entry(ds_config: dict) -> QGaLoreEntry | None:
     if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
         raise ValueError(f"ds_config optimizer.params.target_modules must be a non-empty list of module "
                          f"names, got {targets!r}")
+    overrides = _parse_rank_overrides(extra.get("rank_overrides", {}))
     clip = ds_config.get("gradient_clipping", 0.0) or 0.0
     try:
         config = QGaLoreConfig.from_dict({**params, "max_grad_norm": float(clip)})
@@ -122,7 +130,59 @@ def parse_optimizer_entry(ds_config: dict) -> QGaLoreEntry | None:
     except TypeError as exc:  # e.g. betas not a pair
         raise ValueError(f"ds_config optimizer.params: {exc}; allowed: {allowed_params()}") from exc
     return QGaLoreEntry(config=config, target_modules=tuple(targets), weight_bits=8,
-                        weight_group_size=int(extra.get("weight_group_size", 256)))
+                        weight_group_size=int(extra.get("weight_group_size", 256)), rank_overrides=overrides)
+
+
+def _parse_rank_overrides(value: Any) -> dict[str, int]:
+    where = "ds_config optimizer.params.rank_overrides"
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a mapping of module-name regex to rank, got {value!r}")
+    for pattern, rank in value.items():
+        if not isinstance(pattern, str) or isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"{where}: {pattern!r}: {rank!r} must map a regex (string) to an int >= 1")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{where}: {pattern!r} is not a valid regex: {exc}") from exc
+    return dict(value)
+
+
+def matrix_ranks(model: nn.Module, entry: QGaLoreEntry) -> dict[str, int]:
+    """``{module name: GaLore rank}`` of every target module, checked from the model alone (so
+    every rank raises the same ``ValueError`` before any collective): the targets (see
+    :func:`~qgalore_dist.core.int8_linear.find_targets`), every ``rank_overrides`` regex
+    selecting some target, and every rank below the smaller side of its matrix."""
+    targets = find_targets(model, entry.target_modules)
+    ranks = {}
+    for name, module in targets:
+        pattern = next((p for p in entry.rank_overrides if re.search(p, name)), None)
+        ranks[name] = entry.config.rank if pattern is None else entry.rank_overrides[pattern]
+        side = min(module.out_features, module.in_features)
+        if ranks[name] >= side:
+            key = f"rank_overrides[{pattern!r}]" if pattern is not None else "rank"
+            flag = "" if pattern is not None else f" (qgalore-train: --optim.rank {max(1, side // 4)})"
+            example = f"{{{name.rsplit('.', 1)[-1]!r}: {max(1, side // 4)}}}"
+            raise ValueError(
+                f"ds_config optimizer.params.{key} = {ranks[name]} is too large for {name} "
+                f"({module.out_features}x{module.in_features}; a GaLore rank must be < {side}): lower it{flag}, "
+                f"or give such layers their own rank with rank_overrides, e.g. {example}")
+    for pattern in entry.rank_overrides:
+        if not any(re.search(pattern, name) for name, _ in targets):
+            raise ValueError(f"ds_config optimizer.params.rank_overrides: {pattern!r} selects none of the target "
+                             f"modules (e.g. {targets[0][0]!r}); it is a regex searched in full module names")
+    return ranks
+
+
+def galore_params(model: nn.Module, entry: QGaLoreEntry, ranks: dict[str, int]) -> list:
+    """The INT8 weights of a prepared model for :class:`QGaLoreAdamW8bit`, in module order: a
+    plain list, or (with ``rank_overrides``) param groups that carry their ``rank``."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Int8Linear)]
+    if not entry.rank_overrides:
+        return [m.weight for _, m in layers]
+    groups: dict[int, list] = {}
+    for name, module in layers:
+        groups.setdefault(ranks.get(name, entry.config.rank), []).append(module.weight)
+    return [{"params": params, "rank": rank} for rank, params in groups.items()]
 
 
 class EngineOptimizer(torch.optim.Optimizer):
@@ -380,10 +440,11 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
     if mpu is not None:
         raise ValueError("initialize: model parallelism (mpu) is not supported with QGaLoreAdamW8bit yet")
     engine_config = _engine_config(ds_config, entry)
+    ranks = matrix_ranks(model, entry)  # before any collective: every rank raises alike
     _ensure_distributed(distributed_port, dist_init_required)
     prepare_model(model, target_modules=entry.target_modules, group_size=entry.weight_group_size)
     names = {p: n for n, p in model.named_parameters()}
-    int8_weights = [m.weight for m in model.modules() if isinstance(m, Int8Linear)]
+    int8_weights = galore_params(model, entry, ranks)
     comm = Collectives()
     _broadcast_int8_layers(model, comm)
     galore = QGaLoreAdamW8bit(int8_weights, entry.config, names=names, collectives=comm, manage_dense=False)
@@ -401,5 +462,5 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
     engine.qgalore = galore
     engine.qgalore_entry = entry
     logger.info("qgalore-dist: %d INT8 GaLore matrices owned by the package, %d dense tensors by ZeRO stage %d\n%s",
-                len(int8_weights), len(dense), stage, galore.plan.describe())
+                len(galore.galore_params), len(dense), stage, galore.plan.describe())
     return engine, ds_optimizer, loader, scheduler

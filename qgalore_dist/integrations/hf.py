@@ -46,7 +46,7 @@ import weakref
 
 from transformers import Trainer, TrainerCallback
 
-from ..core import Int8Linear, prepare_model
+from ..core import prepare_model
 from ..distributed import Collectives
 from ..optim import QGaLoreAdamW8bit
 from .deepspeed import (
@@ -56,6 +56,8 @@ from .deepspeed import (
     _engine_config,
     _hide_int8_weights,
     _trainable_params,
+    galore_params,
+    matrix_ranks,
     parse_optimizer_entry,
 )
 
@@ -145,9 +147,10 @@ class QGaLoreTrainer(Trainer):
         """The optimizer of the INT8 layers (built by :meth:`create_optimizer`)."""
 
         model = self.model
+        ranks = matrix_ranks(model, entry)
         prepare_model(model, target_modules=entry.target_modules, group_size=entry.weight_group_size)
         self._qgalore_names = {p: n for n, p in model.named_parameters()}
-        self._qgalore_weights = [m.weight for m in model.modules() if isinstance(m, Int8Linear)]
+        self._qgalore_weights = galore_params(model, entry, ranks)
         self._qgalore_comm = Collectives()
         _broadcast_int8_layers(model, self._qgalore_comm)
         if self.qgalore_stage == 3:
@@ -166,7 +169,7 @@ class QGaLoreTrainer(Trainer):
             self.optimizer = EngineOptimizer(dense, galore, grads_partitioned=self.qgalore_stage >= 1)
             self.qgalore = galore
             logger.info("qgalore-dist: %d INT8 GaLore matrices owned by the package, %d dense tensors by ZeRO "
-                        "stage %d\n%s", len(self._qgalore_weights), len(dense), self.qgalore_stage,
+                        "stage %d\n%s", len(galore.galore_params), len(dense), self.qgalore_stage,
                         galore.plan.describe())
         return self.optimizer
 

@@ -268,13 +268,46 @@ def _unlink_deepspeed_shm(environ: Mapping[str, str]) -> None:
         os.unlink(os.path.join("/dev/shm", name))
 
 
+DEFAULT_TIMEOUT_S = 600.0
+"""Collective timeout of every process group when none is configured (DeepSpeed's 10 minutes)."""
+
+
+def set_group_timeout(timeout_s: float) -> None:
+    """Make ``timeout_s`` the timeout of every process group created from now on: torch's
+    ``new_group()`` without a timeout (how DeepSpeed builds its ZeRO data-parallel groups) takes
+    ``distributed_c10d``'s module defaults, 30 minutes for gloo whatever the world group got."""
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
+
+
+def resolve_timeout_s(timeout_s: float | None, environ: Mapping[str, str] = os.environ) -> float:
+    """``timeout_s``, else ``DEEPSPEED_TIMEOUT`` (minutes, as DeepSpeed reads it), else 600 s."""
+    if timeout_s is not None:
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
+            raise ValueError(f"timeout_s must be a number of seconds > 0, got {timeout_s!r}")
+        return float(timeout_s)
+    if environ.get("DEEPSPEED_TIMEOUT"):
+        return 60.0 * _int(environ, "DEEPSPEED_TIMEOUT", minimum=1)
+    return DEFAULT_TIMEOUT_S
+
+
 def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> LaunchEnv:
     """Resolve and export the launch environment, then ``deepspeed.init_distributed`` with
     ``auto_mpi_discovery=False``; one process gets a 1-rank group, so collectives work the same.
-    ``backend`` None: DeepSpeed picks (gloo on CPU); ``timeout_s`` None: DEEPSPEED_TIMEOUT or 10 min.
-    An existing group is only wrapped (ValueError if its rank or size disagree with the launcher)."""
+    ``backend`` None: DeepSpeed picks (gloo on CPU); ``timeout_s`` None: DEEPSPEED_TIMEOUT
+    (minutes) or 600 s -- applied to the world group and to every group created later (DeepSpeed's
+    ZeRO groups included, see :func:`set_group_timeout`), so a stuck peer fails every collective
+    within it.  An existing group is only wrapped (ValueError if its rank or size disagree with
+    the launcher)."""
     import deepspeed
     import torch.distributed as dist
+
+    timeout_s = resolve_timeout_s(timeout_s)
+    set_group_timeout(timeout_s)
 
     env = _from_launcher(os.environ)
     if env is None and any(m in os.environ for m in _MPI_MARKERS) and importlib.util.find_spec("mpi4py"):
@@ -292,8 +325,8 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
                 sock.bind((env.master_addr, 0))
                 env = dataclasses.replace(env, master_port=sock.getsockname()[1])
         apply_launch_env(env)
-    kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
     if not initialized:  # every rank has mapped every shm segment once all pass the barrier
         dist.barrier()
         _unlink_deepspeed_shm(os.environ)

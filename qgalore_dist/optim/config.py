@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 from ..core.projector import PROJ_TYPES, SVD_METHODS
@@ -9,6 +10,15 @@ from ..distributed.plan import PLACEMENTS
 from ..quant import SUPPORTED_BITS
 
 __all__ = ["QGaLoreConfig"]
+
+
+def _is_real(value) -> bool:
+    """A real number that is not a bool (``True`` is an int to Python, never a learning rate)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -105,36 +115,50 @@ class QGaLoreConfig:
     new projector.  The reference never clips INT8 gradients."""
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)  # type: ignore[assignment]
-        checks = [
-            ("lr", self.lr >= 0, "a float >= 0"),
-            ("rank", isinstance(self.rank, int) and self.rank >= 1, "an int >= 1"),
-            ("update_proj_gap", isinstance(self.update_proj_gap, int) and self.update_proj_gap >= 1, "an int >= 1"),
-            ("proj_type", self.proj_type in PROJ_TYPES, f"one of {PROJ_TYPES}"),
-            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two floats in [0, 1)"),
-            ("eps", self.eps > 0, "a float > 0"),
-            ("weight_decay", self.weight_decay >= 0, "a float >= 0"),
-            ("max_grad_norm", self.max_grad_norm >= 0, "a float >= 0 (0 disables clipping)"),
-            ("bucket_cap_mb", isinstance(self.bucket_cap_mb, (int, float)) and not isinstance(self.bucket_cap_mb, bool)
-             and self.bucket_cap_mb >= 0, "a number >= 0 (0: no cap)"),
-            ("proj_bits", self.proj_bits is None or self.proj_bits in SUPPORTED_BITS, f"None or one of {SUPPORTED_BITS}"),
-            ("proj_group_size", isinstance(self.proj_group_size, int) and self.proj_group_size >= 1, "an int >= 1"),
-            ("state_bits", self.state_bits in (8, 32), "8 or 32"),
-            ("gamma_proj", isinstance(self.gamma_proj, int) and self.gamma_proj >= 1, "an int >= 1"),
-            ("queue_size", isinstance(self.queue_size, int) and self.queue_size >= 1, "an int >= 1"),
-            ("svd_method", self.svd_method in SVD_METHODS, f"one of {SVD_METHODS}"),
-            ("seed", isinstance(self.seed, int) and self.seed >= 0, "an int >= 0"),
-            ("placement", self.placement in PLACEMENTS, f"one of {PLACEMENTS}"),
-            ("payload_dtype", self.payload_dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
-            ("stream_refresh", isinstance(self.stream_refresh, bool), "true or false"),
-        ]
-        for name, ok, expected in checks:
+        betas = self.betas
+        if isinstance(betas, (list, tuple)):
+            self.betas = tuple(betas)  # type: ignore[assignment]
+        for name, ok, expected in self._checks():
             if not ok:
                 raise ValueError(f"QGaLoreConfig.{name} must be {expected}, got {getattr(self, name)!r}")
         for compress in ("compress_lowrank", "compress_dense"):
             if self.overlap_comm and getattr(self, compress):
                 raise ValueError(f"QGaLoreConfig.overlap_comm cannot be combined with {compress} yet "
                                  "(the compressed exchange runs in step()): set one of them to False")
+
+    def _checks(self) -> list[tuple[str, bool, str]]:
+        """``(field, ok, expected)`` for every field: types first (a bool is not an int, a string
+        is not a number), then ranges."""
+        betas_ok = (isinstance(self.betas, tuple) and len(self.betas) == 2
+                    and all(_is_real(b) and 0 <= b < 1 for b in self.betas))
+        checks = [
+            ("lr", _is_real(self.lr) and self.lr >= 0, "a float >= 0"),
+            ("rank", _is_int(self.rank) and self.rank >= 1, "an int >= 1"),
+            ("update_proj_gap", _is_int(self.update_proj_gap) and self.update_proj_gap >= 1, "an int >= 1"),
+            ("scale", _is_real(self.scale) and self.scale > 0, "a float > 0"),
+            ("proj_type", self.proj_type in PROJ_TYPES, f"one of {PROJ_TYPES}"),
+            ("betas", betas_ok, "two floats in [0, 1)"),
+            ("eps", _is_real(self.eps) and self.eps > 0, "a float > 0"),
+            ("weight_decay", _is_real(self.weight_decay) and self.weight_decay >= 0, "a float >= 0"),
+            ("max_grad_norm", _is_real(self.max_grad_norm) and self.max_grad_norm >= 0,
+             "a float >= 0 (0 disables clipping)"),
+            ("bucket_cap_mb", _is_real(self.bucket_cap_mb) and self.bucket_cap_mb >= 0, "a number >= 0 (0: no cap)"),
+            ("proj_bits", self.proj_bits is None or (_is_int(self.proj_bits) and self.proj_bits in SUPPORTED_BITS),
+             f"None or one of {SUPPORTED_BITS}"),
+            ("proj_group_size", _is_int(self.proj_group_size) and self.proj_group_size >= 1, "an int >= 1"),
+            ("state_bits", _is_int(self.state_bits) and self.state_bits in (8, 32), "8 or 32"),
+            ("cos_threshold", _is_real(self.cos_threshold) and -1 <= self.cos_threshold <= 1, "a float in [-1, 1]"),
+            ("gamma_proj", _is_int(self.gamma_proj) and self.gamma_proj >= 1, "an int >= 1"),
+            ("queue_size", _is_int(self.queue_size) and self.queue_size >= 1, "an int >= 1"),
+            ("svd_method", self.svd_method in SVD_METHODS, f"one of {SVD_METHODS}"),
+            ("svd_oversample", _is_int(self.svd_oversample) and self.svd_oversample >= 0, "an int >= 0"),
+            ("svd_power_iters", _is_int(self.svd_power_iters) and self.svd_power_iters >= 0, "an int >= 0"),
+            ("seed", _is_int(self.seed) and self.seed >= 0, "an int >= 0"),
+            ("placement", self.placement in PLACEMENTS, f"one of {PLACEMENTS}"),
+            ("payload_dtype", self.payload_dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
+        ]
+        flags = ("stochastic_round", "adaptive_gap", "compress_lowrank", "compress_dense", "overlap_comm", "stream_refresh")
+        return checks + [(name, isinstance(getattr(self, name), bool), "a bool (true or false)") for name in flags]
 
     @classmethod
     def from_dict(cls, params: dict) -> "QGaLoreConfig":

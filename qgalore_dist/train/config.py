@@ -27,8 +27,8 @@ import yaml
 from ..integrations.deepspeed import OPTIMIZER_TYPE, allowed_params, load_ds_config
 from .data import DataConfig
 
-__all__ = ["DEFAULT_DS_CONFIG", "CheckpointConfig", "EvalConfig", "LoggingConfig", "ModelConfig",
-           "ScheduleConfig", "TrainConfig", "parse_args"]
+__all__ = ["DEFAULT_DS_CONFIG", "CheckpointConfig", "DistConfig", "EvalConfig", "LoggingConfig", "ModelConfig",
+           "ScheduleConfig", "TrainConfig", "field_docs", "help_text", "parse_args"]
 
 DEFAULT_DS_CONFIG: dict[str, Any] = {
     "train_micro_batch_size_per_gpu": 4,
@@ -94,6 +94,14 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class DistConfig:
+    timeout_s: float = 600.0
+    """Timeout in seconds of every collective of every process group the run creates (the world
+    group and DeepSpeed's ZeRO groups alike): a stuck or dead peer makes the others fail within it,
+    naming the operation, instead of hanging for torch's default 30 minutes."""
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     run_dir: str = "runs/qgalore"
     """Where the resolved configs, metrics, checkpoints, tokenizer, plots and final model go."""
@@ -107,6 +115,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     optim: dict[str, Any] = field(default_factory=dict)
     """Overrides of the ds_config ``QGaLoreAdamW8bit`` params (``--optim.rank 256``)."""
 
@@ -118,6 +127,8 @@ class TrainConfig:
         for name, value, low in checks:
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not self.dist.timeout_s > 0:
+            raise ValueError(f"dist.timeout_s must be a number of seconds > 0, got {self.dist.timeout_s!r}")
         if not 0.0 <= self.schedule.min_lr_ratio <= 1.0:
             raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.schedule.min_lr_ratio!r}")
         if self.ds_config is not None and not os.path.isfile(self.ds_config):
@@ -127,6 +138,50 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` of a dataclass whose fields carry attribute docstrings (the string
+    literal right after each annotated field), read from its source."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # no source (frozen app): keys and defaults only
+        return {}
+    body, docs = tree.body[0].body, {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def help_text() -> str:
+    """Every ``--section.key`` with its default and docstring, for ``qgalore-train --help``."""
+    import textwrap
+
+    lines = []
+
+    def walk(section: Any, prefix: str) -> None:
+        docs = field_docs(type(section))
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                lines.append(f"\n{prefix}{f.name}:")
+                walk(value, f"{prefix}{f.name}.")
+                continue
+            lines.append(f"  --{prefix}{f.name} (default {value!r})")
+            if docs.get(f.name):
+                lines.append(textwrap.fill(docs[f.name], width=100, initial_indent="      ",
+                                           subsequent_indent="      "))
+
+    walk(TrainConfig(), "")
+    lines.append(f"\n  --optim.<key>: any {OPTIMIZER_TYPE} ds_config param: {', '.join(allowed_params())}")
+    lines.append("  --ds.<key>[.<sub>] VALUE: any ds_config key (e.g. --ds.zero_optimization.stage 3)")
+    return "\n".join(lines)
 
 
 def _is_section(tp: Any) -> bool:

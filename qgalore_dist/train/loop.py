@@ -24,6 +24,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,15 +55,67 @@ def _model_fields(name: str) -> tuple[dict | None, str | None]:
         return None, path
     if os.path.isfile(path):
         with open(path) as f:
-            return json.load(f), None
+            fields = json.load(f)
+        _check_model_keys(fields, path)
+        return fields, None
     names = sorted(f[:-5] for f in os.listdir(MODELS_DIR) if f.endswith(".json"))
     raise ValueError(f"model.name: {name!r} is neither a built-in model ({['tiny', *names]}), a LlamaConfig "
                      f"JSON file, nor an HF model directory with a config.json")
 
 
-def build_model(cfg: TrainConfig, *, vocab_size: int, seq_len: int) -> torch.nn.Module:
+_LEGACY_MODEL_KEYS = ("rope_scaling", "rope_theta", "torch_dtype")
+"""Keys of older LlamaConfig JSON files that transformers still converts."""
+
+
+def _check_model_keys(fields: Any, path: str) -> None:
+    """``ValueError`` for a key LlamaConfig does not have (it would silently keep its default)."""
+    import difflib
+    import inspect
+
+    from transformers import LlamaConfig, PretrainedConfig
+
+    if not isinstance(fields, dict):
+        raise ValueError(f"model.name: {path!r} must hold a JSON object of LlamaConfig fields")
+    valid = (set(LlamaConfig().to_dict()) | set(_LEGACY_MODEL_KEYS)
+             | set(inspect.signature(LlamaConfig.__init__).parameters)
+             | set(inspect.signature(PretrainedConfig.__init__).parameters)) - {"self", "kwargs"}
+    for key in fields:
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"model.name: {path!r} has unknown LlamaConfig key {key!r}; {hint}"
+                             f"valid keys: {sorted(valid)}")
+
+
+def check_model_config(cfg: TrainConfig, ds_config: dict) -> None:
+    """Before any process group, from the configs alone (every rank raises the same
+    ``ValueError``): the model config's keys, and the optimizer entry's ``target_modules``,
+    ``rank`` and ``rank_overrides`` against the model's shapes -- on a meta-device model (no
+    memory, no time), instead of failing after data preparation and DeepSpeed's start-up."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    from ..integrations.deepspeed import matrix_ranks, parse_optimizer_entry
+
+    fields, pretrained = _model_fields(cfg.model.name)
+    entry = parse_optimizer_entry(ds_config)
+    if entry is None:
+        return
+    if pretrained is not None:
+        config = AutoConfig.from_pretrained(pretrained)
+    else:
+        config = LlamaConfig(**{k: v for k, v in fields.items() if k not in ("architectures", "model_type")})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    try:
+        matrix_ranks(model, entry)
+    except ValueError as exc:
+        raise ValueError(f"model {cfg.model.name}: {exc}") from None
+
+
+def build_model(cfg: TrainConfig, *, vocab_size: int, seq_len: int, tokenizer=None) -> torch.nn.Module:
     """An fp32 ``LlamaForCausalLM``: from scratch (seeded, identical on every rank) with the
-    tokenizer's vocabulary, or loaded from an HF directory."""
+    tokenizer's vocabulary and its BOS/EOS ids (LlamaConfig's defaults 1/2 would be wrong for
+    any tokenizer of ours), or loaded from an HF directory."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     fields, pretrained = _model_fields(cfg.model.name)
@@ -73,6 +126,8 @@ def build_model(cfg: TrainConfig, *, vocab_size: int, seq_len: int) -> torch.nn.
                              f"embeddings, the tokenizer {vocab_size} tokens")
     else:
         fields.update(vocab_size=vocab_size, max_position_embeddings=max(seq_len, fields.get("max_position_embeddings", 0)))
+        if tokenizer is not None:
+            fields.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
         for key in ("architectures", "model_type", "transformers_version", "torch_dtype"):
             fields.pop(key, None)
         torch.manual_seed(cfg.seed)
@@ -153,7 +208,7 @@ def resume(engine, ckpt_dir: str, log) -> dict | None:
 
     for tag in _checkpoint_tags(ckpt_dir):
         try:
-            return load_checkpoint(engine, ckpt_dir, tag=tag)
+            return load_checkpoint(engine, ckpt_dir, tag=tag, missing_ok=True)
         except CheckpointError as exc:
             log(f"[qgalore] checkpoint {tag} is unusable ({exc}); trying an older one")
     return None
@@ -244,16 +299,22 @@ def _train_step(engine, stream, stop: StopFlag) -> tuple[float, bool]:
     return loss_sum / world, flags > 0
 
 
-def _step_record(engine, progress: Progress, loss: float, seconds: float, tokens: int, svd_before: dict) -> dict:
-    from .metrics import peak_memory_bytes
+def _step_record(engine, progress: Progress, loss: float, seconds: float, tokens: int, svd_before: dict,
+                 dense_bytes: float = 0.0) -> dict:
+    """``dense_bytes``: DeepSpeed's own traffic for the dense parameters (closed form, see
+    :mod:`.dense_comm`), logged beside the package's metered kinds as ``deepspeed_dense``."""
+    from .dense_comm import KIND
+    from .metrics import peak_memory_bytes, peak_memory_kind
 
     galore = engine.qgalore
     svd_after = _svd_counts(galore)
     refreshed = [name for name, n in svd_after.items() if n > svd_before.get(name, 0)]
     comm = {kind: float(v["bytes"]) for kind, v in galore.comm.meter.last_step.items()}
+    if dense_bytes:
+        comm[KIND] = float(dense_bytes)
     return dict(step=progress.step, tokens=progress.tokens, loss=loss, lr=float(engine.get_lr()[0]),
                 step_time_s=seconds, tokens_per_s=tokens / max(seconds, 1e-9), svd_count=len(refreshed),
-                svd_layers=refreshed, comm_bytes=comm, mem_bytes=peak_memory_bytes())
+                svd_layers=refreshed, comm_bytes=comm, mem_bytes=peak_memory_bytes(), mem_kind=peak_memory_kind())
 
 
 def _lr_scheduler(cfg: TrainConfig, ds_config: dict):
@@ -283,6 +344,7 @@ class Run:
     def __init__(self, cfg: TrainConfig, ds_config: dict, *, launcher: str) -> None:
         from .. import initialize
         from .data import TrainStream, build_data
+        from .dense_comm import engine_dense_bytes
         from .metrics import RunLogger
 
         self.cfg, self.rank, self.world = cfg, dist.get_rank(), dist.get_world_size()
@@ -291,12 +353,16 @@ class Run:
             _save_run_files(cfg, ds_config)
         _pretrained_tokenizer(cfg)
         self.data = build_data(cfg.data, rank=self.rank, world=self.world)
-        model = build_model(cfg, vocab_size=self.data.tokenizer.vocab_size, seq_len=cfg.data.seq_len)
+        model = build_model(cfg, vocab_size=self.data.tokenizer.vocab_size, seq_len=cfg.data.seq_len,
+                            tokenizer=self.data.tokenizer)
         self.engine, _, _, _ = initialize(model=model, config=ds_config, lr_scheduler=_lr_scheduler(cfg, ds_config))
         self.galore, self.micro = self.engine.qgalore, self.engine.train_micro_batch_size_per_gpu()
         self.stream = TrainStream(self.data, rank=self.rank, world=self.world, micro_batch=self.micro, seed=cfg.seed)
         self.tokens_per_step = self.micro * self.engine.gradient_accumulation_steps() * self.world * cfg.data.seq_len
         self.progress = Progress()
+        int8 = {id(p) for p in self.galore.galore_params}
+        dense_numel = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if id(p) not in int8)
+        self.dense_bytes = engine_dense_bytes(self.engine, dense_numel, self.world)
         client = resume(self.engine, self.ckpt_dir, self._say) if cfg.checkpoint.resume else None
         if client:
             self.progress = Progress(**client["progress"])
@@ -321,7 +387,8 @@ class Run:
         self.progress.step += 1
         self.progress.tokens += self.tokens_per_step
         seconds = time.perf_counter() - start
-        self.logger.log_step(_step_record(self.engine, self.progress, loss, seconds, self.tokens_per_step, svd_before))
+        self.logger.log_step(_step_record(self.engine, self.progress, loss, seconds, self.tokens_per_step, svd_before,
+                                          self.dense_bytes))
         if not math.isfinite(loss):  # the same all-reduced value on every rank: all raise here
             raise FloatingPointError(f"loss is {loss} at step {self.progress.step}; the last good checkpoint is kept")
         return stopping
@@ -351,8 +418,9 @@ class Run:
         export_final_model(self.engine, self.data.tokenizer, out, self.rank)
         if self.rank == 0:
             self.logger.summary_extra["final_model"] = out
+            self.logger.summary_extra["svds_whole_run"] = self.galore.svd_count
             if self.cfg.logging.plots:
-                from ..plot import plot_run
+                from .plot import plot_run
 
                 plot_run(self.cfg.run_dir)
                 self.logger.summary_extra["plots"] = os.path.join(self.cfg.run_dir, "plots")
@@ -361,10 +429,36 @@ class Run:
         self.logger.close()
 
 
+def completed_step(cfg: TrainConfig) -> int | None:
+    """The step of a finished run in ``cfg.run_dir`` -- its newest checkpoint that verifies has
+    reached ``schedule.steps`` and ``summary.json`` was written -- or None.  Files only, so every
+    rank reaches the same verdict without a collective."""
+    from ..checkpoint import CheckpointError, verify_checkpoint
+
+    if not cfg.checkpoint.resume or not os.path.isfile(os.path.join(cfg.run_dir, "summary.json")):
+        return None
+    ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
+    for tag in _checkpoint_tags(ckpt_dir):
+        try:
+            verify_checkpoint(os.path.join(ckpt_dir, tag))
+        except CheckpointError:
+            continue
+        return int(tag[4:]) if int(tag[4:]) >= cfg.schedule.steps else None
+    return None
+
+
 def train(cfg: TrainConfig, ds_config: dict, *, launcher: str = "single process") -> int:
-    """Collective: the whole run on this rank.  Returns the exit code (0, also after a signal)."""
+    """Collective: the whole run on this rank.  Returns the exit code (0, also after a signal).
+    A run that already finished changes nothing (no rewritten summary, no second evaluation)."""
+    done = completed_step(cfg)
+    if done is not None:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[qgalore] {cfg.run_dir}: already complete at step {done}; raise --schedule.steps to "
+                  "continue", flush=True)
+        return 0
+    stop = StopFlag()  # before the (long) set-up: a signal during it is honoured after the first step
     run = Run(cfg, ds_config, launcher=launcher)
-    stop, saved_at, evaluated_at = StopFlag(), -1, -1
+    saved_at, evaluated_at = -1, -1
     while run.progress.step < cfg.schedule.steps:
         stopping = run.step(stop)
         step = run.progress.step
@@ -394,11 +488,23 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if {"-h", "--help"} & set(argv):
+        from .config import help_text
+
         print(__doc__)
-        print("Training config keys and defaults:\n" + yaml.safe_dump(TrainConfig().to_dict(), sort_keys=False))
+        print("Training config keys (YAML/JSON file via --config, or --section.key VALUE); examples in "
+              "configs/train/:\n" + help_text())
         return 0
-    cfg, ds_config = parse_args(argv)
-    env = init_distributed()
+    try:
+        cfg, ds_config = parse_args(argv)
+        check_model_config(cfg, ds_config)
+    except (ValueError, FileNotFoundError) as exc:  # a user mistake: one line, argparse-style, exit 2
+        # Every rank raises it (from the same files); under a launcher each says which rank it is.
+        rank = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
+        print(f"{rank}qgalore-train: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if completed_step(cfg) is not None:  # nothing to do: say so before DeepSpeed's start-up
+        return train(cfg, ds_config)
+    env = init_distributed(timeout_s=cfg.dist.timeout_s)
     _cpu_threads(env)
     # DeepSpeed's ZeRO calls a deprecated torch.distributed alias every step: one warning per rank.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated", category=FutureWarning)

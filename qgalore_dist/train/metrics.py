@@ -65,6 +65,18 @@ def peak_memory_bytes() -> int:
         return int(psutil.Process().memory_info().rss)
 
 
+def peak_memory_kind() -> str:
+    """What :func:`peak_memory_bytes` measures here, for labels."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "CUDA max allocated"
+    except Exception:
+        pass
+    return "host peak RSS"
+
+
 def _jsonable(value: Any) -> Any:
     """``json.dumps`` fallback: 0-d tensors / numpy scalars become numbers, arrays lists."""
     if hasattr(value, "tolist"):
@@ -132,6 +144,7 @@ class _Totals:
         self.time_after_first = 0.0
         self.tok_s_after_first: list[float] = []
         self.svds = 0
+        self.svds_since_line = 0  # SVDs since the last printed log line
         self.comm: dict[str, float] = collections.defaultdict(float)
         self.peak_mem = 0
         self.last_eval: dict | None = None
@@ -147,6 +160,7 @@ class _Totals:
         self.last_step, self.last_tokens = int(r["step"]), int(r["tokens"])
         self.losses.append(float(r["loss"]))
         self.svds += int(r["svd_count"])
+        self.svds_since_line += int(r["svd_count"])
         for kind, sent in (r["comm_bytes"] or {}).items():
             self.comm[kind] += float(sent)
         self.peak_mem = max(self.peak_mem, int(r["mem_bytes"]))
@@ -188,6 +202,8 @@ class RunLogger:
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         _rewrite(self.metrics_path, _read_kept_lines(self.metrics_path, self.start_step))
         self._file = open(self.metrics_path, "a")
+        if self.start_step > 0:  # plots mark where a run resumed (memory restarts from zero there)
+            self._write("resume", {"step": self.start_step})
         self.tb_dir = os.path.join(run_dir, "tb") if tensorboard else None
         self._tb = _open_tensorboard(self.tb_dir, self.start_step) if self.tb_dir else None
         # A bar only on a terminal: redrawn bars in CI logs / pipes are noise.  Plain lines are
@@ -208,7 +224,8 @@ class RunLogger:
         step = int(record["step"])
         self._tensorboard_step(record, step)
         loss, lr, tok_s, secs = (float(record[k]) for k in ("loss", "lr", "tokens_per_s", "step_time_s"))
-        svd, comm = int(record["svd_count"]), human_bytes(sum((record["comm_bytes"] or {}).values()))
+        # svd: SVDs since the previous log line (a per-step count is 0 on almost every printed step)
+        svd, comm = self._totals.svds_since_line, human_bytes(sum((record["comm_bytes"] or {}).values()))
         if not self._bar.disable:
             self._bar.update(max(0, step - self._bar.n))
             self._bar.set_postfix_str(f"loss {loss:.4f} tok/s {tok_s:,.0f} lr {lr:.2e} step {secs:.2f}s "
@@ -216,6 +233,7 @@ class RunLogger:
         if step % self.log_every == 0 or step >= self.total_steps:
             self._print(f"step {step:6d}  loss {loss:.4f}  lr {lr:.2e}  tok/s {tok_s:,.0f}  "
                         f"step {secs:.2f}s  svd {svd}  comm {comm}")
+            self._totals.svds_since_line = 0
 
     def log_eval(self, record: dict) -> None:
         """Log one evaluation; ``record`` has every key of ``EVAL_KEYS``."""
@@ -292,8 +310,10 @@ class RunLogger:
             "final_val_ppl": last_eval.get("val_ppl"),
             "final_val_loss": last_eval.get("val_loss"),
             "final_train_loss": sum(t.losses) / len(t.losses) if t.losses else None,
+            "final_train_loss_window": len(t.losses),
             "mean_tokens_per_s": t.mean_tokens_per_s(),
             "peak_mem_bytes": t.peak_mem or peak_memory_bytes(),
+            "peak_mem_kind": peak_memory_kind(),
             "total_svds": t.svds,
             "mean_comm_bytes_per_step": sum(per_step.values()) if t.steps else None,
             "mean_comm_bytes_per_step_by_kind": per_step,
@@ -326,15 +346,25 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def _format_summary(s: dict[str, Any]) -> str:
     """The end-of-run block.  No line may read like a step log line (tests grep those)."""
-    by_kind = ", ".join(f"{k} {human_bytes(v)}" for k, v in s["mean_comm_bytes_per_step_by_kind"].items() if v)
+    kinds = s["mean_comm_bytes_per_step_by_kind"]
+    ours = {k: v for k, v in kinds.items() if v and k != "deepspeed_dense"}
+    by_kind = ", ".join(f"{k} {human_bytes(v)}" for k, v in ours.items())
     comm = "n/a" if s["mean_comm_bytes_per_step"] is None else human_bytes(s["mean_comm_bytes_per_step"])
+    if kinds.get("deepspeed_dense"):  # both parts, labelled: the package's metered bytes + DeepSpeed's
+        by_kind = (f"Q-GaLore exchanges {human_bytes(sum(ours.values()))}" + (f": {by_kind}" if by_kind else "")
+                   + f"; DeepSpeed dense parameters {human_bytes(kinds['deepspeed_dense'])}, closed form")
+    whole = s.get("svds_whole_run")
+    svds = f"{s['total_svds']} this run"
+    if whole not in (None, s["total_svds"]):
+        svds += f", {whole} whole run (resumed)"
     lines = [
         f"[qgalore] run summary ({s['run_dir']})",
         f"  steps done        {s['steps']}  (this run {s['steps_this_run']}), tokens {_fmt(s['tokens'], ',')}",
-        f"  final train loss  {_fmt(s['final_train_loss'], '.4f')}   final val ppl {_fmt(s['final_val_ppl'], '.3f')}",
+        f"  train loss        {_fmt(s['final_train_loss'], '.4f')}  (mean of the last "
+        f"{s.get('final_train_loss_window', '?')} steps)   final val ppl {_fmt(s['final_val_ppl'], '.3f')}",
         f"  mean tok/s        {_fmt(s['mean_tokens_per_s'], ',.0f')}  (excluding the first step)",
-        f"  peak memory       {human_bytes(s['peak_mem_bytes'])}",
-        f"  SVDs              {s['total_svds']}",
+        f"  peak memory       {human_bytes(s['peak_mem_bytes'])}  ({s.get('peak_mem_kind', 'n/a')}, rank 0)",
+        f"  SVDs              {svds}",
         f"  sent per step     {comm}" + (f"  ({by_kind})" if by_kind else ""),
         f"  wall time         {s['wall_time_s']:.1f}s",
         f"  metrics           {s['metrics']}",
@@ -342,6 +372,7 @@ def _format_summary(s: dict[str, Any]) -> str:
     if s.get("tensorboard"):
         lines.append(f"  tensorboard       {s['tensorboard']}")
     known = {"steps", "tokens", "steps_this_run", "final_val_ppl", "final_val_loss", "final_train_loss",
+             "final_train_loss_window", "peak_mem_kind", "svds_whole_run",
              "mean_tokens_per_s", "peak_mem_bytes", "total_svds", "mean_comm_bytes_per_step",
              "mean_comm_bytes_per_step_by_kind", "wall_time_s", "run_dir", "metrics", "tensorboard"}
     lines += [f"  {k:<17} {v}" for k, v in s.items() if k not in known]

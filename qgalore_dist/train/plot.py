@@ -182,11 +182,28 @@ def plot_svd_events(train: list[dict], path: str) -> str:
     return _save(fig, path)
 
 
-def plot_memory(train: list[dict], path: str) -> str:
-    """Peak memory (CUDA max allocated, or host peak RSS) vs step."""
+def load_resumes(run_dir: str) -> list[int]:
+    """Steps at which the run in ``run_dir`` resumed (``{"kind": "resume"}`` lines)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    steps = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                record = _parse_line(line, path, lineno)
+                if record["kind"] == "resume":
+                    steps.append(int(record["step"]))
+    return sorted(set(steps))
+
+
+def plot_memory(train: list[dict], path: str, resumes: list[int] = ()) -> str:
+    """Peak memory vs step, labelled with what was measured (``mem_kind``: CUDA max allocated
+    or host peak RSS); a dashed line marks each resume (a new process: its peak starts over)."""
     fig = Figure(figsize=(8, 4))
     ax = fig.subplots()
     xs, ys = _numbers(train, "step", "mem_bytes")
+    kind = next((r["mem_kind"] for r in reversed(train) if r.get("mem_kind")), None)
+    for i, step in enumerate(resumes):
+        ax.axvline(step, color="gray", linestyle="--", linewidth=1, label="resumed" if i == 0 else None)
     if xs:
         ax.plot(xs, ys, drawstyle="steps-post")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: human_bytes(v)))
@@ -194,7 +211,9 @@ def plot_memory(train: list[dict], path: str) -> str:
     else:
         _note(ax, "no memory records")
     ax.set_xlabel("step")
-    ax.set_ylabel("peak memory so far")
+    ax.set_ylabel("peak memory so far" + (f" ({kind}, rank 0)" if kind else ""))
+    if resumes:
+        ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -209,7 +228,7 @@ def plot_run(run_dir: str) -> list[str]:
         plot_loss(train, evals, os.path.join(out, "loss.png")),
         plot_comm(train, os.path.join(out, "comm.png")),
         plot_svd_events(train, os.path.join(out, "svd_events.png")),
-        plot_memory(train, os.path.join(out, "memory.png")),
+        plot_memory(train, os.path.join(out, "memory.png"), load_resumes(run_dir)),
     ]
 
 

@@ -42,6 +42,12 @@ class Tokenizer:
     vocab_size: int
     fingerprint: str
 
+    @property
+    def bos_id(self) -> int:
+        """The id a model's config should name as ``bos_token_id``: documents are joined with
+        EOS only, so it is the EOS id unless the tokenizer defines its own BOS."""
+        return self.eos_id
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, no special tokens added."""
         raise NotImplementedError
@@ -162,6 +168,10 @@ class SentencePieceTokenizer(Tokenizer):
         with open(self.path, "rb") as f:
             self.fingerprint = "sp-" + hashlib.sha256(f.read()).hexdigest()[:16]
 
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id() if self._sp.bos_id() >= 0 else self.eos_id
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._sp.encode(list(texts))
 
@@ -201,6 +211,10 @@ class HFTokenizer(Tokenizer):
         self.eos_id = int(self._tok.eos_token_id)
         self.vocab_size = len(self._tok)
         self.fingerprint = "hf-" + _path_digest(name_or_path)
+
+    @property
+    def bos_id(self) -> int:
+        return self.eos_id if self._tok.bos_token_id is None else int(self._tok.bos_token_id)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._tok(list(texts), add_special_tokens=False, verbose=False)["input_ids"]

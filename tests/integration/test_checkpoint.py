@@ -130,7 +130,15 @@ def test_plain_optimizer_resume_is_bit_identical(tmp_path):
 
 
 def test_load_without_any_checkpoint_returns_none(tmp_path):
-    assert load_checkpoint(_plain(), str(tmp_path / "nothing")) is None
+    assert load_checkpoint(_plain(), str(tmp_path / "nothing"), missing_ok=True) is None
+    assert load_checkpoint(_plain(), str(tmp_path), missing_ok=True) is None  # exists, no checkpoint yet
+
+
+def test_load_without_any_checkpoint_raises_naming_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"checkpoint directory '{tmp_path}/nothing' does not exist"):
+        load_checkpoint(_plain(), str(tmp_path / "nothing"))
+    with pytest.raises(FileNotFoundError, match="has no 'latest' file"):
+        load_checkpoint(_plain(), str(tmp_path))
 
 
 def _saved(tmp_path):
@@ -182,3 +190,31 @@ def test_resaving_a_tag_replaces_it_atomically_and_cleans_a_crashed_save(tmp_pat
     with pytest.raises(ValueError, match="plain directory name"):
         save_checkpoint((model, opt), str(tmp_path), tag="../escape")
     shutil.rmtree(path + "_junk.tmp")
+
+
+def test_config_mismatch_lists_only_what_differs(tmp_path):
+    _saved(tmp_path)
+    model = prepare_model(tiny_llama(seed=0))
+    opt = QGaLoreAdamW8bit(trainable(model), names=param_names(model), rank=16, lr=3e-3, update_proj_gap=3,
+                           max_grad_norm=1.0)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint((model, opt), str(tmp_path))
+    assert "differs in rank (checkpoint 8, now 16)" in str(info.value)
+    assert "betas" not in str(info.value)
+
+
+def test_failure_during_a_save_names_the_step_being_saved(tmp_path, monkeypatch):
+    model, opt = _plain()
+    _steps(model, opt, token_batches(vocab=128, batch=2, seq_len=32, seed=1), 3)
+
+    def peer_died(obj):  # what Collectives._run raises when a peer dies mid-collective
+        raise RuntimeError(f"qgalore-dist: all_gather_object (control) failed at optimizer step "
+                           f"{opt.comm.step_index} on rank 0 of 2: Connection closed by peer")
+
+    monkeypatch.setattr(opt.comm, "all_gather_object", peer_died)
+    with pytest.raises(RuntimeError) as info:
+        save_checkpoint((model, opt), str(tmp_path))
+    message = str(info.value)
+    assert "saving checkpoint 'step3' after optimizer step 3 failed" in message
+    assert "optimizer step 2" not in message
+    assert opt.comm.step_index == 2  # restored for the next step's messages

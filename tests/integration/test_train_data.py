@@ -18,7 +18,6 @@ from qgalore_dist.train.tokenizer import BPETokenizer, ByteTokenizer, HFTokenize
 
 pytestmark = pytest.mark.timeout(180)
 
-SP_MODEL = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "tokenizers", "llama-sp32k.model")
 WORDS = ("the a of to and in is that for it with as was on be by this are from or at which an have not "
          "optimizer gradient projection rank matrix quantized weight adam moment sequence token layer "
          "model batch memory").split()
@@ -250,13 +249,22 @@ def test_tokenizers_round_trip_and_save_as_hf(tmp_path):
     np.testing.assert_array_equal(np.asarray(data.train), pack(split(DOCS, 0.1)[0], loaded, 32))
 
 
+def _tiny_sentencepiece(path) -> str:
+    """A 100-piece SentencePiece model trained on DOCS (unk 0, bos 1, eos 2 as in LLaMA's)."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(DOCS * 4), model_prefix=str(path), vocab_size=100,
+                                   model_type="unigram", character_coverage=1.0,
+                                   num_threads=1, minloglevel=2)
+    return f"{path}.model"
+
+
 def test_sentencepiece_model(tmp_path):
     pytest.importorskip("sentencepiece")
-    if not os.path.isfile(SP_MODEL):
-        pytest.skip(f"{SP_MODEL} not present")
-    data = D.build_data(config(write_jsonl(tmp_path / "c.jsonl", DOCS), tokenizer=SP_MODEL))
+    model = _tiny_sentencepiece(tmp_path / "tiny_sp")
+    data = D.build_data(config(write_jsonl(tmp_path / "c.jsonl", DOCS), tokenizer=model))
     tok = data.tokenizer
-    assert (tok.vocab_size, tok.eos_id) == (32000, 2)
+    assert (tok.vocab_size, tok.eos_id, tok.bos_id) == (100, 2, 1)
     assert tok.decode(tok.encode_batch([DOCS[3]])[0]) == DOCS[3]
     np.testing.assert_array_equal(np.asarray(data.train), pack(split(DOCS, 0.1)[0], tok, 32))
     tok.save(str(tmp_path / "sp"))
