@@ -7,6 +7,7 @@
 #   scripts/cluster.sh status               what is up; exit 0 only if everything is
 #   scripts/cluster.sh exec NODE CMD...     run CMD "on" a node (its namespace, hostname, /etc/hosts,
 #                                           SLURM_CONF); e.g. exec node1 sbatch launch/slurm_srun.sbatch
+#   scripts/cluster.sh sshd NODE stop|start  stop / restart one node's sshd (an unreachable node)
 #   scripts/cluster.sh down                 remove every namespace, link, daemon and file `up` made
 #
 # A node is a network namespace plus a UTS namespace (its own hostname) sharing this machine's
@@ -283,11 +284,21 @@ main() {
     up) cmd_up "$@" ;;
     down) cmd_down ;;
     status) [[ $(id -u) == 0 ]] || die "must run as root"; cmd_status ;;
+    sshd)  # sshd NODE stop|start: make a node unreachable by ssh (tests), and back
+      local node=${1:?usage: $0 sshd node1|node2 stop|start} action=${2:-}
+      [[ " ${NODES[*]} " == *" $node "* ]] || die "unknown node '$node' (nodes: ${NODES[*]})"
+      case $action in
+        stop) [[ -f $DIR/ssh/sshd_$node.pid ]] && kill "$(cat "$DIR/ssh/sshd_$node.pid")" && rm -f "$DIR/ssh/sshd_$node.pid"
+              say "sshd on $node stopped" ;;
+        start) on_node "$node" /usr/sbin/sshd -f "$DIR/ssh/sshd_$node.conf" -E "$DIR/logs/sshd_$node.log"
+               wait_for "ssh node1 -> $node" 20 on_node node1 timeout 10 ssh "$node" true; say "sshd on $node started" ;;
+        *) die "usage: $0 sshd NODE stop|start" ;;
+      esac ;;
     exec)
       local node=${1:?usage: $0 exec node1|node2 COMMAND...}; shift
       [[ " ${NODES[*]} " == *" $node "* ]] || die "unknown node '$node' (nodes: ${NODES[*]})"
       on_node "$node" "$@" ;;
-    *) echo "usage: $0 up [--rate RATE] | down | status | exec NODE CMD..." >&2; exit 2 ;;
+    *) echo "usage: $0 up [--rate RATE] | down | status | exec NODE CMD... | sshd NODE stop|start" >&2; exit 2 ;;
   esac
 }
 
