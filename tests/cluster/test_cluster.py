@@ -11,8 +11,23 @@ import subprocess
 import time
 
 import pytest
-from conftest import (CLUSTER_SH, FORWARDED, REPO, STEPS, _env, deepspeed_cmd, free_port, last_step, losses, on_node,
-                      run, sbatch, train_args, wait_job, wait_until)
+from cluster_harness import (
+    CLUSTER_SH,
+    FORWARDED,
+    REPO,
+    STEPS,
+    deepspeed_cmd,
+    free_port,
+    last_step,
+    losses,
+    on_node,
+    rank_env,
+    run,
+    sbatch,
+    train_args,
+    wait_job,
+    wait_until,
+)
 
 REL_TOL = 1e-4  # tests/integration/test_deepspeed.py's loss tolerance for ZeRO-2 bf16 (the runs here agree exactly)
 RESHARD_TOL = 2e-3  # resumed on another world size, per step relative to the uninterrupted run
@@ -42,10 +57,10 @@ def two_nodes(work):
 
 
 def test_deepspeed_hostfile_two_nodes_equals_one_node_two_ranks(work, two_nodes):
-    run_dir, log, reference = two_nodes
+    run_dir, log, _ = two_nodes
     # pdsh prefixes each remote line with its node: both launchers ran, one per node.
-    assert re.search(r"^node1: .*launch\.py.*node_rank=0", log, re.M), log[-3000:]
-    assert re.search(r"^node2: .*launch\.py.*node_rank=1", log, re.M), log[-3000:]
+    assert re.search(r"^node1: .*launch\.py.*node_rank=0", log, re.MULTILINE), log[-3000:]
+    assert re.search(r"^node2: .*launch\.py.*node_rank=1", log, re.MULTILINE), log[-3000:]
     one_node = work / "ds_1node"
     cmd, env = deepspeed_cmd(work, one_node, hostfile=False, num_gpus=2)
     proc = run(cmd, env=env, cwd=work, timeout=300)
@@ -68,7 +83,7 @@ def test_sbatch_two_nodes(work, two_nodes, script, launched_by):
 def test_mpirun_two_nodes(work, two_nodes):
     run_dir = work / "mpirun"
     (work / "mpihosts").write_text("node1 slots=1\nnode2 slots=1\n")
-    env = {**_env(), "NP": "2", "MPI_HOSTFILE": str(work / "mpihosts"), "MASTER_ADDR": "node1",
+    env = {**rank_env(), "NP": "2", "MPI_HOSTFILE": str(work / "mpihosts"), "MASTER_ADDR": "node1",
            "MASTER_PORT": str(free_port()), "MPIRUN_ARGS": " ".join(f"-x {k}" for k in FORWARDED if k != "PATH")}
     proc = on_node("node1", [str(REPO / "launch" / "mpirun.sh"), *train_args(work, run_dir)], env=env, cwd=work,
                    timeout=300)
@@ -78,11 +93,12 @@ def test_mpirun_two_nodes(work, two_nodes):
 
 def _node_pids(node: str, pattern: str) -> list[int]:
     """Processes in ``node``'s network namespace whose command line matches ``pattern``."""
-    out = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True, timeout=10).stdout
+    out = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True, timeout=10, check=True).stdout
     pids = []
     for pid in map(int, out.split()):
         try:
-            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode()
         except OSError:
             continue
         if re.search(pattern, cmdline):
@@ -148,7 +164,7 @@ def test_slurm_preemption_checkpoints_and_resubmission_resumes(work):
     for scancel in (["--batch", "--signal=TERM"], ["--signal=TERM"]):
         before = last_step(run_dir)
         job = sbatch(work, "slurm_srun.sbatch", args, tag="preempt")
-        wait_until(f"job {job} to train 3 steps", lambda: last_step(run_dir) >= before + 3, 300, 0.2)
+        wait_until(f"job {job} to train 3 steps", lambda b=before: last_step(run_dir) >= b + 3, 300, 0.2)
         assert on_node("node1", ["scancel", *scancel, job], timeout=30).returncode == 0
         state = wait_job(job, timeout=180)
         log = (work / f"preempt-{job}.out").read_text()
