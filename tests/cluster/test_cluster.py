@@ -111,12 +111,13 @@ def test_node_loss_fails_fast_then_resumes_on_one_node(work, two_nodes):
     peer, and the launcher exit non-zero.  Then node1 alone (1 rank, 2 micro-batches per step: the
     same global batch) resumes from the newest checkpoint and follows the 2-node loss curve."""
     run_dir = work / "node_loss"
-    cmd, env = deepspeed_cmd(work, run_dir, hostfile=True, num_gpus=1)
+    # Checkpoints every 5 steps and the kill after step 6: 34 steps of margin before the run would end.
+    cmd, env = deepspeed_cmd(work, run_dir, hostfile=True, num_gpus=1, extra=["--checkpoint.every", "5"])
     log_path = work / "node_loss.log"
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=log_file, stderr=subprocess.STDOUT)
         try:
-            killed_at = wait_until("step 12 of the 2-node run", lambda: (s := last_step(run_dir)) >= 12 and s, 300)
+            killed_at = wait_until("step 6 of the 2-node run", lambda: (s := last_step(run_dir)) >= 6 and s, 300)
             victims = _node_pids("node2", RANK_CMD)
             assert len(victims) == 1, victims
             os.kill(victims[0], signal.SIGKILL)
@@ -157,7 +158,7 @@ def test_slurm_preemption_checkpoints_and_resubmission_resumes(work):
     """TERM to the batch shell (what --signal=B:TERM@60 does before the time limit; the script
     forwards it), then a plain ``scancel --signal=TERM``: each job checkpoints and ends COMPLETED;
     the third submission resumes and finishes."""
-    steps = 400  # long enough that the signal lands mid-run
+    steps = 200  # long enough that the signal lands mid-run
     run_dir = work / "preempted"
     args = train_args(work, run_dir, steps=steps, every=0)
     stopped = []
