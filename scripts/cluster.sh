@@ -30,7 +30,7 @@ die() { echo "[cluster] error: $*" >&2; exit 1; }
 t() { timeout "$T" "$@"; }
 
 preflight() {
-  [[ $(id -u) == 0 ]] || die "must run as root (network namespaces, sshd and slurmd need it); try: sudo $0 $*"
+  [[ $(id -u) == 0 ]] || die "must run as root (network namespaces, sshd and slurmd need it); try: sudo $0 up"
   command -v ip >/dev/null || die "'ip' (iproute2) is missing"
   local probe="qgc-probe-$$"
   if ! t ip netns add "$probe" 2>/tmp/qgc-probe.err; then

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SH = str(REPO / "scripts" / "cluster.sh")
 HOW_TO_RUN = ("cluster tests need root and the emulated 2-node cluster; run them with "
               "`sudo QGALORE_CLUSTER=1 python -m pytest -m cluster tests/cluster` (or .ci/run)")
-STEPS = 40
+STEPS = 60
 """Optimizer steps of the compared runs (checkpoints every 10)."""
 
 
