@@ -5,6 +5,7 @@
 #                                           pair, sshd (passwordless root ssh, pdsh), munge + slurmctld
 #                                           + one slurmd per node; installs Debian packages if missing
 #   scripts/cluster.sh status               what is up; exit 0 only if everything is
+#   scripts/cluster.sh check                can this machine host it (root, network namespaces)?
 #   scripts/cluster.sh exec NODE CMD...     run CMD "on" a node (its namespace, hostname, /etc/hosts,
 #                                           SLURM_CONF); e.g. exec node1 sbatch launch/slurm_srun.sbatch
 #   scripts/cluster.sh sshd NODE stop|start  stop / restart one node's sshd (an unreachable node)
@@ -63,6 +64,13 @@ install_packages() {
 on_node() {
   local node=$1; shift
   SLURM_CONF="$DIR/slurm/slurm.conf" ip netns exec "$node" unshare --uts -- \
+    sh -c 'hostname "$0" && exec "$@"' "$node" "$@"
+}
+
+# on_node, replacing this shell: nothing of this script stays running alongside a long command.
+exec_on_node() {
+  local node=$1; shift
+  SLURM_CONF="$DIR/slurm/slurm.conf" exec ip netns exec "$node" unshare --uts -- \
     sh -c 'hostname "$0" && exec "$@"' "$node" "$@"
 }
 
@@ -283,6 +291,7 @@ main() {
   case $cmd in
     up) cmd_up "$@" ;;
     down) cmd_down ;;
+    check) preflight; say "ok: root, and network namespaces can be made" ;;
     status) [[ $(id -u) == 0 ]] || die "must run as root"; cmd_status ;;
     sshd)  # sshd NODE stop|start: make a node unreachable by ssh (tests), and back
       local node=${1:?usage: $0 sshd node1|node2 stop|start} action=${2:-}
@@ -297,9 +306,10 @@ main() {
     exec)
       local node=${1:?usage: $0 exec node1|node2 COMMAND...}; shift
       [[ " ${NODES[*]} " == *" $node "* ]] || die "unknown node '$node' (nodes: ${NODES[*]})"
-      on_node "$node" "$@" ;;
-    *) echo "usage: $0 up [--rate RATE] | down | status | exec NODE CMD... | sshd NODE stop|start" >&2; exit 2 ;;
+      exec_on_node "$node" "$@" ;;
+    *) echo "usage: $0 up [--rate RATE] | down | status | check | exec NODE CMD... | sshd NODE stop|start" >&2; exit 2 ;;
   esac
 }
 
-main "$@"
+# One line: bash has read it whole before main runs, so editing this file meanwhile is harmless.
+main "$@"; exit $?
