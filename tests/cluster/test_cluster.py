@@ -166,7 +166,7 @@ def test_slurm_preemption_checkpoints_and_resubmission_resumes(work):
     """TERM to the batch shell (what --signal=B:TERM@60 does before the time limit; the script
     forwards it), then a plain ``scancel --signal=TERM``: each job checkpoints and ends COMPLETED;
     the third submission resumes and finishes."""
-    steps = 200  # long enough that the signal lands mid-run
+    steps = 120  # long enough that the signal lands mid-run
     run_dir = work / "preempted"
     args = train_args(work, run_dir, steps=steps, every=0)
     stopped = []
