@@ -356,7 +356,7 @@ class Run:
         if self.rank == 0:
             self.logger.summary_extra["final_model"] = out
             if self.cfg.logging.plots:
-                from ..plot import plot_run
+                from .plot import plot_run
 
                 plot_run(self.cfg.run_dir)
                 self.logger.summary_extra["plots"] = os.path.join(self.cfg.run_dir, "plots")
