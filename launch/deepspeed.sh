@@ -20,6 +20,21 @@ if [[ -n "${NUM_GPUS:-}" ]]; then args+=(--num_gpus "$NUM_GPUS"); fi
 if [[ -n "${HOSTFILE:-}" ]]; then
   # pdsh + passwordless ssh start one launcher per host in this directory.  Remote shells do not
   # inherit this environment: put PATH=<venv>/bin:... (and NCCL_* etc.) into ./.deepspeed_env.
+  [[ -r $HOSTFILE ]] || { echo "deepspeed.sh: HOSTFILE=$HOSTFILE is not a readable file" >&2; exit 2; }
+  # A host that ssh cannot reach makes pdsh print one line and go on, while the ranks on the other
+  # hosts wait for it until the process-group timeout.  Check every host first (SSH_CHECK=0 skips).
+  if [[ ${SSH_CHECK:-1} != 0 ]]; then
+    mapfile -t hosts < <(sed -E 's/#.*//' "$HOSTFILE" | awk 'NF {print $1}' | head -n "${NUM_NODES:-100000}")
+    unreachable=()
+    for h in "${hosts[@]}"; do
+      timeout 20 ssh -o BatchMode=yes -o ConnectTimeout=10 "$h" true </dev/null >/dev/null 2>&1 || unreachable+=("$h")
+    done
+    if [[ ${#unreachable[@]} -gt 0 ]]; then
+      echo "deepspeed.sh: cannot ssh (passwordless, 10 s timeout) to ${unreachable[*]} from $(hostname)," \
+           "listed in $HOSTFILE; fix ssh or drop the host (try: ssh ${unreachable[0]} true)" >&2
+      exit 3
+    fi
+  fi
   args+=(--hostfile "$HOSTFILE" --launcher pdsh)
   if [[ -n "${NUM_NODES:-}" ]]; then args+=(--num_nodes "$NUM_NODES"); fi
   if [[ -n "${MASTER_ADDR:-}" ]]; then args+=(--master_addr "$MASTER_ADDR"); fi

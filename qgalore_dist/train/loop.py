@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -371,7 +372,10 @@ class Run:
         self.logger = RunLogger(cfg.run_dir, rank=self.rank, total_steps=cfg.schedule.steps,
                                 start_step=self.progress.step, tensorboard=cfg.logging.tensorboard,
                                 progress=cfg.logging.progress, log_every=cfg.logging.every)
+        # Where each rank runs, for multi-node logs (collective: every rank sends its host name).
+        hosts = self.galore.comm.all_gather_object(socket.gethostname())
         if self.rank == 0:
+            self.logger.info("[qgalore] hosts: " + " ".join(f"rank{r}={h}" for r, h in enumerate(hosts)))
             self.logger.info(f"[qgalore] resolved training config:\n{yaml.safe_dump(cfg.to_dict(), sort_keys=False)}")
             self.logger.info(_header(cfg, self.engine, model, self.data, launcher, self.world)
                              + (f"\n[qgalore] resumed at step {self.progress.step}" if client else ""))
