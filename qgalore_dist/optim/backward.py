@@ -15,12 +15,12 @@ and the refresh schedule, so they are the same on every rank.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from ..core import Projector, accumulate_full_grad, int8_layer_of, lowrank_sink
+from ..core import Int8Linear, Projector, accumulate_full_grad, int8_layer_of, lowrank_sink
 from ..distributed import Collectives, OverlappedReduce
 
 __all__ = ["BackwardReduces"]
@@ -33,6 +33,9 @@ class BackwardReduces:
     lowrank: OverlappedReduce | None = None
     dense: OverlappedReduce | None = None
     full: OverlappedReduce | None = None
+    layers: dict[torch.Tensor, Int8Linear] = field(default_factory=dict)
+    """The INT8 layer of each GaLore weight, resolved in :meth:`arm`: during FSDP2's backward the
+    layer's ``weight`` is the unsharded tensor, so ``int8_layer_of(p)`` would not find it."""
 
     @classmethod
     def build(cls, comm: Collectives, *, overlap_comm: bool, stream_refresh: bool, dtype: torch.dtype,
@@ -41,9 +44,10 @@ class BackwardReduces:
         reduces itself (None: an engine does), hooked in reverse order (backward's)."""
         common = dict(dtype=dtype, bucket_bytes=bucket_bytes)
         out = cls()
+        layers = out.layers
         if overlap_comm:
-            out.lowrank = OverlappedReduce(comm, kind="lowrank_reduce", local_grad=lambda p: int8_layer_of(p).lowrank_grad,
-                                           drop_grad=lambda p: setattr(int8_layer_of(p), "lowrank_grad", None), **common)
+            out.lowrank = OverlappedReduce(comm, kind="lowrank_reduce", local_grad=lambda p: layers[p].lowrank_grad,
+                                           drop_grad=lambda p: setattr(layers[p], "lowrank_grad", None), **common)
         if overlap_comm and dense_owned is not None:
             out.dense = OverlappedReduce(comm, kind="dense", local_grad=lambda p: p.grad,
                                          drop_grad=lambda p: setattr(p, "grad", None), **common)
@@ -54,8 +58,8 @@ class BackwardReduces:
         # One process owns every matrix: streaming would only copy its gradients into itself.
         if stream_refresh and comm.world_size > 1:
             out.full = OverlappedReduce(comm, kind="full_grad_reduce", dtype=torch.float32, bucket_bytes=bucket_bytes,
-                                        local_grad=lambda p: int8_layer_of(p).weight_grad,
-                                        drop_grad=lambda p: setattr(int8_layer_of(p), "weight_grad", None))
+                                        local_grad=lambda p: layers[p].weight_grad,
+                                        drop_grad=lambda p: setattr(layers[p], "weight_grad", None))
         return out
 
     def all(self) -> list[OverlappedReduce]:
@@ -71,6 +75,7 @@ class BackwardReduces:
             layer = int8_layer_of(p)
             if layer is None:
                 continue
+            self.layers[p] = layer
             proj = projector(p)
             if refresh_due(p):
                 full_shape = torch.Size((layer.out_features, layer.in_features))

@@ -292,7 +292,7 @@ def test_overlap_comm_with_gradient_accumulation():
     the exchange in ``step()`` with the same bytes; without it every micro-batch is reduced
     (twice the low-rank bytes) and the owners sum the averages, equal up to rounding."""
     steps = 4
-    plain = run_distributed(_train, 2, 2, {}, False, steps)
+    plain = run_distributed(_train, 2, 2, {"stream_refresh": False}, False, steps)  # everything in step()
     with_no_sync = run_distributed(_train, 2, 2, {"overlap_comm": True}, False, steps, True)
     every_micro = run_distributed(_train, 2, 2, {"overlap_comm": True}, True, steps)
     assert with_no_sync[0]["losses"] == plain[0]["losses"]
