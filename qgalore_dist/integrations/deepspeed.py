@@ -60,9 +60,13 @@ class QGaLoreEntry:
     """Bits of the stored GaLore weights; only 8 is implemented (as in the reference)."""
     weight_group_size: int = 256
     """Group size of the INT8 weight quantization (the reference's 256)."""
+    int8_partition: bool | None = None
+    """ZeRO-3: each rank stores 1/N of every INT8 weight's rows, gathered around each layer's
+    forward and backward (:mod:`.zero3`).  None: on under stage 3; False keeps them replicated;
+    True below stage 3 is refused (ZeRO < 3 does not partition parameters)."""
 
 
-_ENTRY_KEYS = ("target_modules", "weight_bits", "weight_group_size")
+_ENTRY_KEYS = ("target_modules", "weight_bits", "weight_group_size", "int8_partition")
 
 
 def allowed_params() -> list[str]:
@@ -114,6 +118,9 @@ def parse_optimizer_entry(ds_config: dict) -> QGaLoreEntry | None:
     if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
         raise ValueError(f"ds_config optimizer.params.target_modules must be a non-empty list of module "
                          f"names, got {targets!r}")
+    partition = extra.get("int8_partition")
+    if partition is not None and not isinstance(partition, bool):
+        raise ValueError(f"ds_config optimizer.params.int8_partition must be true or false, got {partition!r}")
     clip = ds_config.get("gradient_clipping", 0.0) or 0.0
     try:
         config = QGaLoreConfig.from_dict({**params, "max_grad_norm": float(clip)})
@@ -122,7 +129,7 @@ def parse_optimizer_entry(ds_config: dict) -> QGaLoreEntry | None:
     except TypeError as exc:  # e.g. betas not a pair
         raise ValueError(f"ds_config optimizer.params: {exc}; allowed: {allowed_params()}") from exc
     return QGaLoreEntry(config=config, target_modules=tuple(targets), weight_bits=8,
-                        weight_group_size=int(extra.get("weight_group_size", 256)))
+                        weight_group_size=int(extra.get("weight_group_size", 256)), int8_partition=partition)
 
 
 class EngineOptimizer(torch.optim.Optimizer):
@@ -311,6 +318,39 @@ def _broadcast_int8_layers(model: nn.Module, comm: Collectives) -> None:
                 comm.broadcast_from(t, 0, "control")
 
 
+def _int8_partitioned(entry: QGaLoreEntry, stage: int) -> bool:
+    """Whether the INT8 weights are partitioned (see ``QGaLoreEntry.int8_partition``)."""
+    if entry.int8_partition and stage != 3:
+        raise ValueError(f"ds_config optimizer.params.int8_partition=true needs zero_optimization.stage 3 "
+                         f"(ZeRO stage {stage} does not partition parameters)")
+    return stage == 3 and entry.int8_partition is not False
+
+
+def _build_galore(model: nn.Module, entry: QGaLoreEntry, comm: Collectives, ds_config: dict,
+                  partition: bool) -> tuple[QGaLoreAdamW8bit, str]:
+    """The optimizer of the INT8 layers (their rows partitioned first when ``partition``), and a
+    line saying where the INT8 weights live (for the initialize log)."""
+    names = {p: n for n, p in model.named_parameters()}
+    if not partition:
+        int8_weights = [m.weight for m in model.modules() if isinstance(m, Int8Linear)]
+        galore = QGaLoreAdamW8bit(int8_weights, entry.config, names=names, collectives=comm, manage_dense=False)
+        return galore, f"INT8 weights: replicated on each of the {comm.world_size} ranks"
+    from .zero3 import ZeroQGaLoreAdamW8bit, ZeroRowLayout, partition_int8_layers, row_mesh
+
+    zero = ds_config.get("zero_optimization") or {}
+    threshold = int(zero.get("stage3_param_persistence_threshold", 0))  # only when set: see .zero3
+    layout = ZeroRowLayout(row_mesh(comm), comm)
+    decisions = partition_int8_layers(model, layout, threshold=threshold)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+    names.update({m.weight: f"{n}.weight" for n, m in layers.items()})
+    galore = ZeroQGaLoreAdamW8bit([m.weight for m in layers.values()], entry.config, names=names,
+                                  collectives=comm, manage_dense=False, layout=layout)
+    kept = sorted(n for n, d in decisions.items() if d != "partitioned")
+    line = (f"INT8 weights: partitioned by rows over {comm.world_size} ranks (ZeRO-3), "
+            f"{len(decisions) - len(kept)} of {len(decisions)} matrices")
+    return galore, line + (f"; kept replicated: {kept} ({decisions[kept[0]].split(' ', 1)[1]})" if kept else "")
+
+
 def _ensure_distributed(distributed_port: int, dist_init_required: bool | None) -> None:
     import torch.distributed as dist
 
@@ -381,13 +421,12 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
         raise ValueError("initialize: model parallelism (mpu) is not supported with QGaLoreAdamW8bit yet")
     engine_config = _engine_config(ds_config, entry)
     _ensure_distributed(distributed_port, dist_init_required)
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    partition = _int8_partitioned(entry, stage)
     prepare_model(model, target_modules=entry.target_modules, group_size=entry.weight_group_size)
-    names = {p: n for n, p in model.named_parameters()}
-    int8_weights = [m.weight for m in model.modules() if isinstance(m, Int8Linear)]
     comm = Collectives()
     _broadcast_int8_layers(model, comm)
-    galore = QGaLoreAdamW8bit(int8_weights, entry.config, names=names, collectives=comm, manage_dense=False)
-    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    galore, int8_line = _build_galore(model, entry, comm, ds_config, partition)
     if stage == 3:
         _hide_int8_weights(model)
     dense = _trainable_params(model, model_parameters)
@@ -400,6 +439,7 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
     engine.basic_optimizer.attach(engine)
     engine.qgalore = galore
     engine.qgalore_entry = entry
-    logger.info("qgalore-dist: %d INT8 GaLore matrices owned by the package, %d dense tensors by ZeRO stage %d\n%s",
-                len(int8_weights), len(dense), stage, galore.plan.describe())
+    engine.qgalore_int8_partitioned = partition
+    logger.info("qgalore-dist: %d INT8 GaLore matrices owned by the package, %d dense tensors by ZeRO stage %d\n%s\n%s",
+                len(galore.galore_params), len(dense), stage, int8_line, galore.plan.describe())
     return engine, ds_optimizer, loader, scheduler

@@ -1,0 +1,245 @@
+"""DeepSpeed ZeRO-3 with partitioned INT8 weights: rank ``k`` of the data-parallel group stores
+rows ``[k m / N, (k + 1) m / N)`` of every INT8 GaLore weight (codes, and the fp32 scales /
+zero points of exactly those rows' groups), ``1/N`` of the replicated bytes.
+
+Why not ZeRO-3's own partitioning: DeepSpeed's ``Init`` / ``DeepSpeedZeRoOffload`` does accept
+frozen ``uint8`` parameters (partitions are flat, per dtype, all-gathered by its module hooks),
+but it cuts the *flattened* tensor into padded equal pieces (not rows), leaves buffers (our
+scales / zeros) alone, swaps ``param.data`` to an empty tensor between uses (the optimizer reads
+every weight's global shape from the tensor it was given) and would quantize uint8 codes again
+under ZeRO++ ``zero_quantized_nontrainable_weights``.  The package therefore keeps the INT8
+weights hidden from ZeRO (buffers, as with replicated weights) and partitions them itself:
+
+* Storage: ``weight`` / ``weight_scales`` / ``weight_zeros`` become ``Shard(0)`` DTensors over a
+  1-D mesh of the data-parallel group, built from this rank's rows.  A DTensor reports the
+  global shape (what the optimizer plans with) and holds only the local rows -- exactly what
+  :class:`~qgalore_dist.integrations.fsdp.RowShardedLayout` already updates: local rows with
+  stochastic rounding keyed by global element index (codes equal the replicated path's),
+  right-projected low-rank gradients reduce-scattered by row ranges, left-projected ones through
+  the owner exchange with every rank applying ``P[rows] @ U`` (``proj_type="std"``: the
+  single-process trajectory).  :class:`ZeroRowLayout` reuses it by composition; the only
+  difference is that DeepSpeed, not the layout, owns the dense gradients (``dense_local`` off).
+* Gathering: the layer's autograd function (``Int8Linear.gather_weight``) all-gathers codes,
+  scales and zeros just before its forward and again in its backward (which needs the weight for
+  the input gradient), and drops them when each returns: one gathered layer at a time, no
+  prefetch.  The gathers are metered (kind ``int8_all_gather``).
+* ``zero_optimization.stage3_param_persistence_threshold``, when the ds_config sets it, keeps
+  INT8 matrices with fewer elements replicated (as ZeRO-3 keeps small parameters); DeepSpeed's
+  implicit default (1e5, meant for norms and biases) is not applied to INT8 matrices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..core import Int8Linear, WeightStep, int8_layer_of
+from ..distributed import Collectives
+from ..optim import QGaLoreAdamW8bit
+from ..quant import BlockwiseCodec
+from .fsdp import RowShardedLayout
+
+__all__ = ["ZeroQGaLoreAdamW8bit", "ZeroRowLayout", "check_int8_shards", "int8_local_bytes", "partition_int8_layers", "row_mesh"]
+
+_TENSORS = ("weight", "weight_scales", "weight_zeros")
+
+
+def _dtensor():
+    from torch.distributed.tensor import DTensor, Shard
+
+    return DTensor, Shard
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return isinstance(t, _dtensor()[0])
+
+
+def row_mesh(comm: Collectives):
+    """A 1-D CPU/GPU device mesh over ``comm``'s group (the world when it has none)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    group = comm.group if comm.group is not None else dist.group.WORLD
+    device = "cuda" if torch.cuda.is_available() and dist.get_backend(group) == "nccl" else "cpu"
+    return DeviceMesh.from_group(group, device)
+
+
+class ZeroRowLayout:
+    """:class:`~qgalore_dist.optim.layout.WeightLayout` of ZeRO-3-partitioned INT8 weights:
+    :class:`RowShardedLayout`'s rows, reduces and update for the partitioned matrices; matrices
+    kept replicated (persistence threshold) have all rows on every rank and reduce by all-reduce.
+    Dense parameters belong to DeepSpeed (``dense_local`` False: the optimizer has none)."""
+
+    weights_sharded = True
+    dense_local = False
+    replicas = 1
+
+    def __init__(self, mesh, comm: Collectives) -> None:
+        self.rows_layout = RowShardedLayout(mesh, comm)
+        self.comm = comm
+        self.replicated: set[int] = set()
+        """``id`` of the INT8 weights kept whole on every rank (below the persistence threshold)."""
+
+    def is_partitioned(self, p: torch.Tensor) -> bool:
+        return id(p) not in self.replicated
+
+    def rows(self, p: torch.Tensor) -> tuple[int, int]:
+        return self.rows_layout.rows(p) if self.is_partitioned(p) else (0, p.shape[0])
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        return self.rows_layout.local(t)
+
+    def row_reduced(self, side: str) -> bool:
+        return self.rows_layout.row_reduced(side)
+
+    def apply_int8(self, layer: Int8Linear, delta: torch.Tensor, how: WeightStep, *, stochastic_key) -> None:
+        self.rows_layout.apply_int8(layer, delta, how, stochastic_key=stochastic_key) if self.is_partitioned(
+            layer.weight) else layer.apply_update_(delta, step_size=how.step_size, decay=how.decay,
+                                                   stochastic_key=stochastic_key)
+
+    def reduce_rows(self, items: list, *, dtype: torch.dtype, bucket_bytes: int) -> dict:
+        """Partitioned matrices: reduce-scatter by row range; replicated ones: all-reduce of the
+        whole (m, r) tensor (every rank keeps every row)."""
+        out = self.rows_layout.reduce_rows([(p, g) for p, g in items if self.is_partitioned(p)], dtype=dtype,
+                                           bucket_bytes=bucket_bytes)
+        for p, grad in items:
+            if not self.is_partitioned(p):
+                out[p] = self.comm.all_reduce_mean(grad.to(dtype).clone(), "lowrank_reduce").to(torch.float32)
+        return out
+
+    def moment_codec(self, numel_global: int, codec: BlockwiseCodec) -> BlockwiseCodec:
+        return self.rows_layout.moment_codec(numel_global, codec)
+
+    def collectives(self) -> list[Collectives]:
+        return self.rows_layout.collectives()
+
+
+def _gatherer(comm: Collectives):
+    """``layer -> (codes, scales, zeros)`` whole, all-gathered from every rank's rows (even
+    split, checked by :func:`partition_int8_layers`)."""
+
+    def gather(layer: Int8Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = []
+        for name in _TENSORS:
+            t = getattr(layer, name)
+            local = t.to_local()
+            full = torch.empty(t.shape, dtype=local.dtype, device=local.device)
+            comm.all_gather_into(full.view(-1), local, "int8_all_gather")
+            out.append(full)
+        return tuple(out)
+
+    return gather
+
+
+def partitionable(layer: Int8Linear, world: int) -> str | None:
+    """Why ``layer``'s rows cannot be split evenly over ``world`` ranks at group boundaries, or None."""
+    m, n, gs = layer.out_features, layer.in_features, layer.group_size
+    if m % world or ((m // world) * n) % gs:
+        return (f"a {m}x{n} weight with group_size={gs} cannot be split into {world} row blocks at quantization "
+                f"group boundaries (need m % N == 0 and (m/N)*n % group_size == 0)")
+    return None
+
+
+def partition_int8_layers(model: nn.Module, layout: ZeroRowLayout, *, threshold: int = 0) -> dict[str, str]:
+    """In place: every :class:`Int8Linear` with at least ``threshold`` weight elements keeps only
+    this rank's rows (``Shard(0)`` DTensor buffers) and gathers around its forward and backward;
+    smaller ones stay replicated (plain buffers, recorded in ``layout.replicated``).  The INT8
+    tensors become buffers in both cases (ZeRO-3 must not partition them again).
+
+    Returns ``{layer name: "partitioned" | "replicated (...)"}``.  Raises ``ValueError`` naming
+    the first layer whose rows cannot be split at group boundaries."""
+    DTensor, Shard = _dtensor()
+    mesh, comm = layout.rows_layout.mesh, layout.comm
+    gather = _gatherer(comm)
+    decisions = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, Int8Linear):
+            continue
+        numel = layer.out_features * layer.in_features
+        tensors = {t: getattr(layer, t).data for t in _TENSORS}
+        for t in _TENSORS:  # buffers: invisible to ZeRO-3, same state_dict keys
+            layer._parameters.pop(t, None)
+            layer._buffers.pop(t, None)
+        if numel < threshold:
+            for t, value in tensors.items():
+                layer.register_buffer(t, value, persistent=True)
+            layout.replicated.add(id(layer.weight))
+            decisions[name] = f"replicated (numel {numel} < stage3_param_persistence_threshold {threshold})"
+        else:
+            why = partitionable(layer, comm.world_size)
+            if why is not None:
+                raise ValueError(f"{name}: {why}; set \"int8_partition\": false in the QGaLoreAdamW8bit entry "
+                                 f"to keep INT8 weights replicated")
+            m = layer.out_features
+            r0, r1 = layout.rows_layout.rows(tensors["weight"])
+            g0, g1 = r0 * layer.in_features // layer.group_size, r1 * layer.in_features // layer.group_size
+            for t, value in tensors.items():
+                rows = value[r0:r1] if t == "weight" else value[g0:g1]
+                full_shape = (m, layer.in_features) if t == "weight" else tuple(value.shape)
+                shard = DTensor.from_local(rows.clone(), mesh, [Shard(0)], run_check=False, shape=full_shape,
+                                           stride=torch.empty(full_shape, device="meta").stride())
+                layer.register_buffer(t, shard, persistent=True)
+            layer.gather_weight = gather
+            decisions[name] = "partitioned"
+        layer._register()  # the optimizer finds the layer from its new weight tensor
+    return decisions
+
+
+def int8_local_bytes(model: nn.Module) -> tuple[int, int]:
+    """``(bytes this rank stores, bytes of the whole tensors)`` of every INT8 layer's codes,
+    scales and zeros."""
+    local = whole = 0
+    for layer in model.modules():
+        if isinstance(layer, Int8Linear):
+            for name in _TENSORS:
+                t = getattr(layer, name)
+                held = t.to_local() if _is_dtensor(t) else t
+                local += held.numel() * held.element_size()
+                whole += t.numel() * t.element_size()
+    return local, whole
+
+
+def check_int8_shards(galore, layout: ZeroRowLayout) -> int:
+    """Collective.  Every partitioned INT8 weight's rows are contiguous and cover the matrix on
+    every rank, each rank holding codes of its rows and the scales / zeros of exactly their
+    groups, and the optimizer agrees on the row ranges; replicated ones hold everything.
+    Raises ``ValueError`` naming the first bad layer; returns the number of layers checked."""
+    mine = []
+    for p in galore.galore_params:
+        layer = int8_layer_of(p)
+        r0, r1 = layout.rows(p)
+        held = [tuple(layout.local(getattr(layer, t)).shape) for t in _TENSORS]
+        mine.append((galore.name_of(p), r0, r1, held, (r1 - r0) * p.shape[1] // layer.group_size, p.shape[0]))
+    gathered = layout.comm.all_gather_object(mine)
+    for i, (name, *_rest) in enumerate(mine):
+        ranks = [g[i] for g in gathered]
+        m = ranks[0][5]
+        if layout.is_partitioned(galore.galore_params[i]):
+            if ranks[0][1] != 0 or ranks[-1][2] != m or any(a[2] != b[1] for a, b in zip(ranks, ranks[1:])):
+                raise ValueError(f"{name}: INT8 row shards are not contiguous: {[r[1:3] for r in ranks]}")
+        elif any((r[1], r[2]) != (0, m) for r in ranks):
+            raise ValueError(f"{name}: a replicated INT8 weight is not whole on every rank")
+        for _, r0, r1, (codes, scales, zeros), groups, _m in ranks:
+            if codes[0] != r1 - r0 or scales != (groups, 1) or zeros != (groups, 1):
+                raise ValueError(f"{name}: rows {r0}:{r1} hold codes {codes}, scales {scales}, zeros {zeros}")
+    return len(mine)
+
+
+class ZeroQGaLoreAdamW8bit(QGaLoreAdamW8bit):
+    """:class:`QGaLoreAdamW8bit` given a :class:`ZeroRowLayout`: the same optimizer, whose
+    :meth:`check_replicas` also checks the INT8 shards (:func:`check_int8_shards`) and compares
+    the INT8 weights kept replicated."""
+
+    def replicated_tensors(self):
+        yield from super().replicated_tensors()
+        for p in self.galore_params:
+            if not self.layout.is_partitioned(p):
+                layer = int8_layer_of(p)
+                for suffix, t in (("codes", layer.weight), ("scales", layer.weight_scales),
+                                  ("zeros", layer.weight_zeros)):
+                    yield f"{self.name_of(p)}.{suffix}", t
+
+    def check_replicas(self) -> int:
+        """Projectors (and replicated INT8 weights) bit-identical on every rank, and consistent
+        INT8 shards; returns the number of tensors and sharded layers checked."""
+        return super().check_replicas() + check_int8_shards(self, self.layout)
