@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eager-attention", action="store_true", help="activations keep the s^2 attention probabilities")
     p.add_argument("--streamed-refresh", action="store_true",
                    help="model refresh steps with full gradients streamed to their owners (DESIGN step 3)")
-    p.add_argument("--int8-partitioned", action="store_true", help="ZeRO-3: INT8 weights partitioned 1/N")
+    p.add_argument("--int8-partitioned", action="store_true", help="ZeRO-3: INT8 weights partitioned 1/N "
+                   "(qgalore_dist.initialize's default under stage 3; without it: \"int8_partition\": false)")
     p.add_argument("--overlap-comm", action="store_true", help="QGaLoreConfig.overlap_comm (ddp / zero2 / zero3)")
     p.add_argument("--update-proj-gap", type=int, default=200, help="initial refresh gap T")
     p.add_argument("--train-steps", type=int, default=150_000, help="run length of the run-average bytes")
