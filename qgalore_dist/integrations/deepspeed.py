@@ -9,7 +9,8 @@ Division of labour (DESIGN.md, "Layers"):
 * The package owns the GaLore matrices: the ``target_modules`` linears become
   :class:`~qgalore_dist.core.Int8Linear` (frozen ``uint8`` weights, which ZeRO never flattens,
   reduces or partitions), and a :class:`~qgalore_dist.optim.QGaLoreAdamW8bit` exchanges their
-  low-rank gradients, projectors and updates itself.
+  low-rank gradients, projectors and updates itself.  Under ZeRO-3 the package partitions the
+  INT8 weights by rows itself (:mod:`.zero3`; ``"int8_partition": false`` keeps them replicated).
 * DeepSpeed owns everything else (embeddings, norms, head, biases) at any ZeRO stage: it
   receives :class:`EngineOptimizer`, an AdamW with the same update formula and 8-bit moments,
   which runs the GaLore step inside its ``step()``.
@@ -300,9 +301,9 @@ class EngineOptimizer(torch.optim.Optimizer):
 
 def _hide_int8_weights(model: nn.Module) -> None:
     """ZeRO-3 partitions every ``nn.Parameter`` of the module, frozen ones included; the INT8
-    codes are the package's (replicated, updated in place by the shared stochastic-rounding
-    stream), so they become persistent buffers of their layer: same ``layer.weight`` object,
-    same ``state_dict`` key, invisible to ZeRO."""
+    codes are the package's (replicated, or partitioned by :mod:`.zero3`, updated in place by
+    the shared stochastic-rounding stream), so they become persistent buffers of their layer:
+    same ``layer.weight`` object, same ``state_dict`` key, invisible to ZeRO."""
     for layer in model.modules():
         if isinstance(layer, Int8Linear) and "weight" in layer._parameters:
             weight = layer._parameters.pop("weight")

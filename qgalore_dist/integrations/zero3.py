@@ -24,8 +24,11 @@ weights hidden from ZeRO (buffers, as with replicated weights) and partitions th
   the input gradient), and drops them when each returns: one gathered layer at a time, no
   prefetch.  The gathers are metered (kind ``int8_all_gather``).
 * ``zero_optimization.stage3_param_persistence_threshold``, when the ds_config sets it, keeps
-  INT8 matrices with fewer elements replicated (as ZeRO-3 keeps small parameters); DeepSpeed's
-  implicit default (1e5, meant for norms and biases) is not applied to INT8 matrices.
+  INT8 matrices with at most that many elements replicated (ZeRO-3's rule for its own small
+  parameters); DeepSpeed's implicit default (1e5, meant for norms and biases) is not applied to
+  INT8 matrices.  ``stage3_model_persistence_threshold`` is not consulted.
+* Not done: prefetching the next layer's rows, uneven row splits (a matrix whose rows cannot be
+  split evenly at quantization-group boundaries is refused with a ``ValueError``).
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ from ..optim import QGaLoreAdamW8bit
 from ..quant import BlockwiseCodec
 from .fsdp import RowShardedLayout
 
-__all__ = ["ZeroQGaLoreAdamW8bit", "ZeroRowLayout", "check_int8_shards", "int8_local_bytes", "partition_int8_layers", "row_mesh"]
+__all__ = [
+    "ZeroQGaLoreAdamW8bit", "ZeroRowLayout", "check_int8_shards", "int8_local_bytes", "partition_int8_layers",
+    "partitionable", "row_mesh",
+]
 
 _TENSORS = ("weight", "weight_scales", "weight_zeros")
 
@@ -141,10 +147,10 @@ def partitionable(layer: Int8Linear, world: int) -> str | None:
 
 
 def partition_int8_layers(model: nn.Module, layout: ZeroRowLayout, *, threshold: int = 0) -> dict[str, str]:
-    """In place: every :class:`Int8Linear` with at least ``threshold`` weight elements keeps only
+    """In place: every :class:`Int8Linear` with more than ``threshold`` weight elements keeps only
     this rank's rows (``Shard(0)`` DTensor buffers) and gathers around its forward and backward;
-    smaller ones stay replicated (plain buffers, recorded in ``layout.replicated``).  The INT8
-    tensors become buffers in both cases (ZeRO-3 must not partition them again).
+    the others (0: none) stay replicated (plain buffers, recorded in ``layout.replicated``).  The
+    INT8 tensors become buffers in both cases (ZeRO-3 must not partition them again).
 
     Returns ``{layer name: "partitioned" | "replicated (...)"}``.  Raises ``ValueError`` naming
     the first layer whose rows cannot be split at group boundaries."""
@@ -160,11 +166,11 @@ def partition_int8_layers(model: nn.Module, layout: ZeroRowLayout, *, threshold:
         for t in _TENSORS:  # buffers: invisible to ZeRO-3, same state_dict keys
             layer._parameters.pop(t, None)
             layer._buffers.pop(t, None)
-        if numel < threshold:
+        if numel <= threshold:
             for t, value in tensors.items():
                 layer.register_buffer(t, value, persistent=True)
             layout.replicated.add(id(layer.weight))
-            decisions[name] = f"replicated (numel {numel} < stage3_param_persistence_threshold {threshold})"
+            decisions[name] = f"replicated (numel {numel} <= stage3_param_persistence_threshold {threshold})"
         else:
             why = partitionable(layer, comm.world_size)
             if why is not None:

@@ -471,7 +471,7 @@ def test_zero3_partitioned_int8_matches_replicated(runs, reference, combo):
     _check_partitioned_bytes(part, 2)
     assert all(held == whole for held, whole in repl["int8_local_bytes"]), repl["int8_local_bytes"]
     assert max_rel(part["losses"], repl["losses"]) <= EXACT_INPUT_TOL, (part["losses"], repl["losses"])
-    assert max_rel(list(part["codes"].values()), [repl["codes"][n] for n in part["codes"]]) <= EXACT_INPUT_TOL
+    assert max_rel(list(part["codes"].values()), [repl["codes"][n] for n in part["codes"]]) <= REL_TOL
     # two gathers per layer and micro-batch (forward, backward): 2 * (N-1)/N * whole bytes
     micro = STEPS * parse_combo(combo)[2]
     assert part["comm"]["int8_all_gather"] == 2 * micro * 0.5 * part["int8_local_bytes"][0][1]
