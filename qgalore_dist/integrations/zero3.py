@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..core import Int8Linear, WeightStep, int8_layer_of
+from ..core import Int8Linear, WeightStep, int8_layer_of, lowrank_sink
 from ..distributed import Collectives
 from ..optim import QGaLoreAdamW8bit
 from ..quant import BlockwiseCodec
@@ -244,6 +244,24 @@ class ZeroQGaLoreAdamW8bit(QGaLoreAdamW8bit):
                 for suffix, t in (("codes", layer.weight), ("scales", layer.weight_scales),
                                   ("zeros", layer.weight_zeros)):
                     yield f"{self.name_of(p)}.{suffix}", t
+
+    def arm_grad_sinks(self) -> None:
+        """As the base class, except that with ``overlap_comm`` only owner-reduced matrices join
+        the overlapped reduce: row-reduced ones keep their low-rank gradient for the row
+        reduce-scatter in ``step()`` (the overlapped reduce sends every member to an owner)."""
+        super().arm_grad_sinks()
+        if self.overlap is None:
+            return
+        steady = []
+        for p in self.galore_params:
+            layer, proj = int8_layer_of(p), self.state[p]["projector"]
+            if layer is None or self._refresh_due(p):
+                continue
+            if self.row_reduced(p):
+                layer.grad_sink = lowrank_sink(proj.project)
+            else:
+                steady.append((p, self.owner[p], torch.Size(proj.lowrank_shape)))
+        self.overlap.plan(steady[::-1])  # backward meets the last layers first
 
     def check_replicas(self) -> int:
         """Projectors (and replicated INT8 weights) bit-identical on every rank, and consistent
