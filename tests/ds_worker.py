@@ -79,9 +79,12 @@ def _all_ranks(value) -> list:
 
 
 def ds_config_with(config: dict, args) -> dict:
-    """``--int8-partition``: set the QGaLoreAdamW8bit entry's ``int8_partition`` (true/false)."""
+    """``--int8-partition``: the QGaLoreAdamW8bit entry's ``int8_partition`` (true/false);
+    ``--persistence-threshold``: ``zero_optimization.stage3_param_persistence_threshold``."""
     if args.int8_partition is not None:
         config["optimizer"]["params"]["int8_partition"] = args.int8_partition == "true"
+    if args.persistence_threshold is not None:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = args.persistence_threshold
     return config
 
 
@@ -173,6 +176,8 @@ def main() -> int:
     parser.add_argument("--overlap", action="store_true", help="the optimizer's overlap_comm on")
     parser.add_argument("--int8-partition", choices=["true", "false"], default=None,
                         help="the entry's int8_partition (default: absent, i.e. on under ZeRO-3)")
+    parser.add_argument("--persistence-threshold", type=int, default=None,
+                        help="zero_optimization.stage3_param_persistence_threshold (default: absent)")
     parser.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher appends it
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -349,7 +349,7 @@ def _build_galore(model: nn.Module, entry: QGaLoreEntry, comm: Collectives, ds_c
     kept = sorted(n for n, d in decisions.items() if d != "partitioned")
     line = (f"INT8 weights: partitioned by rows over {comm.world_size} ranks (ZeRO-3), "
             f"{len(decisions) - len(kept)} of {len(decisions)} matrices")
-    return galore, line + (f"; kept replicated: {kept} ({decisions[kept[0]].split(' ', 1)[1]})" if kept else "")
+    return galore, line + (f"; kept replicated: {kept} {decisions[kept[0]].split(' ', 1)[1]}" if kept else "")
 
 
 def _ensure_distributed(distributed_port: int, dist_init_required: bool | None) -> None:

@@ -145,6 +145,8 @@ RUNS = {
     "zero3_noclip2": ("torchrun", 2, ["--matrix", "3:bf16:2", "--clip", "0"]),
     "zero3_noclip_replicated2": ("torchrun", 2, ["--matrix", "3:bf16:2", "--clip", "0", "--int8-partition", "false"]),
     "zero3_partitioned4": ("torchrun", 4, ["--matrix", "3:fp32:1"]),
+    # attention matrices (64 x 64 = 4096 elements) stay replicated, the MLP ones are partitioned
+    "zero3_threshold2": ("torchrun", 2, ["--matrix", "3:fp32:1", "--persistence-threshold", "5000"]),
 }
 COMMON_ARGS = ["--steps", str(STEPS), "--clip", str(CLIP), "--lr", str(LR)]
 
@@ -491,6 +493,14 @@ def test_zero3_partitioned_int8_four_ranks_match_one_rank(runs, reference):
     assert rec["int8_partitioned"]
     _check_partitioned_bytes(rec, 4)
     check_against_reference("3:fp32:1", rec, reference, world=4)
+
+
+def test_zero3_persistence_threshold_keeps_small_int8_matrices_replicated(runs, reference):
+    rec = runs("zero3_threshold2")["3:fp32:1"]
+    (held0, whole), (held1, _) = rec["int8_local_bytes"]
+    attention = 4 * (64 * 64 + 8 * 64 * 64 // 256)  # q, k, v, o: codes + fp32 scales and zeros
+    assert held0 == held1 == attention + (whole - attention) // 2, rec["int8_local_bytes"]
+    check_against_reference("3:fp32:1", rec, reference, world=2)
 
 
 def test_int8_partition_option_errors():
