@@ -319,7 +319,7 @@ def _broadcast_int8_layers(model: nn.Module, comm: Collectives) -> None:
                 comm.broadcast_from(t, 0, "control")
 
 
-def _int8_partitioned(entry: QGaLoreEntry, stage: int) -> bool:
+def int8_partitioned(entry: QGaLoreEntry, stage: int) -> bool:
     """Whether the INT8 weights are partitioned (see ``QGaLoreEntry.int8_partition``)."""
     if entry.int8_partition and stage != 3:
         raise ValueError(f"ds_config optimizer.params.int8_partition=true needs zero_optimization.stage 3 "
@@ -327,29 +327,42 @@ def _int8_partitioned(entry: QGaLoreEntry, stage: int) -> bool:
     return stage == 3 and entry.int8_partition is not False
 
 
-def _build_galore(model: nn.Module, entry: QGaLoreEntry, comm: Collectives, ds_config: dict,
-                  partition: bool) -> tuple[QGaLoreAdamW8bit, str]:
-    """The optimizer of the INT8 layers (their rows partitioned first when ``partition``), and a
-    line saying where the INT8 weights live (for the initialize log)."""
-    names = {p: n for n, p in model.named_parameters()}
+def place_int8_weights(model: nn.Module, comm: Collectives, ds_config: dict, partition: bool):
+    """Partition the INT8 layers' rows over ``comm`` when ``partition`` (:mod:`.zero3`); returns
+    ``(layout or None, a line saying where the INT8 weights live)`` for the optimizer and the log."""
     if not partition:
-        int8_weights = [m.weight for m in model.modules() if isinstance(m, Int8Linear)]
-        galore = QGaLoreAdamW8bit(int8_weights, entry.config, names=names, collectives=comm, manage_dense=False)
-        return galore, f"INT8 weights: replicated on each of the {comm.world_size} ranks"
-    from .zero3 import ZeroQGaLoreAdamW8bit, ZeroRowLayout, partition_int8_layers, row_mesh
+        return None, f"INT8 weights: replicated on each of the {comm.world_size} ranks"
+    from .zero3 import ZeroRowLayout, partition_int8_layers, row_mesh
 
     zero = ds_config.get("zero_optimization") or {}
     threshold = int(zero.get("stage3_param_persistence_threshold", 0))  # only when set: see .zero3
     layout = ZeroRowLayout(row_mesh(comm), comm)
     decisions = partition_int8_layers(model, layout, threshold=threshold)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, Int8Linear)}
-    names.update({m.weight: f"{n}.weight" for n, m in layers.items()})
-    galore = ZeroQGaLoreAdamW8bit([m.weight for m in layers.values()], entry.config, names=names,
-                                  collectives=comm, manage_dense=False, layout=layout)
     kept = sorted(n for n, d in decisions.items() if d != "partitioned")
     line = (f"INT8 weights: partitioned by rows over {comm.world_size} ranks (ZeRO-3), "
             f"{len(decisions) - len(kept)} of {len(decisions)} matrices")
-    return galore, line + (f"; kept replicated: {kept} {decisions[kept[0]].split(' ', 1)[1]}" if kept else "")
+    return layout, line + (f"; kept replicated: {kept} {decisions[kept[0]].split(' ', 1)[1]}" if kept else "")
+
+
+def int8_names(model: nn.Module) -> dict[torch.Tensor, str]:
+    """``{tensor: name}`` of the model's parameters and INT8 weights (buffers once hidden or
+    partitioned): the names the optimizer keys its random streams and checkpoints by."""
+    names = {p: n for n, p in model.named_parameters()}
+    names.update({m.weight: f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Int8Linear)})
+    return names
+
+
+def galore_optimizer(model: nn.Module, entry: QGaLoreEntry, comm: Collectives, layout,
+                     names: dict[torch.Tensor, str]) -> QGaLoreAdamW8bit:
+    """The optimizer of the INT8 layers (:class:`~.zero3.ZeroQGaLoreAdamW8bit` on a partitioned
+    ``layout``)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, Int8Linear)]
+    if layout is None:
+        return QGaLoreAdamW8bit(weights, entry.config, names=names, collectives=comm, manage_dense=False)
+    from .zero3 import ZeroQGaLoreAdamW8bit
+
+    return ZeroQGaLoreAdamW8bit(weights, entry.config, names=names, collectives=comm, manage_dense=False,
+                                layout=layout)
 
 
 def _ensure_distributed(distributed_port: int, dist_init_required: bool | None) -> None:
@@ -423,11 +436,12 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
     engine_config = _engine_config(ds_config, entry)
     _ensure_distributed(distributed_port, dist_init_required)
     stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
-    partition = _int8_partitioned(entry, stage)
+    partition = int8_partitioned(entry, stage)
     prepare_model(model, target_modules=entry.target_modules, group_size=entry.weight_group_size)
     comm = Collectives()
     _broadcast_int8_layers(model, comm)
-    galore, int8_line = _build_galore(model, entry, comm, ds_config, partition)
+    layout, int8_line = place_int8_weights(model, comm, ds_config, partition)
+    galore = galore_optimizer(model, entry, comm, layout, int8_names(model))
     if stage == 3:
         _hide_int8_weights(model)
     dense = _trainable_params(model, model_parameters)
