@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..core import Int8Linear, WeightStep, int8_layer_of, lowrank_sink
+from ..core import Int8Linear, WeightStep, int8_layer_of, lowrank_sink, update_int8_codes_
 from ..distributed import Collectives
 from ..optim import QGaLoreAdamW8bit
 from ..quant import BlockwiseCodec
@@ -72,9 +72,12 @@ def row_mesh(comm: Collectives):
 
 class ZeroRowLayout:
     """:class:`~qgalore_dist.optim.layout.WeightLayout` of ZeRO-3-partitioned INT8 weights:
-    :class:`RowShardedLayout`'s rows, reduces and update for the partitioned matrices; matrices
-    kept replicated (persistence threshold) have all rows on every rank and reduce by all-reduce.
-    Dense parameters belong to DeepSpeed (``dense_local`` False: the optimizer has none)."""
+    :class:`RowShardedLayout`'s rows, row reduce-scatter and row update for every INT8 matrix.
+    A matrix kept whole on every rank (persistence threshold) is updated the same way, by rows,
+    and its updated rows are then all-gathered into every rank's whole copy -- what ZeRO-3 does
+    for its own persistent parameters (partitioned fp32 master, gathered persistent copy), and
+    what keeps the clipping norm's per-row-range sum right.  Dense parameters belong to
+    DeepSpeed (``dense_local`` False: the optimizer has none)."""
 
     weights_sharded = True
     dense_local = False
@@ -90,7 +93,7 @@ class ZeroRowLayout:
         return id(p) not in self.replicated
 
     def rows(self, p: torch.Tensor) -> tuple[int, int]:
-        return self.rows_layout.rows(p) if self.is_partitioned(p) else (0, p.shape[0])
+        return self.rows_layout.rows(p)
 
     def local(self, t: torch.Tensor) -> torch.Tensor:
         return self.rows_layout.local(t)
@@ -99,19 +102,19 @@ class ZeroRowLayout:
         return self.rows_layout.row_reduced(side)
 
     def apply_int8(self, layer: Int8Linear, delta: torch.Tensor, how: WeightStep, *, stochastic_key) -> None:
-        self.rows_layout.apply_int8(layer, delta, how, stochastic_key=stochastic_key) if self.is_partitioned(
-            layer.weight) else layer.apply_update_(delta, step_size=how.step_size, decay=how.decay,
-                                                   stochastic_key=stochastic_key)
+        if self.is_partitioned(layer.weight):
+            self.rows_layout.apply_int8(layer, delta, how, stochastic_key=stochastic_key)
+            return
+        r0, r1 = self.rows(layer.weight)
+        n, gs = layer.in_features, layer.group_size
+        g0, g1 = r0 * n // gs, r1 * n // gs
+        views = (layer.weight.data[r0:r1], layer.weight_scales[g0:g1], layer.weight_zeros[g0:g1])
+        update_int8_codes_(*views, delta, how, group_size=gs, stochastic_key=stochastic_key, offset=r0 * n)
+        for whole, rows in zip((layer.weight.data, layer.weight_scales, layer.weight_zeros), views):
+            self.comm.all_gather_into(whole.view(-1), rows.clone(), "int8_all_gather")
 
     def reduce_rows(self, items: list, *, dtype: torch.dtype, bucket_bytes: int) -> dict:
-        """Partitioned matrices: reduce-scatter by row range; replicated ones: all-reduce of the
-        whole (m, r) tensor (every rank keeps every row)."""
-        out = self.rows_layout.reduce_rows([(p, g) for p, g in items if self.is_partitioned(p)], dtype=dtype,
-                                           bucket_bytes=bucket_bytes)
-        for p, grad in items:
-            if not self.is_partitioned(p):
-                out[p] = self.comm.all_reduce_mean(grad.to(dtype).clone(), "lowrank_reduce").to(torch.float32)
-        return out
+        return self.rows_layout.reduce_rows(items, dtype=dtype, bucket_bytes=bucket_bytes)
 
     def moment_codec(self, numel_global: int, codec: BlockwiseCodec) -> BlockwiseCodec:
         return self.rows_layout.moment_codec(numel_global, codec)
@@ -157,10 +160,14 @@ def partition_int8_layers(model: nn.Module, layout: ZeroRowLayout, *, threshold:
     DTensor, Shard = _dtensor()
     mesh, comm = layout.rows_layout.mesh, layout.comm
     gather = _gatherer(comm)
+    layers = [(name, layer) for name, layer in model.named_modules() if isinstance(layer, Int8Linear)]
+    for name, layer in layers:  # every layer, before any is changed (even the replicated ones
+        why = partitionable(layer, comm.world_size)  # are updated by rows)
+        if why is not None:
+            raise ValueError(f"{name}: {why}; set \"int8_partition\": false in the QGaLoreAdamW8bit entry "
+                             f"to keep INT8 weights replicated")
     decisions = {}
-    for name, layer in model.named_modules():
-        if not isinstance(layer, Int8Linear):
-            continue
+    for name, layer in layers:
         numel = layer.out_features * layer.in_features
         tensors = {t: getattr(layer, t).data for t in _TENSORS}
         for t in _TENSORS:  # buffers: invisible to ZeRO-3, same state_dict keys
@@ -172,10 +179,6 @@ def partition_int8_layers(model: nn.Module, layout: ZeroRowLayout, *, threshold:
             layout.replicated.add(id(layer.weight))
             decisions[name] = f"replicated (numel {numel} <= stage3_param_persistence_threshold {threshold})"
         else:
-            why = partitionable(layer, comm.world_size)
-            if why is not None:
-                raise ValueError(f"{name}: {why}; set \"int8_partition\": false in the QGaLoreAdamW8bit entry "
-                                 f"to keep INT8 weights replicated")
             m = layer.out_features
             r0, r1 = layout.rows_layout.rows(tensors["weight"])
             g0, g1 = r0 * layer.in_features // layer.group_size, r1 * layer.in_features // layer.group_size
@@ -206,27 +209,26 @@ def int8_local_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def check_int8_shards(galore, layout: ZeroRowLayout) -> int:
-    """Collective.  Every partitioned INT8 weight's rows are contiguous and cover the matrix on
-    every rank, each rank holding codes of its rows and the scales / zeros of exactly their
-    groups, and the optimizer agrees on the row ranges; replicated ones hold everything.
-    Raises ``ValueError`` naming the first bad layer; returns the number of layers checked."""
+    """Collective.  Every INT8 weight's row ranges are contiguous and cover the matrix; a
+    partitioned one holds the codes of its rows and the scales / zeros of exactly their groups,
+    a replicated one the whole tensors.  Raises ``ValueError`` naming the first bad layer;
+    returns the number of layers checked."""
     mine = []
     for p in galore.galore_params:
         layer = int8_layer_of(p)
         r0, r1 = layout.rows(p)
         held = [tuple(layout.local(getattr(layer, t)).shape) for t in _TENSORS]
-        mine.append((galore.name_of(p), r0, r1, held, (r1 - r0) * p.shape[1] // layer.group_size, p.shape[0]))
+        rows = (r0, r1) if layout.is_partitioned(p) else (0, p.shape[0])
+        mine.append((galore.name_of(p), r0, r1, held, rows))
     gathered = layout.comm.all_gather_object(mine)
     for i, (name, *_rest) in enumerate(mine):
+        p = galore.galore_params[i]
         ranks = [g[i] for g in gathered]
-        m = ranks[0][5]
-        if layout.is_partitioned(galore.galore_params[i]):
-            if ranks[0][1] != 0 or ranks[-1][2] != m or any(a[2] != b[1] for a, b in zip(ranks, ranks[1:])):
-                raise ValueError(f"{name}: INT8 row shards are not contiguous: {[r[1:3] for r in ranks]}")
-        elif any((r[1], r[2]) != (0, m) for r in ranks):
-            raise ValueError(f"{name}: a replicated INT8 weight is not whole on every rank")
-        for _, r0, r1, (codes, scales, zeros), groups, _m in ranks:
-            if codes[0] != r1 - r0 or scales != (groups, 1) or zeros != (groups, 1):
+        if ranks[0][1] != 0 or ranks[-1][2] != p.shape[0] or any(a[2] != b[1] for a, b in zip(ranks, ranks[1:])):
+            raise ValueError(f"{name}: INT8 row ranges are not contiguous: {[r[1:3] for r in ranks]}")
+        for _, r0, r1, (codes, scales, zeros), (h0, h1) in ranks:
+            groups = (h1 - h0) * p.shape[1] // int8_layer_of(p).group_size
+            if codes != (h1 - h0, p.shape[1]) or scales != (groups, 1) or zeros != (groups, 1):
                 raise ValueError(f"{name}: rows {r0}:{r1} hold codes {codes}, scales {scales}, zeros {zeros}")
     return len(mine)
 
