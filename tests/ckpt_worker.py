@@ -42,6 +42,8 @@ def main() -> int:
     parser.add_argument("--save-dir", default="")
     parser.add_argument("--load-dir", default="")
     parser.add_argument("--compress", action="store_true")
+    parser.add_argument("--int8-partition", choices=["true", "false"], default=None,
+                        help="the entry's int8_partition (default: absent, i.e. on under ZeRO-3)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
@@ -58,6 +60,8 @@ def main() -> int:
     world, rank = dist.get_world_size(), dist.get_rank()
     config = ds_config(args.stage, args.dtype, args.gas, world, clip=1.0, lr=3e-3)
     config["optimizer"]["params"]["compress_lowrank"] = args.compress
+    if args.int8_partition is not None:
+        config["optimizer"]["params"]["int8_partition"] = args.int8_partition == "true"
     engine, _, _, _ = qgalore_dist.initialize(model=build_model(seed=rank + 7), config=config)
     start = 0
     if args.load_dir:

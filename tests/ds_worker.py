@@ -14,6 +14,7 @@ gas 2g.  ``check_replicas()`` runs after every step.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 
@@ -69,6 +70,24 @@ def ds_config(stage: int, dtype: str, gas: int, world: int, clip: float, lr: flo
     }
 
 
+def _all_ranks(value) -> list:
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def ds_config_with(config: dict, args) -> dict:
+    """``--int8-partition``: the QGaLoreAdamW8bit entry's ``int8_partition`` (true/false);
+    ``--persistence-threshold``: ``zero_optimization.stage3_param_persistence_threshold``."""
+    if args.int8_partition is not None:
+        config["optimizer"]["params"]["int8_partition"] = args.int8_partition == "true"
+    if args.persistence_threshold is not None:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = args.persistence_threshold
+    return config
+
+
 def run_combo(stage: int, dtype: str, gas: int, args, config: dict | None = None) -> dict:
     import qgalore_dist
     import torch.distributed as dist
@@ -76,7 +95,7 @@ def run_combo(stage: int, dtype: str, gas: int, args, config: dict | None = None
     world = dist.get_world_size()
     model = build_model()
     if config is None:
-        config = ds_config(stage, dtype, gas, world, args.clip, args.lr, args.overlap)
+        config = ds_config_with(ds_config(stage, dtype, gas, world, args.clip, args.lr, args.overlap), args)
     engine, optimizer, _, _ = qgalore_dist.initialize(model=model, config=config)
     galore = engine.qgalore
     losses, norms, coefs, svds, checked = [], [], [], [], 0
@@ -93,10 +112,18 @@ def run_combo(stage: int, dtype: str, gas: int, args, config: dict | None = None
         if p.is_floating_point():
             full = safe_get_full_fp32_param(p) if stage >= 1 else None
             dense[name] = float((full if full is not None else p.detach()).double().sum())
-    codes = {n: int(m.weight.long().sum()) for n, m in engine.module.named_modules()
-             if isinstance(m, qgalore_dist.Int8Linear)}
+    layers = {n: m for n, m in engine.module.named_modules() if isinstance(m, qgalore_dist.Int8Linear)}
+    # ZeRO-3 partitioned INT8 weights are Shard(0) DTensors: gather the rows to compare codes.
+    whole = {n: m.weight.full_tensor() if hasattr(m.weight, "full_tensor") else m.weight for n, m in layers.items()}
+    codes = {n: int(w.long().sum()) for n, w in whole.items()}
+    codes_digest = {n: hashlib.sha256(w.contiguous().numpy().tobytes()).hexdigest()[:16] for n, w in whole.items()}
+    from qgalore_dist.integrations.zero3 import int8_local_bytes
+
+    int8_bytes = int8_local_bytes(engine.module)
     record = dict(losses=losses, norms=norms, coefs=coefs, svds=svds, replicas_checked=checked,
-                  svd_count=galore.svd_count, dense=dense, codes=codes, world=world,
+                  svd_count=galore.svd_count, dense=dense, codes=codes, codes_digest=codes_digest, world=world,
+                  int8_local_bytes=_all_ranks(int8_bytes),
+                  int8_partitioned=bool(getattr(engine, "qgalore_int8_partitioned", False)),
                   engine_optimizer=type(engine.optimizer).__name__,
                   engine_gradient_clipping=engine.gradient_clipping(),  # DeepSpeed's own (dense-only) clipping
                   comm=galore.comm.meter.total_bytes and dict(galore.comm.meter.total_bytes),
@@ -147,6 +174,10 @@ def main() -> int:
     parser.add_argument("--config-file", default=None, help="one run with this ds_config file (see config_file_run)")
     parser.add_argument("--passthrough", action="store_true", help="ds_config optimizer AdamW instead (run_passthrough)")
     parser.add_argument("--overlap", action="store_true", help="the optimizer's overlap_comm on")
+    parser.add_argument("--int8-partition", choices=["true", "false"], default=None,
+                        help="the entry's int8_partition (default: absent, i.e. on under ZeRO-3)")
+    parser.add_argument("--persistence-threshold", type=int, default=None,
+                        help="zero_optimization.stage3_param_persistence_threshold (default: absent)")
     parser.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher appends it
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -41,7 +41,11 @@ class CountingTokens(torch.utils.data.Dataset):
 def int8_codes(model) -> dict[str, int]:
     import qgalore_dist
 
-    return {n: int(m.weight.long().sum()) for n, m in model.named_modules() if isinstance(m, qgalore_dist.Int8Linear)}
+    def whole(w):  # ZeRO-3 partitioned INT8 weights are Shard(0) DTensors: gather the rows
+        return w.full_tensor() if hasattr(w, "full_tensor") else w
+
+    return {n: int(whole(m.weight).long().sum()) for n, m in model.named_modules()
+            if isinstance(m, qgalore_dist.Int8Linear)}
 
 
 def main() -> int:

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..optim import QGaLoreAdamW8bit
+from .rows import load_moments, row_moment_fields, take_rows, whole_tensor
 from .files import (
     FORMAT_VERSION,
     SEP as _SEP,
@@ -72,14 +73,19 @@ def _galore_owned_state(opt: QGaLoreAdamW8bit) -> tuple[dict[str, torch.Tensor],
     """Tensors and scalars of every parameter this rank owns, keyed ``name::field``."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
-    dp_rank = opt.comm.rank
+    dp_rank, galore = opt.comm.rank, set(opt.galore_params)
     for p in opt.galore_params + opt.dense_params:
         name = opt.name_of(p)
         if p in opt.comm_residuals:
             tensors[f"{name}{_SEP}grad_residual.rank{dp_rank}"] = opt.comm_residuals[p]
+        rows = p in galore and opt.row_reduced(p)
+        if rows:  # every rank holds the moments of its rows
+            tensors.update({f"{name}{_SEP}{k}": v for k, v in row_moment_fields(opt, p).items()})
         if opt.owner.get(p) != dp_rank:
             continue
         for field, value in opt.param_state(p).items():
+            if rows and field.startswith("exp_avg"):
+                continue
             key = f"{name}{_SEP}{field}"
             (tensors if torch.is_tensor(value) else scalars)[key] = value
         if p in opt.update_residuals:
@@ -91,6 +97,7 @@ def _load_galore_state(opt: QGaLoreAdamW8bit, tensors: dict, scalars: dict, same
     """Every rank takes the replicated fields (steps, projectors) of every parameter and the
     moments of the parameters it owns under the current plan."""
     by_name: dict[str, dict[str, Any]] = {}
+    galore = set(opt.galore_params)
     for key, value in [*tensors.items(), *scalars.items()]:
         name, field = key.split(_SEP, 1)
         by_name.setdefault(name, {})[field] = value
@@ -101,13 +108,16 @@ def _load_galore_state(opt: QGaLoreAdamW8bit, tensors: dict, scalars: dict, same
         residual = fields.pop(f"grad_residual.rank{dp_rank}", None)
         fields = {k: v for k, v in fields.items() if not k.startswith("grad_residual.")}
         update_residual = fields.pop("update_residual", None)
-        if opt.owner[p] != dp_rank:
-            fields = {k: v for k, v in fields.items() if not k.startswith("exp_avg")}
-        elif update_residual is not None:
+        owner = opt.owner[p] == dp_rank
+        if owner and update_residual is not None:
             opt.update_residuals[p] = update_residual.to(p.device)
         if residual is not None and same_world:
             opt.comm_residuals[p] = residual.to(p.device)
-        if opt.owner[p] != dp_rank:  # moments that moved to another owner
+        try:
+            fields = load_moments(opt, p, fields, owner)
+        except ValueError as exc:
+            raise CheckpointError(f"{name}: {exc}") from exc
+        if not owner and not (p in galore and opt.row_reduced(p)):  # moments that moved to another owner
             opt.state[p].pop("exp_avg", None)
             opt.state[p].pop("exp_avg_sq", None)
         if fields:
@@ -220,8 +230,13 @@ def _load_dense(engine, model: nn.Module, params: dict, moments: dict, steps: di
 # ----------------------------------------------------------------------------- save / load
 def _model_tensors(model: nn.Module, galore: QGaLoreAdamW8bit, engine) -> tuple[dict, dict, dict]:
     """Collective under DeepSpeed.  ``(model tensors by name, dense moments, dense steps)``."""
-    tensors = {n: b for n, b in model.named_buffers()}
-    tensors.update({n: p for n, p in model.named_parameters() if not (p.requires_grad and p.is_floating_point())})
+    # ZeRO-3-partitioned INT8 tensors are gathered one at a time; rank 0 alone keeps them (it
+    # writes model.safetensors).
+    keep = galore.comm.rank == 0
+    tensors = {n: whole_tensor(b, keep) for n, b in model.named_buffers()}
+    tensors.update({n: whole_tensor(p, keep) for n, p in model.named_parameters()
+                    if not (p.requires_grad and p.is_floating_point())})
+    tensors = {n: t for n, t in tensors.items() if t is not None}
     if engine is None:
         tensors.update({n: p.detach() for n, p in _dense_params(model)})
         return tensors, {}, {}
@@ -399,4 +414,4 @@ def _load_model(model: nn.Module, tensors: dict[str, torch.Tensor], engine) -> N
     with torch.no_grad():
         for name, t in own.items():
             if name not in dense:
-                t.data.copy_(tensors[name].to(t.dtype))
+                take_rows(t, tensors[name])

@@ -57,6 +57,19 @@ def int8_layer_of(param: torch.Tensor) -> "Int8Linear | None":
     return None
 
 
+def _int8_backward(ctx, grad_out, x, codes, scales, zeros):
+    """``(grad_input, grad_bias)``; hands the fp32 weight gradient (out, in) to the layer's sink."""
+    layer = ctx.layer
+    weight = dequantize(codes, scales, zeros, group_size=layer.group_size, dtype=grad_out.dtype)
+    grad_input = grad_out @ weight
+    del weight
+    g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(torch.float32)
+    weight_grad = g2.T @ x.reshape(-1, x.shape[-1]).to(torch.float32)  # (out, in) fp32
+    layer.grad_sink(layer, weight_grad)
+    grad_bias = g2.sum(0).to(grad_out.dtype) if ctx.has_bias else None
+    return grad_input, grad_bias
+
+
 class _Int8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, codes, scales, zeros, bias, layer):
@@ -68,15 +81,31 @@ class _Int8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, codes, scales, zeros = ctx.saved_tensors
-        layer = ctx.layer
-        weight = dequantize(codes, scales, zeros, group_size=layer.group_size, dtype=grad_out.dtype)
-        grad_input = grad_out @ weight
-        g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(torch.float32)
-        weight_grad = g2.T @ x.reshape(-1, x.shape[-1]).to(torch.float32)  # (out, in) fp32
-        layer.grad_sink(layer, weight_grad)
-        grad_bias = g2.sum(0).to(grad_out.dtype) if ctx.has_bias else None
+        grad_input, grad_bias = _int8_backward(ctx, grad_out, *ctx.saved_tensors)
         return grad_input, None, None, None, grad_bias, None
+
+
+class _GatheredInt8LinearFunction(torch.autograd.Function):
+    """The same product for a layer whose rows are partitioned (``layer.gather_weight`` set):
+    the whole codes / scales / zeros are gathered for the forward, freed when it returns, and
+    gathered again in backward (only ``x`` is saved), so a rank holds one gathered layer at a
+    time instead of every layer's weight between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer):
+        codes, scales, zeros = layer.gather_weight(layer)
+        weight = dequantize(codes, scales, zeros, group_size=layer.group_size, dtype=x.dtype)
+        del codes, scales, zeros
+        ctx.save_for_backward(x)
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        grad_input, grad_bias = _int8_backward(ctx, grad_out, x, *ctx.layer.gather_weight(ctx.layer))
+        return grad_input, grad_bias, None
 
 
 def accumulate_full_grad(layer: "Int8Linear", weight_grad: torch.Tensor) -> None:
@@ -144,6 +173,11 @@ class Int8Linear(nn.Module):
         self.lowrank_grad: torch.Tensor | None = None
         """Accumulated projected gradient, when the sink projects in backward."""
         self.grad_sink: Callable[[Int8Linear, torch.Tensor], None] = accumulate_full_grad
+        self.gather_weight: Callable[[Int8Linear], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        """Set when this rank holds only some rows of the weight (ZeRO-3 partitioning): returns
+        the whole ``(codes (out, in), scales, zeros)``, freshly gathered; forward and backward
+        then gather around each use instead of reading ``weight`` / ``weight_scales`` /
+        ``weight_zeros``, which hold this rank's rows."""
         self._register()
 
     def _register(self) -> None:
@@ -155,6 +189,7 @@ class Int8Linear(nn.Module):
         # layer belongs to no optimizer, and closures cannot be pickled.
         state = super().__getstate__()
         state["grad_sink"] = accumulate_full_grad
+        state["gather_weight"] = None  # a copy holds whatever its tensors hold, and no process group
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -207,9 +242,14 @@ class Int8Linear(nn.Module):
         self.set_weight(weight, stochastic_key=stochastic_key)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.weight, self.weight_scales, self.weight_zeros, group_size=self.group_size, dtype=dtype)
+        """The whole (out, in) weight (gathered first when the rows are partitioned)."""
+        codes, scales, zeros = (self.weight, self.weight_scales, self.weight_zeros) if self.gather_weight is None \
+            else self.gather_weight(self)
+        return dequantize(codes, scales, zeros, group_size=self.group_size, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gather_weight is not None:
+            return _GatheredInt8LinearFunction.apply(x, self.bias, self)
         return _Int8LinearFunction.apply(x, self.weight, self.weight_scales, self.weight_zeros, self.bias, self)
 
     def extra_repr(self) -> str:

@@ -18,13 +18,18 @@ from typing import Literal, get_args
 import torch
 import torch.distributed as dist
 
-__all__ = ["TrafficKind", "KINDS", "CommMeter", "Collectives"]
+__all__ = ["ALL_KINDS", "KINDS", "CommMeter", "Collectives", "TrafficKind"]
 
-TrafficKind = Literal["lowrank_reduce", "full_grad_reduce", "proj_broadcast", "update_gather", "dense", "control"]
+TrafficKind = Literal["lowrank_reduce", "full_grad_reduce", "proj_broadcast", "update_gather", "dense", "control",
+                      "int8_all_gather"]
 """What a collective carries, the key of the byte meter: low-rank gradients to owners or row shards,
 full gradients of refreshing matrices to their owners, INT4 projectors from owners, Adam directions
-from owners, dense gradients / parameters / directions, control flags and digests."""
-KINDS: tuple[str, ...] = get_args(TrafficKind)
+from owners, dense gradients / parameters / directions, control flags and digests, and the gathers
+of ZeRO-3-partitioned INT8 weights before each forward and backward (:mod:`qgalore_dist.integrations.zero3`;
+estimated by ``ours_zero(int8_partitioned=True)``)."""
+ALL_KINDS: tuple[str, ...] = get_args(TrafficKind)
+KINDS: tuple[str, ...] = ALL_KINDS[:6]
+"""The optimizer's kinds (the closed forms of :mod:`qgalore_dist.estimate.comm` cover exactly these)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -38,13 +43,13 @@ class CommMeter:
     """Bytes and calls per kind of the last finished step (``{kind: {"bytes", "calls"}}``)."""
 
     def record(self, kind: TrafficKind, nbytes: float) -> None:
-        assert kind in KINDS, f"unknown collective kind {kind!r}"
+        assert kind in ALL_KINDS, f"unknown collective kind {kind!r}"
         self.step_bytes[kind] += nbytes
         self.step_calls[kind] += 1
         self.total_bytes[kind] += nbytes
 
     def end_step(self) -> dict[str, dict[str, float]]:
-        self.last_step = {k: {"bytes": self.step_bytes[k], "calls": self.step_calls[k]} for k in KINDS}
+        self.last_step = {k: {"bytes": self.step_bytes[k], "calls": self.step_calls[k]} for k in ALL_KINDS}
         self.step_bytes.clear()
         self.step_calls.clear()
         return self.last_step
@@ -174,6 +179,16 @@ class Collectives:
         out = send.new_empty(sum(recv_sizes))
         self._run("all_to_all", kind, dist.all_to_all_single, out, send.contiguous(),
                   output_split_sizes=recv_sizes, input_split_sizes=send_sizes)
+        return out
+
+    def all_gather_into(self, out: torch.Tensor, local: torch.Tensor, kind: str) -> torch.Tensor:
+        """``out`` (1-D, ``world * local.numel()`` elements) receives every rank's ``local``
+        in rank order; returns ``out``.  At world size 1 ``local`` is copied into ``out``."""
+        assert out.numel() == self.world_size * local.numel(), f"{out.numel()} != {self.world_size} x {local.numel()}"
+        if self.world_size == 1:
+            return out.copy_(local.reshape(-1))
+        self.meter.record(kind, self.ring_factor * _nbytes(out))
+        self._run("all_gather", kind, dist.all_gather_into_tensor, out, local.reshape(-1).contiguous())
         return out
 
     def barrier(self) -> None:

@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--streamed-refresh", action=argparse.BooleanOptionalAction, default=True,
                    help="refresh steps stream full gradients to their owners (QGaLoreConfig.stream_refresh, "
                         "the default); --no-streamed-refresh: the old path, every rank keeps them")
-    p.add_argument("--int8-partitioned", action="store_true", help="ZeRO-3: INT8 weights partitioned 1/N")
+    p.add_argument("--int8-partitioned", action="store_true", help="ZeRO-3: INT8 weights partitioned 1/N "
+                   "(qgalore_dist.initialize's default under stage 3; without it: \"int8_partition\": false)")
     p.add_argument("--overlap-comm", action="store_true", help="QGaLoreConfig.overlap_comm (ddp / zero2 / zero3)")
     p.add_argument("--update-proj-gap", type=int, default=200, help="initial refresh gap T")
     p.add_argument("--train-steps", type=int, default=150_000, help="run length of the run-average bytes")

@@ -39,9 +39,10 @@ scratch (NCCL/gloo, LAPACK, CUDA context) are not counted here.
                          ranks at once: a rank holds the full gradients of the matrices it owns,
                          one bucket in flight and one transient full gradient.
 
-                       ZeRO-3 ``int8_partitioned``: ``False`` (today) replicates INT8 codes +
-                       scales; ``True`` keeps 1/N of them per rank and gathers two matrices at a
-                       time (current + prefetched) into a buffer.
+                       ZeRO-3 ``int8_partitioned``: ``False`` (``"int8_partition": false``)
+                       replicates INT8 codes + scales; ``True`` (the default of
+                       ``qgalore_dist.initialize`` under stage 3) keeps 1/N of them per rank and
+                       gathers one whole matrix at a time into a buffer (no prefetch).
                        Buffers: the exchange's coalesced payloads (``_exchange_buffers``), one
                        ``bucket_cap_mb`` bucket at a time, plus the engine's buckets.
 
@@ -292,7 +293,7 @@ def ours_rank_bytes(shapes: Shapes, world: int, rank: int, *, steady: bool, zero
 
     ``update_temporary`` defaults to the fp32 back-projected update of the largest matrix; the
     CPU RSS validation passes its measured torch-path value.  ``int8_partitioned`` (ZeRO-3
-    only): 1/N of the INT8 codes + scales per rank and two gathered matrices as a buffer."""
+    only): 1/N of the INT8 codes + scales per rank and one gathered matrix as a buffer."""
     if zero_stage not in (2, 3):
         raise ValueError(f"zero_stage must be 2 or 3, got {zero_stage}")
     if int8_partitioned and (zero is None or zero_stage != 3):
@@ -306,7 +307,8 @@ def ours_rank_bytes(shapes: Shapes, world: int, rank: int, *, steady: bool, zero
     if int8_partitioned:
         c = qgalore_dist_components(largest, shapes.lay)
         int8 = -(-int8 // world)
-        buffers += 2 * (c["int8_codes"] + c["int8_scales_zeros"])  # current + prefetched matrix, gathered
+        # integrations/zero3: one matrix gathered at a time (forward, then again in backward), no prefetch
+        buffers += c["int8_codes"] + c["int8_scales_zeros"]
     temporary = 4 * largest.numel if update_temporary is None else update_temporary
     if not steady:  # the SVD runs before the update exchange: count it where it exceeds that phase
         temporary = max(temporary, svd_temporary(largest) - buffers)

@@ -55,7 +55,10 @@ class EstimateRequest:
     their owner during backward, bucket by bucket; False: every rank holds every refreshing full
     gradient until ``step()`` (the old path)."""
     int8_partitioned: bool = False
-    """ZeRO-3 only: INT8 codes + scales partitioned 1/N and gathered (False: replicated, today)."""
+    """ZeRO-3 only: INT8 codes + scales partitioned 1/N and gathered around each layer's forward
+    and backward (what ``qgalore_dist.initialize`` does by default under stage 3); False:
+    replicated (the ds_config entry's ``"int8_partition": false``).  The estimate keeps False
+    as its default so that rows stay comparable with earlier figures: pass it explicitly."""
     overlap_comm: bool = False
     """``QGaLoreConfig.overlap_comm`` (ddp / zero2 / zero3 steady steps)."""
     update_proj_gap: int = 200

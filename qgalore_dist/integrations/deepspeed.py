@@ -9,7 +9,8 @@ Division of labour (DESIGN.md, "Layers"):
 * The package owns the GaLore matrices: the ``target_modules`` linears become
   :class:`~qgalore_dist.core.Int8Linear` (frozen ``uint8`` weights, which ZeRO never flattens,
   reduces or partitions), and a :class:`~qgalore_dist.optim.QGaLoreAdamW8bit` exchanges their
-  low-rank gradients, projectors and updates itself.
+  low-rank gradients, projectors and updates itself.  Under ZeRO-3 the package partitions the
+  INT8 weights by rows itself (:mod:`.zero3`; ``"int8_partition": false`` keeps them replicated).
 * DeepSpeed owns everything else (embeddings, norms, head, biases) at any ZeRO stage: it
   receives :class:`EngineOptimizer`, an AdamW with the same update formula and 8-bit moments,
   which runs the GaLore step inside its ``step()``.
@@ -67,9 +68,13 @@ class QGaLoreEntry:
     """``{regex: rank}``: a GaLore matrix whose full module name the regex finds (``re.search``,
     first match in order wins) gets this rank instead of ``rank``, e.g. ``{"k_proj|v_proj": 256}``.
     Every regex must select at least one target module."""
+    int8_partition: bool | None = None
+    """ZeRO-3: each rank stores 1/N of every INT8 weight's rows, gathered around each layer's
+    forward and backward (:mod:`.zero3`).  None: on under stage 3; False keeps them replicated;
+    True below stage 3 is refused (ZeRO < 3 does not partition parameters)."""
 
 
-_ENTRY_KEYS = ("target_modules", "weight_bits", "weight_group_size", "rank_overrides")
+_ENTRY_KEYS = ("target_modules", "weight_bits", "weight_group_size", "rank_overrides", "int8_partition")
 
 
 def allowed_params() -> list[str]:
@@ -122,6 +127,9 @@ def parse_optimizer_entry(ds_config: dict) -> QGaLoreEntry | None:
         raise ValueError(f"ds_config optimizer.params.target_modules must be a non-empty list of module "
                          f"names, got {targets!r}")
     overrides = _parse_rank_overrides(extra.get("rank_overrides", {}))
+    partition = extra.get("int8_partition")
+    if partition is not None and not isinstance(partition, bool):
+        raise ValueError(f"ds_config optimizer.params.int8_partition must be true or false, got {partition!r}")
     clip = ds_config.get("gradient_clipping", 0.0) or 0.0
     try:
         config = QGaLoreConfig.from_dict({**params, "max_grad_norm": float(clip)})
@@ -130,7 +138,8 @@ def parse_optimizer_entry(ds_config: dict) -> QGaLoreEntry | None:
     except TypeError as exc:  # e.g. betas not a pair
         raise ValueError(f"ds_config optimizer.params: {exc}; allowed: {allowed_params()}") from exc
     return QGaLoreEntry(config=config, target_modules=tuple(targets), weight_bits=8,
-                        weight_group_size=int(extra.get("weight_group_size", 256)), rank_overrides=overrides)
+                        weight_group_size=int(extra.get("weight_group_size", 256)), rank_overrides=overrides,
+                        int8_partition=partition)
 
 
 def _parse_rank_overrides(value: Any) -> dict[str, int]:
@@ -353,9 +362,9 @@ class EngineOptimizer(torch.optim.Optimizer):
 
 def _hide_int8_weights(model: nn.Module) -> None:
     """ZeRO-3 partitions every ``nn.Parameter`` of the module, frozen ones included; the INT8
-    codes are the package's (replicated, updated in place by the shared stochastic-rounding
-    stream), so they become persistent buffers of their layer: same ``layer.weight`` object,
-    same ``state_dict`` key, invisible to ZeRO."""
+    codes are the package's (replicated, or partitioned by :mod:`.zero3`, updated in place by
+    the shared stochastic-rounding stream), so they become persistent buffers of their layer:
+    same ``layer.weight`` object, same ``state_dict`` key, invisible to ZeRO."""
     for layer in model.modules():
         if isinstance(layer, Int8Linear) and "weight" in layer._parameters:
             weight = layer._parameters.pop("weight")
@@ -369,6 +378,52 @@ def _broadcast_int8_layers(model: nn.Module, comm: Collectives) -> None:
         if isinstance(layer, Int8Linear):
             for t in (layer.weight.data, layer.weight_scales, layer.weight_zeros):
                 comm.broadcast_from(t, 0, "control")
+
+
+def int8_partitioned(entry: QGaLoreEntry, stage: int) -> bool:
+    """Whether the INT8 weights are partitioned (see ``QGaLoreEntry.int8_partition``)."""
+    if entry.int8_partition and stage != 3:
+        raise ValueError(f"ds_config optimizer.params.int8_partition=true needs zero_optimization.stage 3 "
+                         f"(ZeRO stage {stage} does not partition parameters)")
+    return stage == 3 and entry.int8_partition is not False
+
+
+def place_int8_weights(model: nn.Module, comm: Collectives, ds_config: dict, partition: bool):
+    """Partition the INT8 layers' rows over ``comm`` when ``partition`` (:mod:`.zero3`); returns
+    ``(layout or None, a line saying where the INT8 weights live)`` for the optimizer and the log."""
+    if not partition:
+        return None, f"INT8 weights: replicated on each of the {comm.world_size} ranks"
+    from .zero3 import ZeroRowLayout, partition_int8_layers, row_mesh
+
+    zero = ds_config.get("zero_optimization") or {}
+    threshold = int(zero.get("stage3_param_persistence_threshold", 0))  # only when set: see .zero3
+    layout = ZeroRowLayout(row_mesh(comm), comm)
+    decisions = partition_int8_layers(model, layout, threshold=threshold)
+    kept = sorted(n for n, d in decisions.items() if d != "partitioned")
+    line = (f"INT8 weights: partitioned by rows over {comm.world_size} ranks (ZeRO-3), "
+            f"{len(decisions) - len(kept)} of {len(decisions)} matrices")
+    return layout, line + (f"; kept replicated: {kept} {decisions[kept[0]].split(' ', 1)[1]}" if kept else "")
+
+
+def int8_names(model: nn.Module) -> dict[torch.Tensor, str]:
+    """``{tensor: name}`` of the model's parameters and INT8 weights (buffers once hidden or
+    partitioned): the names the optimizer keys its random streams and checkpoints by."""
+    names = {p: n for n, p in model.named_parameters()}
+    names.update({m.weight: f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Int8Linear)})
+    return names
+
+
+def galore_optimizer(model: nn.Module, entry: QGaLoreEntry, comm: Collectives, layout,
+                     names: dict[torch.Tensor, str], ranks: dict[str, int]) -> QGaLoreAdamW8bit:
+    """The optimizer of the INT8 layers (:class:`~.zero3.ZeroQGaLoreAdamW8bit` on a partitioned
+    ``layout``); ``ranks`` from :func:`matrix_ranks` (``rank_overrides`` become param groups)."""
+    weights = galore_params(model, entry, ranks)
+    if layout is None:
+        return QGaLoreAdamW8bit(weights, entry.config, names=names, collectives=comm, manage_dense=False)
+    from .zero3 import ZeroQGaLoreAdamW8bit
+
+    return ZeroQGaLoreAdamW8bit(weights, entry.config, names=names, collectives=comm, manage_dense=False,
+                                layout=layout)
 
 
 def _ensure_distributed(distributed_port: int, dist_init_required: bool | None) -> None:
@@ -442,13 +497,13 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
     engine_config = _engine_config(ds_config, entry)
     ranks = matrix_ranks(model, entry)  # before any collective: every rank raises alike
     _ensure_distributed(distributed_port, dist_init_required)
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    partition = int8_partitioned(entry, stage)
     prepare_model(model, target_modules=entry.target_modules, group_size=entry.weight_group_size)
-    names = {p: n for n, p in model.named_parameters()}
-    int8_weights = galore_params(model, entry, ranks)
     comm = Collectives()
     _broadcast_int8_layers(model, comm)
-    galore = QGaLoreAdamW8bit(int8_weights, entry.config, names=names, collectives=comm, manage_dense=False)
-    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    layout, int8_line = place_int8_weights(model, comm, ds_config, partition)
+    galore = galore_optimizer(model, entry, comm, layout, int8_names(model), ranks)
     if stage == 3:
         _hide_int8_weights(model)
     dense = _trainable_params(model, model_parameters)
@@ -461,6 +516,7 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
     engine.basic_optimizer.attach(engine)
     engine.qgalore = galore
     engine.qgalore_entry = entry
-    logger.info("qgalore-dist: %d INT8 GaLore matrices owned by the package, %d dense tensors by ZeRO stage %d\n%s",
-                len(galore.galore_params), len(dense), stage, galore.plan.describe())
+    engine.qgalore_int8_partitioned = partition
+    logger.info("qgalore-dist: %d INT8 GaLore matrices owned by the package, %d dense tensors by ZeRO stage %d\n%s\n%s",
+                len(galore.galore_params), len(dense), stage, int8_line, galore.plan.describe())
     return engine, ds_optimizer, loader, scheduler

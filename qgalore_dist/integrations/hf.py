@@ -56,9 +56,13 @@ from .deepspeed import (
     _engine_config,
     _hide_int8_weights,
     _trainable_params,
+    galore_optimizer,
     galore_params,
+    int8_names,
+    int8_partitioned,
     matrix_ranks,
     parse_optimizer_entry,
+    place_int8_weights,
 )
 
 __all__ = ["QGaLoreTrainer", "configure_cpu_deepspeed"]
@@ -146,13 +150,17 @@ class QGaLoreTrainer(Trainer):
         self.qgalore: QGaLoreAdamW8bit | None = None
         """The optimizer of the INT8 layers (built by :meth:`create_optimizer`)."""
 
+        partition = int8_partitioned(entry, self.qgalore_stage)  # ZeRO-3: rows partitioned (.zero3)
         model = self.model
         ranks = matrix_ranks(model, entry)
         prepare_model(model, target_modules=entry.target_modules, group_size=entry.weight_group_size)
-        self._qgalore_names = {p: n for n, p in model.named_parameters()}
-        self._qgalore_weights = galore_params(model, entry, ranks)
+        self._qgalore_ranks = ranks
         self._qgalore_comm = Collectives()
         _broadcast_int8_layers(model, self._qgalore_comm)
+        self._qgalore_layout, self._qgalore_int8_line = place_int8_weights(model, self._qgalore_comm, ds_config,
+                                                                           partition)
+        self._qgalore_names = int8_names(model)
+        self._qgalore_weights = [m.weight for m in model.modules() if isinstance(m, Int8Linear)]
         if self.qgalore_stage == 3:
             _hide_int8_weights(model)
         self.add_callback(_AttachToEngine(self))
@@ -163,14 +171,14 @@ class QGaLoreTrainer(Trainer):
         :class:`QGaLoreAdamW8bit` over the INT8 weights."""
         if self.optimizer is None:
             model = self.model if model is None else model
-            galore = QGaLoreAdamW8bit(self._qgalore_weights, self.qgalore_entry.config, names=self._qgalore_names,
-                                      collectives=self._qgalore_comm, manage_dense=False)
+            galore = galore_optimizer(model, self.qgalore_entry, self._qgalore_comm, self._qgalore_layout,
+                                      self._qgalore_names, self._qgalore_ranks)
             dense = _trainable_params(model, None)
             self.optimizer = EngineOptimizer(dense, galore, grads_partitioned=self.qgalore_stage >= 1)
             self.qgalore = galore
             logger.info("qgalore-dist: %d INT8 GaLore matrices owned by the package, %d dense tensors by ZeRO "
-                        "stage %d\n%s", len(galore.galore_params), len(dense), self.qgalore_stage,
-                        galore.plan.describe())
+                        "stage %d\n%s\n%s", len(self._qgalore_weights), len(dense), self.qgalore_stage,
+                        self._qgalore_int8_line, galore.plan.describe())
         return self.optimizer
 
     def _attach_engine(self) -> None:

@@ -66,10 +66,12 @@ class BackwardReduces:
         return [r for r in (self.lowrank, self.dense, self.full) if r is not None]
 
     def arm(self, galore_params: list[torch.Tensor], *, refresh_due: Callable[[torch.Tensor], bool],
-            owner: dict[torch.Tensor, int], projector: Callable[[torch.Tensor], Projector]) -> None:
+            owner: dict[torch.Tensor, int], projector: Callable[[torch.Tensor], Projector],
+            row_reduced: Callable[[torch.Tensor], bool]) -> None:
         """Give each INT8 layer its sink for the coming backward: refreshing layers keep the
         full gradient (with ``full``: until it leaves for its owner), the others project at
-        once (with ``lowrank``: and report); then plan both reduces."""
+        once (with ``lowrank``: and report, unless ``row_reduced`` -- those are reduce-scattered
+        by rows in ``step()``, not sent to an owner); then plan both reduces."""
         steady, refreshing = [], []
         for p in galore_params:
             layer = int8_layer_of(p)
@@ -82,7 +84,7 @@ class BackwardReduces:
                 layer.grad_sink = (accumulate_full_grad if self.full is None
                                    else _reporting(p, accumulate_full_grad, self.full))
                 refreshing.append((p, owner[p], full_shape))
-            elif self.lowrank is None:
+            elif self.lowrank is None or row_reduced(p):
                 layer.grad_sink = lowrank_sink(proj.project)
             else:
                 layer.grad_sink = _reporting(p, lowrank_sink(proj.project), self.lowrank)

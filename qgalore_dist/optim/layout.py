@@ -1,8 +1,10 @@
 """Where the rows of each weight live on this rank, and how gradients and updates reach them.
 
 :class:`QGaLoreAdamW8bit` is one optimizer for every engine; what differs between replicated
-weights (one process, plain data parallel, DeepSpeed ZeRO 0-3) and FSDP2's row-sharded weights
-is this object, which the optimizer is given:
+weights (one process, plain data parallel, DeepSpeed ZeRO 0-2, ZeRO-3 with ``int8_partition``
+off) and row-sharded ones (FSDP2; ZeRO-3's row partitions,
+:class:`qgalore_dist.integrations.zero3.ZeroRowLayout`, which composes FSDP2's layout) is this
+object, which the optimizer is given:
 
 * :class:`ReplicatedLayout` (default): every rank holds every row.  Each GaLore matrix and each
   dense parameter has one owner rank: gradients are reduced to it, it runs Adam and every rank

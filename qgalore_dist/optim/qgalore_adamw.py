@@ -162,7 +162,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         """Before each backward (and after loading state): every INT8 layer's gradient sink and
         the backward reduces' plans for the coming step (:meth:`.backward.BackwardReduces.arm`)."""
         self.reduces.arm(self.galore_params, refresh_due=self._refresh_due, owner=self.owner,
-                         projector=lambda p: self.state[p]["projector"])
+                         projector=lambda p: self.state[p]["projector"], row_reduced=self.row_reduced)
 
     def no_sync(self):
         """Context manager: backward passes inside accumulate gradients locally without any

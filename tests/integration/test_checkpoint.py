@@ -66,6 +66,23 @@ def test_deepspeed_resume_on_another_world_size_replans_and_continues(tmp_path, 
     assert cont["svd_count"] == full["svd_count"]
 
 
+def test_zero3_partitioned_int8_resume_on_one_rank(tmp_path):
+    """ZeRO-3 with INT8 rows partitioned over 2 ranks saves whole tensors and per-row-range
+    moments; one rank (stage 3, and stage 2 with replicated INT8 weights) resumes from them."""
+    from safetensors import safe_open
+
+    common = ["--dtype", "bf16", "--steps", "8"]
+    full = _run(tmp_path, 2, "--stage", "3", *common, "--save-at", "4", "--save-dir", str(tmp_path / "ck"))
+    with safe_open(str(tmp_path / "ck" / "step4" / "model.safetensors"), "pt") as f:
+        assert tuple(f.get_slice("model.layers.0.mlp.gate_proj.weight").get_shape()) == (176, 64)
+    for stage in ("3", "2"):
+        cont = _run(tmp_path, 1, "--stage", stage, *common, "--gas", "2", "--load-dir", str(tmp_path / "ck"))
+        assert sorted(cont["losses"], key=int) == [str(s) for s in range(4, 8)]
+        for step, loss in cont["losses"].items():
+            assert loss == pytest.approx(full["losses"][step], rel=1e-4), (stage, step)
+        assert cont["svd_count"] == full["svd_count"]
+
+
 def test_rank_killed_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path):
     ck = tmp_path / "ck"
     proc = _run(tmp_path, 2, "--stage", "2", "--steps", "8", "--save-at", "3,6", "--kill-in-save", "6",

@@ -138,6 +138,15 @@ RUNS = {
     "launcher2": ("deepspeed", 2, ["--matrix", ",".join(LAUNCHER_MATRIX), "--overlap"]),
     "config_zero2": ("torchrun", 2, ["--config-file", str(CONFIG_DIR / "zero2_bf16.json"), "--steps", "4"]),
     "passthrough": ("torchrun", 2, ["--passthrough", "--matrix", "1:bf16:1", "--steps", "3"]),
+    # ZeRO-3 with the INT8 weights kept replicated (int8_partition false): the path that
+    # torchrun2's stage-3 combos (partitioned by default) must reproduce code for code.
+    "zero3_replicated2": ("torchrun", 2, ["--matrix", "3:fp32:1,3:bf16:2", "--int8-partition", "false"]),
+    # Without clipping the two paths are the same arithmetic: bit-identical codes and losses.
+    "zero3_noclip2": ("torchrun", 2, ["--matrix", "3:bf16:2", "--clip", "0"]),
+    "zero3_noclip_replicated2": ("torchrun", 2, ["--matrix", "3:bf16:2", "--clip", "0", "--int8-partition", "false"]),
+    "zero3_partitioned4": ("torchrun", 4, ["--matrix", "3:fp32:1"]),
+    # attention matrices (64 x 64 = 4096 elements) stay replicated, the MLP ones are partitioned
+    "zero3_threshold2": ("torchrun", 2, ["--matrix", "3:fp32:1", "--persistence-threshold", "5000"]),
 }
 COMMON_ARGS = ["--steps", str(STEPS), "--clip", str(CLIP), "--lr", str(LR)]
 
@@ -440,4 +449,69 @@ def test_initialize_argument_errors(tmp_path):
         qgalore_dist.initialize(model=model, config=str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="rnak"):
         qgalore_dist.initialize(model=model, config=_entry_config(rnak=1))
+    assert isinstance(model.weight, torch.nn.Parameter) and model.weight.dtype == torch.float32  # untouched
+
+
+# ----------------------------------------------------------------------------- ZeRO-3 INT8 partitioning
+def _check_partitioned_bytes(rec: dict, world: int) -> None:
+    """Every rank stores exactly 1/N of the INT8 codes + scales + zeros (the tiny model's
+    shapes split evenly), and they add up to the whole."""
+    local = rec["int8_local_bytes"]
+    assert len(local) == world and len({whole for _, whole in local}) == 1, local
+    whole = local[0][1]
+    assert all(held * world == whole for held, _ in local), local
+
+
+@pytest.mark.parametrize("combo", ["3:fp32:1", "3:bf16:2"])
+def test_zero3_partitioned_int8_matches_replicated(runs, reference, combo):
+    """Under ZeRO-3 (default int8_partition) each rank holds 1/2 of every INT8 weight and
+    gathers it around forward and backward; the run matches the replicated path and both match
+    the 1-rank run.  With clipping the joint norm is summed per row shard instead of per owner
+    (float64 order), which may flip a stochastic rounding: codes within rounding, not bit-equal."""
+    part, repl = runs("torchrun2")[combo], runs("zero3_replicated2")[combo]
+    assert part["int8_partitioned"] and not repl["int8_partitioned"]
+    _check_partitioned_bytes(part, 2)
+    assert all(held == whole for held, whole in repl["int8_local_bytes"]), repl["int8_local_bytes"]
+    assert max_rel(part["losses"], repl["losses"]) <= EXACT_INPUT_TOL, (part["losses"], repl["losses"])
+    assert max_rel(list(part["codes"].values()), [repl["codes"][n] for n in part["codes"]]) <= REL_TOL
+    # two gathers per layer and micro-batch (forward, backward): 2 * (N-1)/N * whole bytes
+    micro = STEPS * parse_combo(combo)[2]
+    assert part["comm"]["int8_all_gather"] == 2 * micro * 0.5 * part["int8_local_bytes"][0][1]
+    assert "int8_all_gather" not in repl["comm"]
+    check_against_reference(combo, repl, reference, world=2)
+
+
+def test_zero3_partitioned_int8_codes_identical_to_replicated_without_clipping(runs):
+    part, repl = runs("zero3_noclip2")["3:bf16:2"], runs("zero3_noclip_replicated2")["3:bf16:2"]
+    assert part["int8_partitioned"] and not repl["int8_partitioned"]
+    assert part["codes_digest"] == repl["codes_digest"] and part["codes"] == repl["codes"]
+    assert part["losses"] == repl["losses"] and part["svd_count"] == repl["svd_count"] > 0
+
+
+def test_zero3_partitioned_int8_four_ranks_match_one_rank(runs, reference):
+    rec = runs("zero3_partitioned4")["3:fp32:1"]
+    assert rec["int8_partitioned"]
+    _check_partitioned_bytes(rec, 4)
+    check_against_reference("3:fp32:1", rec, reference, world=4)
+
+
+def test_zero3_persistence_threshold_keeps_small_int8_matrices_replicated(runs, reference):
+    rec = runs("zero3_threshold2")["3:fp32:1"]
+    (held0, whole), (held1, _) = rec["int8_local_bytes"]
+    attention = 4 * (64 * 64 + 8 * 64 * 64 // 256)  # q, k, v, o: codes + fp32 scales and zeros
+    assert held0 == held1 == attention + (whole - attention) // 2, rec["int8_local_bytes"]
+    check_against_reference("3:fp32:1", rec, reference, world=2)
+
+
+def test_int8_partition_option_errors():
+    import qgalore_dist
+    from qgalore_dist.integrations.deepspeed import parse_optimizer_entry
+
+    with pytest.raises(ValueError, match="int8_partition"):
+        parse_optimizer_entry(_entry_config(int8_partition="yes"))
+    assert parse_optimizer_entry(_entry_config(int8_partition=False)).int8_partition is False
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="stage 3"):
+        qgalore_dist.initialize(model=model, config={**_entry_config(int8_partition=True),
+                                                     "zero_optimization": {"stage": 2}})
     assert isinstance(model.weight, torch.nn.Parameter) and model.weight.dtype == torch.float32  # untouched
