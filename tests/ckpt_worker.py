@@ -50,9 +50,9 @@ def main() -> int:
     torch.set_num_threads(1)
 
     import torch.distributed as dist
+    from ds_worker import build_model, ds_config, train_step
 
     import qgalore_dist
-    from ds_worker import build_model, ds_config, train_step
     from qgalore_dist.checkpoint import load_checkpoint, save_checkpoint
     from qgalore_dist.integrations.launch import init_distributed
 

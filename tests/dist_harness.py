@@ -43,7 +43,8 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 120) -> list:
     rank raised, raises ``RuntimeError`` with every failing rank's message."""
     with tempfile.TemporaryDirectory() as outdir:
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(r, world_size, free_port_cache(world_size), outdir, fn, args, timeout_s))
+        port = free_port_cache(world_size)
+        procs = [ctx.Process(target=_worker, args=(r, world_size, port, outdir, fn, args, timeout_s))
                  for r in range(world_size)]
         for p in procs:
             p.start()
@@ -54,7 +55,8 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 120) -> list:
         results = []
         for r in range(world_size):
             path = os.path.join(outdir, f"rank{r}.pt")
-            results.append(torch.load(path, weights_only=False) if os.path.exists(path) else {"error": "no result (crashed or timed out)"})
+            missing = {"error": "no result (crashed or timed out)"}
+            results.append(torch.load(path, weights_only=False) if os.path.exists(path) else missing)
     _PORTS.clear()
     run_distributed.last_results = [res.get("ok", res.get("error")) for res in results]
     errors = [f"rank {r}: {res['error']}\n{res.get('traceback', '')[-2000:]}" for r, res in enumerate(results)

@@ -89,8 +89,9 @@ def ds_config_with(config: dict, args) -> dict:
 
 
 def run_combo(stage: int, dtype: str, gas: int, args, config: dict | None = None) -> dict:
-    import qgalore_dist
     import torch.distributed as dist
+
+    import qgalore_dist
 
     world = dist.get_world_size()
     model = build_model()
@@ -136,8 +137,9 @@ def run_combo(stage: int, dtype: str, gas: int, args, config: dict | None = None
 def run_passthrough(stage: int, dtype: str, gas: int, args) -> dict:
     """``--passthrough``: a ds_config optimizer other than QGaLoreAdamW8bit (torch AdamW, no
     FusedAdam build) goes through ``qgalore_dist.initialize`` to DeepSpeed untouched."""
-    import qgalore_dist
     import torch.distributed as dist
+
+    import qgalore_dist
 
     world = dist.get_world_size()
     config = ds_config(stage, dtype, gas, world, args.clip, args.lr)
@@ -172,7 +174,8 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--out", required=True)
     parser.add_argument("--config-file", default=None, help="one run with this ds_config file (see config_file_run)")
-    parser.add_argument("--passthrough", action="store_true", help="ds_config optimizer AdamW instead (run_passthrough)")
+    parser.add_argument("--passthrough", action="store_true",
+                        help="ds_config optimizer AdamW instead (run_passthrough)")
     parser.add_argument("--overlap", action="store_true", help="the optimizer's overlap_comm on")
     parser.add_argument("--int8-partition", choices=["true", "false"], default=None,
                         help="the entry's int8_partition (default: absent, i.e. on under ZeRO-3)")

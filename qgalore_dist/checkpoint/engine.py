@@ -36,10 +36,8 @@ import torch
 import torch.nn as nn
 
 from ..optim import QGaLoreAdamW8bit
-from .rows import load_moments, row_moment_fields, take_rows, whole_tensor
 from .files import (
     FORMAT_VERSION,
-    SEP as _SEP,
     CheckpointError,
     fsync_dir,
     latest_tag,
@@ -51,6 +49,10 @@ from .files import (
     write_json,
     write_tensors,
 )
+from .files import (
+    SEP as _SEP,
+)
+from .rows import load_moments, row_moment_fields, take_rows, whole_tensor
 
 __all__ = ["load_engine_checkpoint", "save_engine_checkpoint"]
 
@@ -293,7 +295,8 @@ def _save_engine(model: nn.Module, galore: QGaLoreAdamW8bit, engine, save_dir: s
         dist.barrier(group=comm.group)
     files: dict[str, dict] = {}
     owned, scalars = _galore_owned_state(galore)
-    files[f"optim_rank{dp_rank}.safetensors"] = write_tensors(os.path.join(tmp, f"optim_rank{dp_rank}.safetensors"), owned)
+    optim_file = f"optim_rank{dp_rank}.safetensors"
+    files[optim_file] = write_tensors(os.path.join(tmp, optim_file), owned)
     files[f"optim_rank{dp_rank}.json"] = write_json(os.path.join(tmp, f"optim_rank{dp_rank}.json"), scalars)
     if engine is not None:  # this rank's dense partition as stored: the bit-identical path
         files[f"dense_rank{dp_rank}.safetensors"] = write_tensors(
@@ -302,7 +305,8 @@ def _save_engine(model: nn.Module, galore: QGaLoreAdamW8bit, engine, save_dir: s
         files["model.safetensors"] = write_tensors(os.path.join(tmp, "model.safetensors"), model_tensors)
         meta = _meta(galore, engine, client_state)
         if engine is not None:
-            files["dense_optim.safetensors"] = write_tensors(os.path.join(tmp, "dense_optim.safetensors"), dense_moments)
+            files["dense_optim.safetensors"] = write_tensors(os.path.join(tmp, "dense_optim.safetensors"),
+                                                             dense_moments)
             meta["engine"]["dense_steps"] = dense_steps
         files["meta.json"] = write_json(os.path.join(tmp, "meta.json"), meta)
     all_files = comm.all_gather_object(files)

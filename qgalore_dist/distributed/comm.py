@@ -12,7 +12,6 @@ from __future__ import annotations
 import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
-
 from typing import Literal, get_args
 
 import torch
@@ -169,7 +168,8 @@ class Collectives:
         self._run("broadcast", kind, dist.broadcast, tensor, src=self._global_rank(owner))
         return tensor
 
-    def all_to_all(self, send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int], kind: TrafficKind) -> torch.Tensor:
+    def all_to_all(self, send: torch.Tensor, send_sizes: list[int], recv_sizes: list[int],
+                   kind: TrafficKind) -> torch.Tensor:
         """Rank ``r`` receives ``send_sizes[r]`` elements from every rank; returns the
         concatenation over source ranks (``sum(recv_sizes)`` elements)."""
         if self.world_size == 1:

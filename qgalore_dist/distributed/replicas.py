@@ -64,7 +64,8 @@ def _first_difference(a, b) -> str:
     return f"{a!r} vs {b!r}"
 
 
-def agree_on_gradients(comm: Collectives, names: list[str], present: list[bool], finite: bool) -> tuple[bool, list[bool]]:
+def agree_on_gradients(comm: Collectives, names: list[str], present: list[bool],
+                       finite: bool) -> tuple[bool, list[bool]]:
     """Collective, one all-reduce: whether ``finite`` holds on every rank, and which of the
     parameters ``names`` have a gradient (``present``, this rank's view).  Raises
     ``ValueError`` on every rank naming the parameters that have a gradient on some ranks

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
-import dataclasses
 import re
 from dataclasses import dataclass, fields
 from typing import Any

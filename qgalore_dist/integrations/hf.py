@@ -46,7 +46,7 @@ import weakref
 
 from transformers import Trainer, TrainerCallback
 
-from ..core import prepare_model
+from ..core import Int8Linear, prepare_model
 from ..distributed import Collectives
 from ..optim import QGaLoreAdamW8bit
 from .deepspeed import (
@@ -57,7 +57,6 @@ from .deepspeed import (
     _hide_int8_weights,
     _trainable_params,
     galore_optimizer,
-    galore_params,
     int8_names,
     int8_partitioned,
     matrix_ranks,

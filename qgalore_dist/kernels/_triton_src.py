@@ -154,8 +154,8 @@ def int8_update_kernel(
     other program touching them: in-place is safe.  ``k1``/``k2`` are the folded
     stochastic-rounding key (``key_to_u32`` and its second mix), unused when rounding
     to nearest; ``stream_offset`` is the flat index of element 0 in the whole tensor (a row
-    shard's first element), added to every draw's index.  ``CUDA_TORCH``: reproduce the torch path as it runs on CUDA tensors
-    (``x / 255`` is ``x * fp32(1 / 255)`` there), else as on CPU.
+    shard's first element), added to every draw's index.  ``CUDA_TORCH``: reproduce the torch
+    path as it runs on CUDA tensors (``x / 255`` is ``x * fp32(1 / 255)`` there), else as on CPU.
     """
     g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     j = tl.arange(0, GS_P2)

@@ -228,7 +228,8 @@ def int8_update_(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     assert codes.dtype == torch.uint8 and codes.is_contiguous() and numel % group_size == 0
     assert scales.dtype == zeros.dtype == torch.float32 and scales.is_contiguous() and zeros.is_contiguous()
     assert scales.numel() == zeros.numel() == numel // group_size and delta.numel() == numel
-    assert offset % group_size == 0 and offset + numel <= 2**32, "the stochastic-rounding stream's index space is 32-bit"
+    assert offset % group_size == 0 and offset + numel <= 2**32, \
+        "the stochastic-rounding stream's index space is 32-bit"
     delta = delta.contiguous()
     interpret = _interpret_for(codes)
     mod = _triton_module(interpret)
@@ -241,7 +242,8 @@ def int8_update_(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
         mod.int8_update_kernel[grid](
             codes, scales, zeros, delta, n_groups, _f32(-step_size), _f32(-decay), k1, k2, offset,
             GS=group_size, GS_P2=gs_p2, BLOCK_G=block_g, HAS_DECAY=decay > 0, STOCHASTIC=key is not None,
-            EMULATE_FMA=interpret, CUDA_TORCH=codes.is_cuda, **_launch_opts(interpret, 8 if block_g * gs_p2 >= 2048 else 4),
+            EMULATE_FMA=interpret, CUDA_TORCH=codes.is_cuda,
+            **_launch_opts(interpret, 8 if block_g * gs_p2 >= 2048 else 4),
         )
 
 

@@ -157,7 +157,8 @@ class QGaLoreConfig:
             ("placement", self.placement in PLACEMENTS, f"one of {PLACEMENTS}"),
             ("payload_dtype", self.payload_dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
         ]
-        flags = ("stochastic_round", "adaptive_gap", "compress_lowrank", "compress_dense", "overlap_comm", "stream_refresh")
+        flags = ("stochastic_round", "adaptive_gap", "compress_lowrank", "compress_dense", "overlap_comm",
+                 "stream_refresh")
         return checks + [(name, isinstance(getattr(self, name), bool), "a bool (true or false)") for name in flags]
 
     @classmethod

@@ -40,7 +40,7 @@ from ..distributed import (
     reduce_to_owners,
 )
 from ..distributed.replicas import agree_on_gradients, check_replicas, validate_agreement
-from ..quant import BlockwiseCodec, Moment, StreamKey
+from ..quant import BlockwiseCodec, StreamKey
 from .backward import BackwardReduces
 from .config import QGaLoreConfig
 from .layout import ReplicatedLayout, WeightLayout
@@ -193,7 +193,8 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
                 layer.weight_grad = None
                 layer.lowrank_grad = None
 
-    def _agree_on_gradients(self, params: list[torch.Tensor], extra_finite: bool = True) -> tuple[bool, list[torch.Tensor]]:
+    def _agree_on_gradients(self, params: list[torch.Tensor],
+                            extra_finite: bool = True) -> tuple[bool, list[torch.Tensor]]:
         """(all ranks finite, params that have a gradient) -- identical on every rank."""
         grads = [self._local_grad(p) for p in params]
         finite = extra_finite and all(bool(torch.isfinite(g[1]).all()) for g in grads if g is not None)
@@ -491,7 +492,9 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         if layer is None:
             apply_direction_(p, delta, how)
             return
-        key = StreamKey(self.config.seed, state["step"] - 1, self._stream_ids[p]) if self.config.stochastic_round else None
+        key = None
+        if self.config.stochastic_round:
+            key = StreamKey(self.config.seed, state["step"] - 1, self._stream_ids[p])
         self.layout.apply_int8(layer, delta, how, stochastic_key=key)
 
     def _update_dense(self, params: list[torch.Tensor], grads: dict, coef: float) -> None:
@@ -508,8 +511,8 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
                 grad = grads[p] if coef == 1.0 else grads[p] * coef
                 direction = advance_moments(state, grad, self.codec, betas=group["betas"], eps=group["eps"])
                 apply_direction_(p, direction, weight_step(group, state["step"]))
-        for p, value in broadcast_from_owners(self.comm, [OwnedTensor(p, self.owner[p], p.data) for p in params], "dense",
-                                              bucket_bytes=self._bucket_bytes).items():
+        values = [OwnedTensor(p, self.owner[p], p.data) for p in params]
+        for p, value in broadcast_from_owners(self.comm, values, "dense", bucket_bytes=self._bucket_bytes).items():
             if value.data_ptr() != p.data_ptr():  # world size 1: the value is p itself
                 p.data.copy_(value)
 
@@ -534,7 +537,8 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
             received = ({p: d for p, _, d in directions} if local else
                         broadcast_from_owners(self.comm, directions, "dense", residuals=self.update_residuals))
             for p, direction in received.items():
-                apply_direction_(self.layout.local(p.data), direction, weight_step(self._group_of[p], self.state[p]["step"]))
+                how = weight_step(self._group_of[p], self.state[p]["step"])
+                apply_direction_(self.layout.local(p.data), direction, how)
 
     # ----------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict:

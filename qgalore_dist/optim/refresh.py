@@ -84,8 +84,9 @@ def share_projectors(comm: Collectives, items: list[tuple[Hashable, int, Project
 def share_row_lowrank(comm: Collectives, items: list[tuple[Hashable, int, tuple[int, int], tuple[int, int]]],
                       lowrank: dict, *, device: torch.device, bucket_bytes: int | None) -> dict[Hashable, torch.Tensor]:
     """Row-sharded layouts: ``items`` are ``(key, owner_rank, (m, r) shape, (r0, r1) rows of
-    this rank)`` (receive buffers on ``device``).  The owner's ``lowrank[key]`` (popped) reaches every rank, which keeps its
-    rows: only the owner still holds the averaged full gradient it was projected from."""
+    this rank)`` (receive buffers on ``device``).  The owner's ``lowrank[key]`` (popped) reaches
+    every rank, which keeps its rows: only the owner still holds the averaged full gradient it
+    was projected from."""
     sends = [OwnedTensor(k, owner, lowrank.pop(k) if owner == comm.rank else torch.empty(shape, device=device))
              for k, owner, shape, _ in items]
     received = broadcast_from_owners(comm, sends, "lowrank_reduce", bucket_bytes=bucket_bytes)

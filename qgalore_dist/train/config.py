@@ -255,11 +255,12 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
 def _read_mapping(path: str, what: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ValueError(f"{what}: file {path!r} does not exist")
+    is_yaml = path.endswith((".yaml", ".yml"))
     with open(path) as f:
         try:
-            data = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
+            data = yaml.safe_load(f) if is_yaml else json.load(f)
         except (yaml.YAMLError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{what}: {path!r} is not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}: {exc}") from exc
+            raise ValueError(f"{what}: {path!r} is not valid {'YAML' if is_yaml else 'JSON'}: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{what}: {path!r} must hold a mapping at the top level")
     return data

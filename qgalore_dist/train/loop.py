@@ -126,7 +126,8 @@ def build_model(cfg: TrainConfig, *, vocab_size: int, seq_len: int, tokenizer=No
             raise ValueError(f"model.name: {pretrained} has {model.get_input_embeddings().num_embeddings} "
                              f"embeddings, the tokenizer {vocab_size} tokens")
     else:
-        fields.update(vocab_size=vocab_size, max_position_embeddings=max(seq_len, fields.get("max_position_embeddings", 0)))
+        positions = max(seq_len, fields.get("max_position_embeddings", 0))
+        fields.update(vocab_size=vocab_size, max_position_embeddings=positions)
         if tokenizer is not None:
             fields.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
         for key in ("architectures", "model_type", "transformers_version", "torch_dtype"):
@@ -409,7 +410,8 @@ class Run:
         from ..checkpoint import save_checkpoint
 
         step = self.progress.step
-        state = {"progress": vars(self.progress).copy(), "data": self.galore.comm.all_gather_object(self.stream.state_dict())}
+        state = {"progress": vars(self.progress).copy(),
+                 "data": self.galore.comm.all_gather_object(self.stream.state_dict())}
         path = save_checkpoint(self.engine, self.ckpt_dir, tag=f"step{step}", client_state=state)
         if self.rank == 0:
             _prune(self.ckpt_dir, step=step, keep=self.cfg.checkpoint.keep)

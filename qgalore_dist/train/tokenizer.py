@@ -89,7 +89,8 @@ class ByteTokenizer(Tokenizer):
 
     def save(self, directory: str) -> None:
         # The same mapping as a merge-free byte-level BPE, so HF code can load it.
-        from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTok
+        from tokenizers import decoders, models, pre_tokenizers
         from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte alphabet
 
         vocab = {ch: b for b, ch in bytes_to_unicode().items()}
@@ -118,7 +119,8 @@ class BPETokenizer(Tokenizer):
     @classmethod
     def train(cls, texts: Iterable[str], *, vocab_size: int) -> "BPETokenizer":
         """Train on ``texts`` (the caller caps their total size)."""
-        from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer as HFTok
+        from tokenizers import decoders, models, pre_tokenizers, trainers
 
         tok = HFTok(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

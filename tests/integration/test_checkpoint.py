@@ -15,7 +15,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers import lm_loss, param_names, single_thread, tiny_llama, token_batches, trainable  # noqa: F401  (autouse fixture)
 
 from qgalore_dist import QGaLoreAdamW8bit, prepare_model
@@ -56,7 +55,8 @@ def test_deepspeed_resume_is_bit_identical_for_20_steps(tmp_path, stage, dtype, 
 def test_deepspeed_resume_on_another_world_size_replans_and_continues(tmp_path, saved, resumed):
     # gas * world = 4 in every run, so every step sees the same global batch.
     common = ["--stage", "2", "--dtype", "bf16", "--steps", "9"]
-    full = _run(tmp_path, saved, *common, "--gas", str(4 // saved), "--save-at", "4", "--save-dir", str(tmp_path / "ck"))
+    full = _run(tmp_path, saved, *common, "--gas", str(4 // saved), "--save-at", "4",
+                "--save-dir", str(tmp_path / "ck"))
     meta = json.loads((tmp_path / "ck" / "step4" / "meta.json").read_text())
     assert meta["world_size"] == saved and set(meta["plan"].values()) == set(range(saved))
     cont = _run(tmp_path, resumed, *common, "--gas", str(4 // resumed), "--load-dir", str(tmp_path / "ck"))

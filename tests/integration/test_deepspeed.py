@@ -255,8 +255,9 @@ def test_deepspeed_launcher_two_ranks_match_one_rank(runs, reference, combo):
 # ----------------------------------------------------------------------------- vs. no DeepSpeed
 def plain_optimizer_run(gas: int) -> dict:
     """The single-process optimizer without DeepSpeed on the worker's model, batches and params."""
-    import qgalore_dist
     from ds_worker import build_model, ds_config, micro_batch
+
+    import qgalore_dist
 
     params = dict(ds_config(0, "fp32", gas, 1, CLIP, LR)["optimizer"]["params"])
     targets = params.pop("target_modules")

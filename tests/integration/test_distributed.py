@@ -12,7 +12,6 @@ import contextlib
 import pytest
 import torch
 import torch.distributed as dist
-
 from dist_harness import run_distributed
 
 STEPS = 12
@@ -280,7 +279,8 @@ def test_overlap_comm_reduces_during_backward_and_keeps_only_owned_lowrank_gradi
         assert launched_in_backward >= 3 * steps and launched_at_step == 0, b["launches"]
         assert b["dense_grads_held"] == [0] * steps and min(a["dense_grads_held"]) > 0
         for step in (1, 2, 3, 5):  # steady steps: every INT8 layer's low-rank gradient was held
-            assert b["lowrank_held"][step] < 0.75 * a["lowrank_held"][step], (step, a["lowrank_held"], b["lowrank_held"])
+            assert b["lowrank_held"][step] < 0.75 * a["lowrank_held"][step], \
+                (step, a["lowrank_held"], b["lowrank_held"])
     held_total = [sum(r["lowrank_held"][1] for r in overlapped), plain[0]["lowrank_held"][1]]
     assert held_total[0] == held_total[1]  # owners together hold exactly one copy of every matrix's
     for kind in ("lowrank_reduce", "update_gather", "dense"):

@@ -98,8 +98,9 @@ def test_openmpi(local_size, master):
         environ["MASTER_ADDR"] = master = "node01"
     # mpirun inside a Slurm allocation: the inherited SLURM_* describe its daemons, not the ranks
     environ.update(SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="0")
-    assert resolve_launch_env(environ) == LaunchEnv(rank=1, local_rank=0, world_size=2, local_world_size=int(local_size),
-                                                 master_addr=master, master_port=29500, source="ompi")
+    assert resolve_launch_env(environ) == LaunchEnv(
+        rank=1, local_rank=0, world_size=2, local_world_size=int(local_size), master_addr=master, master_port=29500,
+        source="ompi")
 
 
 def test_mpich_pmi():
@@ -308,7 +309,8 @@ def test_deepspeed_sh_two_ranks(tmp_path):
                                   master_addr="127.0.0.1", master_port=port, source="env")
 
 
-needs_mpirun = pytest.mark.skipif(shutil.which("mpirun", path=PATH) is None, reason="mpirun not installed (pip install .[mpi])")
+needs_mpirun = pytest.mark.skipif(shutil.which("mpirun", path=PATH) is None,
+                                  reason="mpirun not installed (pip install .[mpi])")
 
 
 @needs_mpirun

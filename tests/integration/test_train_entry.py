@@ -128,7 +128,8 @@ def test_val_perplexity_matches_independent_recomputation(full_run, workdir):
 
 def test_plot_command_writes_pngs(full_run):
     run_dir, _ = full_run
-    out = subprocess.run([sys.executable, "-m", "qgalore_dist.train.plot", run_dir], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "qgalore_dist.train.plot", run_dir], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
     for name in ("loss.png", "comm.png", "svd_events.png", "memory.png"):
         with open(os.path.join(run_dir, "plots", name), "rb") as f:
@@ -150,7 +151,8 @@ def test_sigterm_saves_then_resume_continues_the_same_curve(full_run, workdir):
             lines.append(line)
             if re.search(r"step\s+5\s+loss", line) or time.time() > deadline:
                 break
-        workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "qgalore_dist.train" in " ".join(c.cmdline())]
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                   if "qgalore_dist.train" in " ".join(c.cmdline())]
         assert len(workers) == 2, lines[-20:]
         for w in workers:
             os.kill(w.pid, signal.SIGTERM)

@@ -15,7 +15,6 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-
 from helpers import int8_layers, param_names, single_thread, tiny_llama, trainable  # noqa: F401  (fixture)
 
 from qgalore_dist import QGaLoreAdamW8bit, QGaLoreConfig, prepare_model
@@ -80,7 +79,7 @@ def _train_step(model, opt, step: int, accum: int = 1) -> None:
 
 
 def _full_bytes(layers: dict) -> int:
-    return sum(l.out_features * l.in_features * 4 for l in layers.values())
+    return sum(lay.out_features * lay.in_features * 4 for lay in layers.values())
 
 
 def test_steady_step_holds_one_full_gradient_at_a_time():
@@ -98,7 +97,7 @@ def test_steady_step_holds_one_full_gradient_at_a_time():
 
     assert len(tracker.events) == accum * len(layers)  # every layer's sink ran once per micro-batch
     peak, total = tracker.peak_bytes(), _full_bytes(layers)
-    largest = max(l.out_features * l.in_features * 4 for l in layers.values())
+    largest = max(lay.out_features * lay.in_features * 4 for lay in layers.values())
     summary = (f"peak live full fp32 gradients {peak} B (max {tracker.max_alive()} tensors at once) vs "
                f"{total} B for all {len(layers)} GaLore layers together")
     assert tracker.max_alive() == 1, summary + f"; events: {tracker.events}"
@@ -135,8 +134,8 @@ def test_refresh_step_keeps_full_gradients():
 def _split_groups(model):
     """Attention matrices on gap 100, MLP matrices on gap 2, dense parameters default."""
     layers = dict(int8_layers(model))
-    attn = [l.weight for n, l in layers.items() if "self_attn" in n]
-    mlp = [l.weight for n, l in layers.items() if ".mlp." in n]
+    attn = [lay.weight for n, lay in layers.items() if "self_attn" in n]
+    mlp = [lay.weight for n, lay in layers.items() if ".mlp." in n]
     ids = {id(p) for p in attn + mlp}
     dense = [p for p in trainable(model) if id(p) not in ids]
     return [{"params": attn, "update_proj_gap": 100}, {"params": mlp, "update_proj_gap": 2}, {"params": dense}]

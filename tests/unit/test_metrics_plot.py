@@ -12,8 +12,7 @@ import sys
 
 import pytest
 
-from qgalore_dist.train import plot
-from qgalore_dist.train import metrics
+from qgalore_dist.train import metrics, plot
 from qgalore_dist.train.metrics import RunLogger
 
 STEP_LINE = re.compile(r"step\s+(\d+)\s+loss ([\d.]+)")

@@ -9,7 +9,6 @@ import logging
 
 import pytest
 import torch
-
 from helpers import (  # noqa: F401  (single_thread is an autouse fixture)
     int8_layers,
     int8_snapshot,
@@ -120,7 +119,8 @@ def test_quantized_training_learns_like_unquantized_and_needs_stochastic_roundin
     # 64x16 low-rank moments of q/k/v/o and the norms stay fp32; the MLP's 256x16 (16x256)
     # low-rank moments and the 256x64 embedding and head are 8-bit.
     eight_bit = {opt.name_of(p) for p, s in opt.state.items() if "exp_avg" in s and s["exp_avg"].codes is not None}
-    assert eight_bit == {*(f"model.layers.{i}.mlp.{t}.weight" for i in range(2) for t in ("gate_proj", "up_proj", "down_proj")),
+    mlp = ("gate_proj", "up_proj", "down_proj")
+    assert eight_bit == {*(f"model.layers.{i}.mlp.{t}.weight" for i in range(2) for t in mlp),
                          "model.embed_tokens.weight", "lm_head.weight"}
     assert all(opt.state[p]["projector"].bits == 4 for p in opt.galore_params)
     assert opt.svd_count == 14 * 4  # refreshes at steps 0, 50, 100, 150 (no gap doubling yet)
@@ -277,7 +277,8 @@ def test_projector_group_size_must_divide_min_dim_times_rank():
 def test_unknown_proj_type_is_rejected(how):
     net = _float_matrix_model()
     params = list(net.parameters())
-    with pytest.raises(ValueError, match=r"proj_type must be one of \('std', 'reverse_std', 'left', 'right'\), got 'sideways'"):
+    expected = r"proj_type must be one of \('std', 'reverse_std', 'left', 'right'\), got 'sideways'"
+    with pytest.raises(ValueError, match=expected):
         if how == "config":
             QGaLoreConfig(proj_type="sideways")
         elif how == "group-override":

@@ -23,8 +23,8 @@ def llama_specs(config: str = "llama_60m", rank: int = 128) -> list[MatrixSpec]:
     h, i, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (h, h), "self_attn.v_proj": (h, h),
               "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
-    return [MatrixSpec(name=f"model.layers.{l}.{leaf}.weight", shape=shape, rank=rank)
-            for l in range(layers) for leaf, shape in shapes.items()]
+    return [MatrixSpec(name=f"model.layers.{i}.{leaf}.weight", shape=shape, rank=rank)
+            for i in range(layers) for leaf, shape in shapes.items()]
 
 
 def unit_specs(costs: list[int], rank: int = 1) -> list[MatrixSpec]:

@@ -19,7 +19,6 @@ import copy
 
 import pytest
 import torch
-
 from galore_torch import GaLoreAdamW
 from galore_torch.galore_projector import GaLoreProjector
 from helpers import single_thread, split_params, tiny_llama, token_batches  # noqa: F401  (fixture)
@@ -49,7 +48,8 @@ def reference_svd_steps(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("proj_type,layers", [("std", 2), ("reverse_std", 1)], ids=["std-2layers", "reverse_std-1layer"])
+@pytest.mark.parametrize("proj_type,layers", [("std", 2), ("reverse_std", 1)],
+                         ids=["std-2layers", "reverse_std-1layer"])
 def test_unquantized_matches_galore_adamw_step_for_step(proj_type, layers, reference_svd_steps):
     model = tiny_llama(hidden=64, intermediate=176, layers=layers, heads=4, vocab=128)
     ref_model, our_model = copy.deepcopy(model), copy.deepcopy(model)

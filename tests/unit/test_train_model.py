@@ -28,7 +28,8 @@ def test_builtin_configs_resolve(name):
 
 
 def test_unknown_model_names_the_field():
-    with pytest.raises(ValueError, match=r"model.name: 'llama_13m' is neither a built-in model \(\['tiny', 'llama_130m'"):
+    expected = r"model.name: 'llama_13m' is neither a built-in model \(\['tiny', 'llama_130m'"
+    with pytest.raises(ValueError, match=expected):
         _model_fields("llama_13m")
 
 
