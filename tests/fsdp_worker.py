@@ -12,14 +12,16 @@ GLOBAL_BATCH = 4
 CFG = dict(lr=0.01, rank=8, update_proj_gap=4, proj_group_size=64, seed=0)
 
 
-def build_model(seed: int = 0, group_size: int = 64, intermediate: int = 160, vocab: int = 128):
+def build_model(seed: int = 0, group_size: int = 64, intermediate: int = 160, vocab: int = 128, hidden: int = 64,
+                heads: int = 4, kv_heads: int | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from qgalore_dist import prepare_model
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(
-        hidden_size=64, intermediate_size=intermediate, num_attention_heads=4, num_hidden_layers=2, vocab_size=vocab,
+        hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        num_hidden_layers=2, vocab_size=vocab,
         max_position_embeddings=SEQ, bos_token_id=0, eos_token_id=1, pad_token_id=2))
     prepare_model(model, group_size=group_size)
     return model

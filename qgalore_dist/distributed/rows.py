@@ -22,27 +22,18 @@ def chunk_rows(rows: int, world: int) -> list[tuple[int, int]]:
     return [(min(rows, k * chunk), min(rows, (k + 1) * chunk)) for k in range(world)]
 
 
-def _largest_world_without_empty_ranks(rows: int, world: int) -> int:
-    return max(w for w in range(1, min(rows, world) + 1) if all(r1 > r0 for r0, r1 in chunk_rows(rows, w)))
-
-
 def row_shard_problem(m: int, n: int, group_size: int, world: int) -> str | None:
     """Why an INT8 ``(m, n)`` weight with ``group_size`` cannot be row-sharded over ``world``
     ranks, with the nearest setting that can; None when it can.
 
     Row-aligned group layouts (``group_size <= n``, :func:`~qgalore_dist.quant.weight_row_length`)
-    never put a group across a shard boundary, whatever the row split.  Refused: a rank with
-    no rows (the optimizer's row-local state would be empty), a flat layout (``group_size > n``:
-    groups span rows) whose shard boundaries are not group boundaries at an even split, and a
-    group size that fits no layout."""
+    never put a group across a shard boundary, whatever the row split (ranks left without rows
+    included).  Refused: a flat layout (``group_size > n``: groups span rows) whose shard
+    boundaries are not group boundaries at an even split, and a group size that fits no layout."""
     try:
         row_length = weight_row_length(m, n, group_size)
     except ValueError as exc:
         return str(exc)
-    if any(r1 == r0 for r0, r1 in chunk_rows(m, world)):
-        chunk = -(-m // world)
-        return (f"{m} rows split as FSDP2 does (ceil({m}/{world}) = {chunk} rows per rank) leave some of the "
-                f"{world} ranks without rows; use at most {_largest_world_without_empty_ranks(m, world)} ranks")
     if row_length is None and (m % world or ((m // world) * n) % group_size):
         return (f"its {group_size}-element groups span rows (group_size > in_features = {n}) and a row shard of "
                 f"{m}/{world} rows would cut one; use group_size <= {n} (row-aligned groups, e.g. group_size={n})")

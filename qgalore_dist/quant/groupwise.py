@@ -176,9 +176,9 @@ def quantize(
     parts = [_quantize_groups(rows[:, :head].reshape(-1, group_size),
                               None if noise is None else noise[:, :head].reshape(-1, group_size), bits, reference),
              _quantize_groups(rows[:, head:], None if noise is None else noise[:, head:], bits, reference)]
-    n_rows = rows.shape[0]
+    n_rows, full = rows.shape[0], row_length // group_size  # explicit sizes: a shard may hold no rows
     codes = torch.cat([parts[0][0].view(n_rows, head), parts[1][0]], dim=1)
-    scales, zeros = (torch.cat([parts[0][i].view(n_rows, -1), parts[1][i]], dim=1).reshape(-1, 1) for i in (1, 2))
+    scales, zeros = (torch.cat([parts[0][i].view(n_rows, full), parts[1][i]], dim=1).reshape(-1, 1) for i in (1, 2))
     return codes.view(x.shape), scales, zeros
 
 
@@ -199,8 +199,9 @@ def dequantize(
         return ((groups - zeros.reshape(-1, 1)) * scales.reshape(-1, 1)).to(dtype).view(codes.shape)
     rows = codes.reshape(-1, row_length).to(torch.float32)
     n_rows, head = rows.shape[0], row_length // group_size * group_size
-    s, z = scales.reshape(n_rows, -1), zeros.reshape(n_rows, -1)
-    full = (rows[:, :head].reshape(n_rows, -1, group_size) - z[:, :-1, None]) * s[:, :-1, None]
+    per_row = groups_per_row(row_length, group_size)  # explicit sizes: a shard may hold no rows
+    s, z = scales.reshape(n_rows, per_row), zeros.reshape(n_rows, per_row)
+    full = (rows[:, :head].reshape(n_rows, per_row - 1, group_size) - z[:, :-1, None]) * s[:, :-1, None]
     tail = (rows[:, head:] - z[:, -1:]) * s[:, -1:]
     return torch.cat([full.reshape(n_rows, head), tail], dim=1).to(dtype).view(codes.shape)
 
