@@ -29,12 +29,18 @@ def row_shard_problem(m: int, n: int, group_size: int, world: int) -> str | None
     Row-aligned group layouts (``group_size <= n``, :func:`~qgalore_dist.quant.weight_row_length`)
     never put a group across a shard boundary, whatever the row split (ranks left without rows
     included).  Refused: a flat layout (``group_size > n``: groups span rows) whose shard
-    boundaries are not group boundaries at an even split, and a group size that fits no layout."""
+    boundaries are not group boundaries (``ceil(m/N) n != ceil(G/N) g`` for its ``G`` groups:
+    FSDP2 chunks the codes by rows and the ``(G, 1)`` scales by groups), and a group size that
+    fits no layout."""
     try:
         row_length = weight_row_length(m, n, group_size)
     except ValueError as exc:
         return str(exc)
-    if row_length is None and (m % world or ((m // world) * n) % group_size):
-        return (f"its {group_size}-element groups span rows (group_size > in_features = {n}) and a row shard of "
-                f"{m}/{world} rows would cut one; use group_size <= {n} (row-aligned groups, e.g. group_size={n})")
+    # Flat groups: the codes' chunks (ceil(m/N) rows) and the (G, 1) scales' chunks (ceil(G/N)
+    # groups) must cover the same elements, then every boundary is a group boundary.
+    rows, groups = -(-m // world), -(-(m * n // group_size) // world)
+    if row_length is None and rows * n != groups * group_size:
+        return (f"its {group_size}-element groups span rows (group_size > in_features = {n}) and FSDP2's row "
+                f"shards of ceil({m}/{world}) = {rows} rows would cut one; use group_size <= {n} (row-aligned "
+                f"groups, e.g. group_size={n})")
     return None
