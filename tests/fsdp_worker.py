@@ -110,7 +110,7 @@ def train_fsdp(rank: int, world_size: int, steps: int, cfg: dict, projection: st
 
 
 def checkpoint_run(rank: int, world_size: int, ops: list, cfg: dict | None = None, mesh_shape=None,
-                   projection: str = "sharded") -> dict:
+                   projection: str = "sharded", model_kw: dict | None = None, global_batch: int = GLOBAL_BATCH) -> dict:
     """Run ``ops`` in order on a mesh of ``world_size`` ranks (default 1-D FSDP2; ``mesh_shape``
     ``(replicas, shards)``: HSDP) with ``projection``: ``("train", n)`` n steps on the global
     batches from ``opt.steps_taken`` on (losses recorded under ``"train<i>"``; each rank takes its
@@ -122,7 +122,7 @@ def checkpoint_run(rank: int, world_size: int, ops: list, cfg: dict | None = Non
     (``"state<i>"``, :func:`_moments`) and the owner-held moments of left-projected matrices
     it holds (``"held<i>"``, ``{name: {field: tensor}}``).
     Replicas (projectors; HSDP: every local shard across the replicate group) are checked
-    after every op."""
+    after every op.  ``model_kw`` / ``global_batch``: as in :func:`train_fsdp`."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from qgalore_dist import QGaLoreConfig
@@ -136,11 +136,11 @@ def checkpoint_run(rank: int, world_size: int, ops: list, cfg: dict | None = Non
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard")[-len(mesh_shape):])
 
     def fresh():
-        return fully_shard_qgalore(build_model(), QGaLoreConfig(**cfg), mesh, projection=projection)
+        return fully_shard_qgalore(build_model(**(model_kw or {})), QGaLoreConfig(**cfg), mesh, projection=projection)
 
     model, opt = fresh()
-    data = batches(32)
-    per_rank = GLOBAL_BATCH // world_size
+    data = batches(32, global_batch)
+    per_rank = global_batch // world_size
     out: dict = {}
     saved: dict = {}
     for i, (op, *args) in enumerate(ops):
