@@ -15,16 +15,21 @@ What is sharded, and by whom
   all-gathers them in forward/backward and reduce-scatters (averages) their gradients; the
   optimizer runs the package's AdamW (same formula, 8-bit moments) on the local DTensor shards.
   No package collective touches them.
-* INT8 GaLore weights: the ``uint8`` weight is an FSDP2 ``Shard(0)`` DTensor (rows split
-  evenly over ranks), and so are its ``weight_scales`` / ``weight_zeros`` (turned from buffers
-  into frozen ``Parameter`` s by :func:`shard_model`, so that FSDP2 shards and all-gathers them
-  with the codes).  The group layout is the reference's: the weight flattened row-major and cut
-  into ``group_size`` consecutive elements.  :func:`shard_model` requires that every shard
-  boundary is a group boundary (``m % N == 0`` and ``(m / N) * n % group_size == 0``), which
-  holds for every LLaMA shape (``n`` a multiple of 256) -- so groups never cross a shard, the
-  group layout is *unchanged* and the numerical difference to the reference layout is zero
-  (tests measure it: bit-identical codes within one subspace).  Row groups (``group_size | n``)
-  are the special case ``group_size <= n``; a layout that changes groups is not implemented.
+* INT8 GaLore weights: the ``uint8`` weight is an FSDP2 ``Shard(0)`` DTensor, and so are its
+  ``weight_scales`` / ``weight_zeros`` (turned from buffers into frozen ``Parameter`` s by
+  :func:`shard_model`, so that FSDP2 shards and all-gathers them with the codes).  Rows split as
+  FSDP2 splits dim 0 (``torch.chunk``: ``ceil(m/N)`` rows per rank, the last ranks fewer or
+  none); :meth:`RowShardedLayout.rows` reads each rank's range off the DTensor.  The group layout
+  is the replicated path's (:class:`~qgalore_dist.core.Int8Linear`): row-aligned whenever
+  ``group_size <= n`` -- the reference's flattened groups when ``group_size`` divides ``n``
+  (every LLaMA shape but odd widths: codes identical to the reference), else each row cut into
+  ``ceil(n/g)`` groups, the last shorter (e.g. ``n = 5461``).  Row-aligned scales / zeros are
+  sharded as ``(m, ceil(n/g))`` (:func:`meta_shape`): dim 0 is the codes' rows, so FSDP2's
+  chunks of both line up at any split and no group ever crosses a shard.  Only flat groups
+  spanning rows (``group_size > n``) remain, sharded as ``(G, 1)`` where the row and group
+  chunks coincide; :func:`check_shardable` refuses the rest (naming the nearest valid
+  ``group_size``).  Tests measure the difference to one process: bit-identical codes within
+  one subspace up to reduction-order flips, even and uneven splits alike.
 * FSDP2 never reduces INT8 gradients (a ``uint8`` parameter has none): the layer's backward
   computes this rank's full ``(m, n)`` gradient from the all-gathered weight and hands it to the
   optimizer's sink, which projects it at once (DESIGN I3).
@@ -71,8 +76,7 @@ The optimizer's own ``state_dict()`` still holds local tensors and is not reshar
 
 Not in this first cut (issue 7): INT8 payload compression with error feedback
 across the replicate group, a refresh that keeps the full gradient inside the replica (e.g. a
-randomized SVD across shards), non-even row splits and row-group layouts for shapes whose
-shard boundaries would cut a 256-element group (rejected by :func:`check_shardable`).
+randomized SVD across shards).
 """
 
 from __future__ import annotations
@@ -205,9 +209,10 @@ def shard_model(model: nn.Module, mesh=None, *, layers: Iterable[nn.Module] | No
 # ---------------------------------------------------------------------------------- layout
 class RowShardedLayout:
     """FSDP2's row-sharded weights as a :class:`~qgalore_dist.optim.layout.WeightLayout`: rank
-    ``k`` of the mesh's shard dim holds rows ``[k m / S, (k + 1) m / S)`` of every INT8 weight
-    (codes, and the scales / zeros of exactly those rows' groups); right-projected low-rank
-    gradients are reduce-scattered by those ranges (HSDP: then all-reduced across the
+    ``k`` of the mesh's shard dim holds the rows its ``Shard(0)`` DTensor holds (``torch.chunk``:
+    ``ceil(m/S)`` rows per rank, the last fewer or none) of every INT8 weight (codes, and the
+    scales / zeros of exactly those rows' groups); right-projected low-rank gradients are
+    reduce-scattered by those ranges (HSDP: then all-reduced across the
     replicate dim) and every rank updates its own rows; dense parameters arrive as local shards
     with gradients averaged by ``fully_shard``."""
 
