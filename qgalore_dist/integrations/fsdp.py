@@ -333,18 +333,19 @@ class FSDPQGaLoreAdamW8bit(QGaLoreAdamW8bit):
         for p in self.galore_params:
             layer = int8_layer_of(p)
             r0, r1 = self.layout.rows(p)
-            per_row = meta_shape(layer)
-            n_groups = ((r1 - r0) * p.shape[1] // layer.group_size, 1) if layer.row_length is None else (r1 - r0, per_row[1])
+            # this shard's rows of meta_shape: (rows, groups_per_row), or (rows' groups, 1) when flat
+            per_row = meta_shape(layer)[1]
+            meta = ((r1 - r0) * p.shape[1] // layer.group_size, 1) if layer.row_length is None else (r1 - r0, per_row)
             mine.append((self.name_of(p), r0, r1, tuple(_local(p).shape), tuple(_local(layer.weight_scales).shape),
-                         tuple(_local(layer.weight_zeros).shape), n_groups))
+                         tuple(_local(layer.weight_zeros).shape), meta))
         gathered = self.shard_comm.all_gather_object(mine)
         for i, (name, *_rest) in enumerate(mine):
             rows = [g[i] for g in gathered]
             if rows[0][1] != 0 or rows[-1][2] != self.galore_params[i].shape[0] or any(
                     a[2] != b[1] for a, b in zip(rows, rows[1:])):
                 raise ValueError(f"{name}: row shards are not contiguous: {[r[1:3] for r in rows]}")
-            for _, r0, r1, wshape, sshape, zshape, n_groups in rows:
-                if wshape[0] != r1 - r0 or sshape != n_groups or zshape != n_groups:
+            for _, r0, r1, wshape, sshape, zshape, meta in rows:
+                if wshape[0] != r1 - r0 or sshape != meta or zshape != meta:
                     raise ValueError(f"{name}: shard rows {r0}:{r1} hold codes {wshape}, scales {sshape}, zeros {zshape}")
         return len(mine)
 
