@@ -6,7 +6,7 @@ like the parameters and never travels): that row, not a column of its own.
 
 Closed forms (ring volumes per rank, FSDP2's own collectives by kind and the package's by meter
 kind): ``qgalore_dist/estimate/comm_fsdp.py``, whose docstring has every formula.  n/a: shapes
-``check_shardable`` rejects (llama_1b at S > 1, llama_60m / llama_350m at S = 64).
+``check_shardable`` rejects (since issue 17's uneven row shards none of the built-in models).
 
 Validation (counted; harness ``tests/comm_fsdp_harness.py``, shared with
 ``tests/unit/test_bench_comm_fsdp.py``): W gloo ranks (2: FSDP; 4: HSDP 2 x 2) train a small LlamaForCausalLM (hidden
@@ -106,7 +106,7 @@ def _md_table(p: dict[str, Any]) -> list[str]:
              "Ratio = FSDP2 + AdamW bytes / ours (> 1: ours sends less). Refresh extra: a step on which every "
              "matrix refreshes (fp32 full gradient to its owner over the world + INT4 projector broadcast), added "
              "to the steady step, and that amortised over the initial gap T = 200. n/a: `shard_model` rejects the "
-             "shapes (a row shard would cut a 256-element INT8 group).", "",
+             "shapes (a row shard would cut an INT8 group spanning rows).", "",
              "| model | r | mesh R x S | FSDP2 + AdamW (= torchao AdamW8bit) | ours sharded | ratio | ours sharded, "
              "bf16 payload | ratio | ours std | ratio | refresh extra (sharded) | amortised / 200 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

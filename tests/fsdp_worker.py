@@ -12,22 +12,24 @@ GLOBAL_BATCH = 4
 CFG = dict(lr=0.01, rank=8, update_proj_gap=4, proj_group_size=64, seed=0)
 
 
-def build_model(seed: int = 0, group_size: int = 64):
+def build_model(seed: int = 0, group_size: int = 64, intermediate: int = 160, vocab: int = 128, hidden: int = 64,
+                heads: int = 4, kv_heads: int | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from qgalore_dist import prepare_model
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(
-        hidden_size=64, intermediate_size=160, num_attention_heads=4, num_hidden_layers=2, vocab_size=128,
+        hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        num_hidden_layers=2, vocab_size=vocab,
         max_position_embeddings=SEQ, bos_token_id=0, eos_token_id=1, pad_token_id=2))
     prepare_model(model, group_size=group_size)
     return model
 
 
-def batches(steps: int):
+def batches(steps: int, global_batch: int = GLOBAL_BATCH):
     gen = torch.Generator().manual_seed(1234)
-    return torch.randint(0, 128, (steps, GLOBAL_BATCH, SEQ), generator=gen)
+    return torch.randint(0, 128, (steps, global_batch, SEQ), generator=gen)
 
 
 def _codes(opt, full: bool) -> dict:
@@ -40,13 +42,15 @@ def _codes(opt, full: bool) -> dict:
     return out
 
 
-def train_single(steps: int, cfg: dict, codes_at: int = 3) -> dict:
+def train_single(steps: int, cfg: dict, codes_at: int = 3, model_kw: dict | None = None,
+                 global_batch: int = GLOBAL_BATCH) -> dict:
+    """One process, global batch ``global_batch``; ``model_kw``: :func:`build_model`'s shape options."""
     from qgalore_dist import QGaLoreAdamW8bit, QGaLoreConfig
 
-    model = build_model()
+    model = build_model(**(model_kw or {}))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or p.dtype == torch.uint8]
     opt = QGaLoreAdamW8bit([p for _, p in named], QGaLoreConfig(**{**CFG, **cfg}), names={p: n for n, p in named})
-    data = batches(steps)
+    data = batches(steps, global_batch)
     losses, svds = [], []
     for step in range(steps):
         loss = model(input_ids=data[step], labels=data[step]).loss
@@ -72,9 +76,10 @@ def _train_step(model, opt, x: torch.Tensor, world_size: int) -> float:
 
 
 def train_fsdp(rank: int, world_size: int, steps: int, cfg: dict, projection: str, mesh_shape=None,
-               codes_at: int = 3) -> dict:
+               codes_at: int = 3, model_kw: dict | None = None, global_batch: int = GLOBAL_BATCH) -> dict:
     """``codes`` are the gathered INT8 codes after step ``codes_at`` (3: the last step of the
-    first subspace with update_proj_gap=4)."""
+    first subspace with update_proj_gap=4).  ``model_kw``: :func:`build_model`'s shape options
+    (e.g. intermediate 86: rows split unevenly at 3 ranks, down_proj rows end in a short group)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from qgalore_dist import QGaLoreConfig
@@ -84,9 +89,10 @@ def train_fsdp(rank: int, world_size: int, steps: int, cfg: dict, projection: st
     cfg.pop("proj_type", None)  # chosen by ``projection``
     mesh_shape = tuple(mesh_shape or (world_size,))
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard")[-len(mesh_shape):])
-    model, opt = fully_shard_qgalore(build_model(), QGaLoreConfig(**cfg), mesh, projection=projection)
-    data = batches(steps)
-    per_rank = GLOBAL_BATCH // world_size
+    model, opt = fully_shard_qgalore(build_model(**(model_kw or {})), QGaLoreConfig(**cfg), mesh,
+                                     projection=projection)
+    data = batches(steps, global_batch)
+    per_rank = global_batch // world_size
     losses, svds, placements = [], [], set()
     for step in range(steps):
         losses.append(_train_step(model, opt, data[step, rank * per_rank:(rank + 1) * per_rank], world_size))
@@ -104,7 +110,7 @@ def train_fsdp(rank: int, world_size: int, steps: int, cfg: dict, projection: st
 
 
 def checkpoint_run(rank: int, world_size: int, ops: list, cfg: dict | None = None, mesh_shape=None,
-                   projection: str = "sharded") -> dict:
+                   projection: str = "sharded", model_kw: dict | None = None, global_batch: int = GLOBAL_BATCH) -> dict:
     """Run ``ops`` in order on a mesh of ``world_size`` ranks (default 1-D FSDP2; ``mesh_shape``
     ``(replicas, shards)``: HSDP) with ``projection``: ``("train", n)`` n steps on the global
     batches from ``opt.steps_taken`` on (losses recorded under ``"train<i>"``; each rank takes its
@@ -116,7 +122,7 @@ def checkpoint_run(rank: int, world_size: int, ops: list, cfg: dict | None = Non
     (``"state<i>"``, :func:`_moments`) and the owner-held moments of left-projected matrices
     it holds (``"held<i>"``, ``{name: {field: tensor}}``).
     Replicas (projectors; HSDP: every local shard across the replicate group) are checked
-    after every op."""
+    after every op.  ``model_kw`` / ``global_batch``: as in :func:`train_fsdp`."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from qgalore_dist import QGaLoreConfig
@@ -130,11 +136,11 @@ def checkpoint_run(rank: int, world_size: int, ops: list, cfg: dict | None = Non
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard")[-len(mesh_shape):])
 
     def fresh():
-        return fully_shard_qgalore(build_model(), QGaLoreConfig(**cfg), mesh, projection=projection)
+        return fully_shard_qgalore(build_model(**(model_kw or {})), QGaLoreConfig(**cfg), mesh, projection=projection)
 
     model, opt = fresh()
-    data = batches(32)
-    per_rank = GLOBAL_BATCH // world_size
+    data = batches(32, global_batch)
+    per_rank = global_batch // world_size
     out: dict = {}
     saved: dict = {}
     for i, (op, *args) in enumerate(ops):

@@ -35,6 +35,9 @@ The checkpoint is one DCP directory holding ``{"model": ..., "optim": ...}``:
     codes exactly), else ``raw<S>`` with ``S`` the number of shards (taken only by a load on a
     mesh with ``S`` shards: an HSDP mesh's replicas hold the same row shards as a 1-D mesh of
     ``S`` ranks, so an ``(R, S)`` HSDP checkpoint and an ``S``-rank FSDP one share them).
+    Uneven row shards (FSDP2's ``torch.chunk`` split) save their codes as they are (rows of
+    the moment) and their absmax zero-padded to the largest shard's block count, so the
+    absmax is one evenly split ``(S * slots,)`` tensor; a load trims each shard's padding.
   - owner-held moments of left-projected matrices (``projection="std"``): plain tensors
     (codes + absmax, or fp32 values) of the whole ``(r, n)`` moment, saved by its owner and
     read by whichever rank owns the matrix after the load (exact at any world size).
@@ -120,6 +123,15 @@ def _aligned(opt, p: torch.Tensor) -> bool:
     return _even(opt, p) and local % opt.codec.block_size == 0
 
 
+def _absmax_slots(opt, p: torch.Tensor) -> int:
+    """Absmax entries each rank saves for ``p``'s 8-bit moments: the blocks of the largest local
+    moment (FSDP2's first ranks hold ``ceil(M/S)`` rows); smaller shards are zero-padded, so the
+    saved absmax is one ``(S * slots,)`` tensor split evenly, and a load trims the padding."""
+    shape = _global_moment_shape(opt, p)
+    rows = -(-shape[0] // opt.shard_comm.world_size)
+    return -(-(rows * _numel(shape[1:])) // opt.codec.block_size)
+
+
 def _even(opt, p: torch.Tensor) -> bool:
     """Equal local shapes on every rank (raw absmax blocks can then form one global tensor)."""
     return _global_moment_shape(opt, p)[0] % opt.shard_comm.world_size == 0
@@ -176,10 +188,11 @@ def optimizer_state_dict(opt) -> dict[str, Any]:
                 continue
             shape = _global_moment_shape(opt, p)
             out[key] = _as_dtensor(p, codec.decode(m, signed=signed), shape)
-            if m.codes is not None and _even(opt, p):
+            if m.codes is not None:
                 out[f"{key}.codes@{tag}"] = _as_dtensor(p, m.codes, shape)
-                nb = m.absmax.numel()
-                out[f"{key}.absmax@{tag}"] = _as_dtensor(p, m.absmax, (nb * opt.shard_comm.world_size,))
+                slots = _absmax_slots(opt, p)  # the same on every rank: uneven shards pad theirs
+                absmax = torch.cat([m.absmax, m.absmax.new_zeros(slots - m.absmax.numel())])
+                out[f"{key}.absmax@{tag}"] = _as_dtensor(p, absmax, (slots * opt.shard_comm.world_size,))
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     out[_META] = json.dumps({"format_version": FORMAT_VERSION, "steps_taken": opt.steps_taken,
                              "skipped_steps": opt.skipped_steps, "param_groups": groups,
@@ -225,7 +238,7 @@ def optimizer_load_template(opt, saved_keys: dict[str, Any], *, raw: bool = True
             if sharded:
                 tag = _raw_tag(opt, p)
                 raw_fields = [f"{moment}.codes@{tag}", f"{moment}.absmax@{tag}"]
-                if raw and all(f in mine for f in raw_fields) and _even(opt, p):
+                if raw and all(f in mine for f in raw_fields):
                     fields = raw_fields
                 elif moment in mine:
                     fields = [moment]
@@ -295,7 +308,9 @@ def load_optimizer_state_dict(opt, sd: dict[str, Any]) -> None:
             codes = next((v for k, v in fields.items() if k.startswith(".codes")), None)
             absmax = next((v for k, v in fields.items() if k.startswith(".absmax")), None)
             if codes is not None:  # as stored (same shard count, or owner-held): bit-identical
-                state[moment] = Moment(codes=codes.to(p.device).contiguous(), absmax=absmax.to(p.device).contiguous())
+                blocks = -(-codes.numel() // opt.codec.block_size)  # a shard's padding trimmed
+                state[moment] = Moment(codes=codes.to(p.device).contiguous(),
+                                       absmax=absmax[:blocks].to(p.device).contiguous())
             elif "" in fields:  # fp32 values: kept (32-bit state) or re-encoded on this rank's blocks
                 state[moment] = codec.encode(fields[""].to(p.device), signed=signed)
     opt.steps_taken = int(meta["steps_taken"])

@@ -1,7 +1,7 @@
 """INT8 linear layer with a hand-written weight gradient, and model conversion both ways.
 
 The weight lives as a frozen ``uint8`` parameter ``weight`` (out, in) with group-wise fp32
-``weight_scales`` / ``weight_zeros`` buffers ``(out * in / group_size, 1)`` (buffers, not
+``weight_scales`` / ``weight_zeros`` buffers ``(num_groups, 1)`` (buffers, not
 tensor attributes: FSDP2 and ``state_dict`` keep buffers and drop attributes).  Autograd cannot
 give a uint8 tensor a gradient, so :class:`_Int8LinearFunction` computes the fp32 weight
 gradient ``grad_out^T @ x`` itself and hands it to the layer's ``grad_sink``, whose default
@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
-from ..quant import check_group_layout, dequantize, quantize
+from ..quant import dequantize, num_groups, quantize, weight_row_length
 from .adam import WeightStep, apply_direction_
 
 __all__ = [
@@ -60,7 +60,8 @@ def int8_layer_of(param: torch.Tensor) -> "Int8Linear | None":
 def _int8_backward(ctx, grad_out, x, codes, scales, zeros):
     """``(grad_input, grad_bias)``; hands the fp32 weight gradient (out, in) to the layer's sink."""
     layer = ctx.layer
-    weight = dequantize(codes, scales, zeros, group_size=layer.group_size, dtype=grad_out.dtype)
+    weight = dequantize(codes, scales, zeros, group_size=layer.group_size, dtype=grad_out.dtype,
+                        row_length=layer.row_length)
     grad_input = grad_out @ weight
     del weight
     g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(torch.float32)
@@ -73,7 +74,8 @@ def _int8_backward(ctx, grad_out, x, codes, scales, zeros):
 class _Int8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, codes, scales, zeros, bias, layer):
-        weight = dequantize(codes, scales, zeros, group_size=layer.group_size, dtype=x.dtype)
+        weight = dequantize(codes, scales, zeros, group_size=layer.group_size, dtype=x.dtype,
+                            row_length=layer.row_length)
         ctx.save_for_backward(x, codes, scales, zeros)
         ctx.layer = layer
         ctx.has_bias = bias is not None
@@ -94,7 +96,8 @@ class _GatheredInt8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, layer):
         codes, scales, zeros = layer.gather_weight(layer)
-        weight = dequantize(codes, scales, zeros, group_size=layer.group_size, dtype=x.dtype)
+        weight = dequantize(codes, scales, zeros, group_size=layer.group_size, dtype=x.dtype,
+                            row_length=layer.row_length)
         del codes, scales, zeros
         ctx.save_for_backward(x)
         ctx.layer = layer
@@ -132,38 +135,53 @@ def lowrank_sink(project: Callable[[torch.Tensor], torch.Tensor]) -> Callable[["
 
 
 def update_int8_codes_(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, delta: torch.Tensor,
-                       how: WeightStep, *, group_size: int, stochastic_key=None, offset: int = 0) -> None:
+                       how: WeightStep, *, group_size: int, stochastic_key=None, offset: int = 0,
+                       row_length: int | None = None) -> None:
     """In place on INT8 ``codes`` (uint8, any shape) and their fp32 ``scales`` / ``zeros``
-    ``(numel / group_size, 1)``: dequantize, :func:`~qgalore_dist.core.adam.apply_direction_`
+    (one element per group, any shape: ``(num_groups, 1)``, or ``(rows, groups_per_row)`` under
+    FSDP2) in the group layout of ``row_length`` (:func:`~qgalore_dist.quant.quantize`): dequantize, :func:`~qgalore_dist.core.adam.apply_direction_`
     with ``delta`` (``codes``' numel), requantize (stochastic rounding keyed by
     ``stochastic_key``, nearest when None).  ``offset`` is the flat index of ``codes``' first
     element in the whole weight (a row shard's), so a shard draws the bits the whole weight
     would and the codes equal the replicated path's.
 
     Runs the fused Triton kernel when :func:`qgalore_dist.kernels.use_triton` says so
-    (bit-identical codes), else the torch ops below."""
-    if kernels.use_triton(codes, delta):
+    (bit-identical codes; the kernel knows the flat layout only, which a row-aligned layout
+    with whole groups is), else the torch ops below."""
+    if _kernel_layout(group_size, row_length) and kernels.use_triton(codes, delta):
         kernels.int8_update_(codes, scales, zeros, delta, group_size=group_size, step_size=how.step_size,
                              decay=how.decay, key=stochastic_key, offset=offset)
         return
-    weight = dequantize(codes, scales, zeros, group_size=group_size)
+    weight = dequantize(codes, scales, zeros, group_size=group_size, row_length=row_length)
     apply_direction_(weight, delta.view(weight.shape), how)
     new_codes, new_scales, new_zeros = quantize(weight, bits=8, group_size=group_size,
-                                                stochastic_key=stochastic_key, offset=offset)
+                                                stochastic_key=stochastic_key, offset=offset, row_length=row_length)
     codes.copy_(new_codes)
-    scales.copy_(new_scales)
-    zeros.copy_(new_zeros)
+    scales.copy_(new_scales.view_as(scales))
+    zeros.copy_(new_zeros.view_as(zeros))
+
+
+def _kernel_layout(group_size: int, row_length: int | None) -> bool:
+    """Whether the fused update kernel handles the layout: flat groups (row-aligned layouts
+    with whole groups are flat); rows ending in a short group take the torch ops."""
+    return row_length is None or row_length % group_size == 0
 
 
 class Int8Linear(nn.Module):
-    """``y = x @ dequant(W).T + b`` with W stored as group-wise asymmetric INT8."""
+    """``y = x @ dequant(W).T + b`` with W stored as group-wise asymmetric INT8.
+
+    Group layout (:func:`~qgalore_dist.quant.weight_row_length`): row-aligned when
+    ``group_size <= in_features`` (``row_length = in_features``; the reference's flat layout
+    when ``group_size`` divides ``in_features``, else each row ends in a shorter group), flat
+    (``row_length = None``, groups spanning rows) when ``group_size`` exceeds a row."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, group_size: int = 256,
                  device=None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        check_group_layout(in_features * out_features, 8, group_size, name="Int8Linear.weight")
+        self.row_length: int | None = weight_row_length(out_features, in_features, group_size)
+        """Row length of the group layout (``in_features``), None for flat groups spanning rows."""
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        groups = in_features * out_features // group_size
+        groups = num_groups(in_features * out_features, group_size, self.row_length)
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.uint8, device=device), requires_grad=False)
         self.register_buffer("weight_scales", torch.ones(groups, 1, device=device))
         self.register_buffer("weight_zeros", torch.zeros(groups, 1, device=device))
@@ -193,6 +211,7 @@ class Int8Linear(nn.Module):
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state.setdefault("row_length", weight_row_length(state["out_features"], state["in_features"], state["group_size"]))
         super().__setstate__(state)
         self._register()  # copy.deepcopy / torch.load built a new weight Parameter
 
@@ -209,8 +228,10 @@ class Int8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, *, group_size: int = 256, name: str = "linear") -> "Int8Linear":
         """Quantize ``linear``'s weight (round to nearest) into a new layer."""
         out_f, in_f = linear.weight.shape
-        if (out_f * in_f) % group_size != 0:
-            raise ValueError(f"{name}: weight_group_size={group_size} does not divide its {out_f}x{in_f} weight")
+        try:
+            weight_row_length(out_f, in_f, group_size)
+        except ValueError as exc:
+            raise ValueError(f"{name}: weight_group_size={group_size} does not fit its {out_f}x{in_f} weight: {exc}") from None
         layer = cls(in_f, out_f, bias=linear.bias is not None, group_size=group_size,
                     device=linear.weight.device, dtype=linear.weight.dtype)
         layer.set_weight(linear.weight.detach())
@@ -220,7 +241,8 @@ class Int8Linear(nn.Module):
 
     def set_weight(self, weight: torch.Tensor, *, stochastic_key=None) -> None:
         """Quantize the fp ``weight`` (out, in) into this layer's codes, scales and zeros, in place."""
-        codes, scales, zeros = quantize(weight, bits=8, group_size=self.group_size, stochastic_key=stochastic_key)
+        codes, scales, zeros = quantize(weight, bits=8, group_size=self.group_size, stochastic_key=stochastic_key,
+                                        row_length=self.row_length)
         self.weight.data.copy_(codes)
         self.weight_scales.copy_(scales)
         self.weight_zeros.copy_(zeros)
@@ -233,9 +255,9 @@ class Int8Linear(nn.Module):
         Runs the fused Triton kernel when :func:`qgalore_dist.kernels.use_triton` says so
         (bit-identical codes), else the torch ops of :func:`update_int8_codes_`."""
         how = WeightStep(step_size=step_size, decay=decay)
-        if kernels.use_triton(self.weight, delta):
+        if _kernel_layout(self.group_size, self.row_length) and kernels.use_triton(self.weight, delta):
             update_int8_codes_(self.weight.data, self.weight_scales, self.weight_zeros, delta, how,
-                               group_size=self.group_size, stochastic_key=stochastic_key)
+                               group_size=self.group_size, stochastic_key=stochastic_key, row_length=self.row_length)
             return
         weight = self.dequantized_weight()
         apply_direction_(weight, delta, how)
@@ -245,7 +267,7 @@ class Int8Linear(nn.Module):
         """The whole (out, in) weight (gathered first when the rows are partitioned)."""
         codes, scales, zeros = (self.weight, self.weight_scales, self.weight_zeros) if self.gather_weight is None \
             else self.gather_weight(self)
-        return dequantize(codes, scales, zeros, group_size=self.group_size, dtype=dtype)
+        return dequantize(codes, scales, zeros, group_size=self.group_size, dtype=dtype, row_length=self.row_length)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gather_weight is not None:

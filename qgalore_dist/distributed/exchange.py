@@ -114,9 +114,10 @@ def reduce_rows_to_shards(
     dtype: torch.dtype = torch.float32,
     bucket_bytes: int | None = None,
 ) -> dict[Hashable, torch.Tensor]:
-    """``items``: ``(key, (r0, r1), local_tensor)`` in the same order on every rank, where
-    ``local_tensor`` is this rank's whole ``(m, k)`` tensor and ``[r0, r1)`` the rows this rank
-    of ``shard_comm`` keeps (row range ``k * m // S`` to ``(k + 1) * m // S`` on rank ``k``).
+    """``items``: ``(key, ranges, local_tensor)`` in the same order on every rank, where
+    ``local_tensor`` is this rank's whole ``(m, k)`` tensor and ``ranges[j] = (r0, r1)`` the rows
+    rank ``j`` of ``shard_comm`` keeps (contiguous, covering ``[0, m)``; uneven and empty ranges
+    are fine, e.g. FSDP2's ``torch.chunk`` split, :func:`~qgalore_dist.distributed.rows.chunk_rows`).
 
     Returns ``{key: (r1 - r0, k) mean rows}``: one reduce-scatter per bucket inside
     ``shard_comm``, then (HSDP) an all-reduce of the kept rows across ``replicate_comm`` -- the
@@ -132,13 +133,14 @@ def _reduce_rows_bucket(shard_comm, replicate_comm, bucket, kind: TrafficKind, d
     world = shard_comm.world_size
     chunks = []
     for k in range(world):
-        parts = [t[k * t.shape[0] // world:(k + 1) * t.shape[0] // world].reshape(-1) for _, _, t in bucket]
+        parts = [t[ranges[k][0]:ranges[k][1]].reshape(-1) for _, ranges, t in bucket]
         chunks.append(torch.cat(parts).to(dtype))
     mine = shard_comm.reduce_scatter_mean(chunks, kind)
     if replicate_comm is not None:
         replicate_comm.all_reduce_mean(mine, kind)
     out, offset = {}, 0
-    for key, (r0, r1), t in bucket:
+    for key, ranges, t in bucket:
+        r0, r1 = ranges[shard_comm.rank]
         shape = (r1 - r0, t.shape[1])
         out[key] = mine[offset:offset + shape[0] * shape[1]].view(shape).to(torch.float32)
         offset += shape[0] * shape[1]

@@ -44,6 +44,8 @@ from qgalore_dist.distributed.comm import KINDS
 from qgalore_dist.distributed.plan import MatrixSpec, plan_ownership
 from qgalore_dist.quant import packed_numel
 
+from .states import int8_groups
+
 __all__ = ["KINDS", "Tensors", "compressed_payload", "ddp_bytes", "numel", "ours_refresh_all", "ours_steady",
            "powersgd_bytes", "powersgd_elements", "ring", "zero2_bytes", "zero3_bytes"]
 
@@ -211,6 +213,6 @@ def ours_zero(tensors: Tensors, rank: int, world: int, *, stage: int, refresh: b
     out["dense"] = (zero2_bytes if stage == 2 else zero3_bytes)(dense, world)
     out["int8_all_gather"] = 0.0
     if stage == 3 and int8_partitioned:
-        int8 = sum(numel(s) + 8 * (numel(s) // weight_group) for _, s, g in galore_only)
+        int8 = sum(numel(s) + 8 * int8_groups(s, weight_group) for _, s, g in galore_only)
         out["int8_all_gather"] = 2 * ring(world) * int8
     return out

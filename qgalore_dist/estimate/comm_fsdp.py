@@ -19,7 +19,7 @@ backward); ``grad_reduce_scatter`` ``(S-1) * sum(gradient shard bytes)`` per gro
   The package then sends, by meter kind (b = ``payload_dtype`` bytes, default fp32):
     - ``lowrank_reduce``: right-projected matrices (all with ``"sharded"``, ``m >= n`` with
       ``"std"``): reduce-scatter of the (m, r) rows in the shard group, ``(S-1)/S * m r b``, and on
-      HSDP an all-reduce of this rank's m/S rows across replicas, ``2 (R-1)/R * m r b / S``;
+      HSDP an all-reduce of this rank's rows across replicas, ``2 (R-1)/R * ceil(m/S) r b``;
       ``"std"``'s left-projected matrices: (r, n) to the owner over the world and
       ``update_gather`` the owner's direction back, ``(W-1)/W * r n b`` each;
     - ``control``: an all-reduce over the world of ``1 + 2 (#GaLore + #dense tensors)`` fp32 values;
@@ -33,6 +33,9 @@ backward); ``grad_reduce_scatter`` ``(S-1) * sum(gradient shard bytes)`` per gro
 from __future__ import annotations
 
 from typing import Any, Sequence
+
+from qgalore_dist.distributed.rows import row_shard_problem
+from qgalore_dist.quant import groups_per_row, weight_row_length
 
 from .comm import KINDS, QUEUE, Tensors, numel, projector_payload, ring
 
@@ -62,19 +65,23 @@ def fsdp_group(name: str) -> str:
 def not_shardable(tensors: Tensors, shards: int, group_size: int = GROUP_SIZE) -> str | None:
     """Why ``qgalore_dist.integrations.fsdp.check_shardable`` rejects these shapes, or None."""
     for name, (m, n), _ in (t for t in tensors if t[2]):
-        if m % shards or ((m // shards) * n) % group_size:
-            return f"{name} ({m}x{n}) cannot be row-sharded over {shards} ranks without cutting a {group_size}-group"
+        problem = row_shard_problem(m, n, group_size, shards)
+        if problem is not None:
+            return f"{name} ({m}x{n}) cannot be row-sharded over {shards} ranks: {problem}"
     return None
 
 
 def ours_fsdp_params(tensors: Tensors, group_size: int = GROUP_SIZE) -> list[FsdpParam]:
     """What FSDP2 holds under ``shard_model``: per INT8 weight its uint8 codes and fp32
-    scales / zeros ((m n / group_size, 1) frozen Parameters), per dense tensor the bf16 tensor."""
+    scales / zeros (frozen Parameters of ``integrations.fsdp.meta_shape``: ``(m, ceil(n / g))``
+    for row-aligned groups, ``(m n / g, 1)`` for flat ones), per dense tensor the bf16 tensor."""
     out: list[FsdpParam] = []
     for name, shape, galore in tensors:
         if galore:
-            groups = numel(shape) // group_size
-            out += [(name, shape, 1, 0), (name + "_scales", (groups, 1), 4, 0), (name + "_zeros", (groups, 1), 4, 0)]
+            m, n = shape
+            flat = weight_row_length(m, n, group_size) is None
+            meta = (m * n // group_size, 1) if flat else (m, groups_per_row(n, group_size))
+            out += [(name, shape, 1, 0), (name + "_scales", meta, 4, 0), (name + "_zeros", meta, 4, 0)]
         else:
             out.append((name, shape, DENSE_BYTES, DENSE_BYTES))
     return out
@@ -119,7 +126,8 @@ def package_traffic(tensors: Tensors, replicas: int, shards: int, *, rank: int, 
         elif right:
             out["lowrank_reduce"] += ring(shards) * (m * rank * payload)
             if replicas > 1:
-                out["lowrank_reduce"] += 2 * ring(replicas) * (m // shards * rank * payload)
+                # this rank's rows across replicas; FSDP2's first ranks hold ceil(m / S) (the most)
+                out["lowrank_reduce"] += 2 * ring(replicas) * (-(-m // shards) * rank * payload)
         else:
             if not refresh:  # a refreshing left matrix is projected by its owner after the full reduce
                 out["lowrank_reduce"] += ring(world) * (rank * n * payload)

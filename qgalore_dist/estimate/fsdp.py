@@ -2,15 +2,17 @@
 right projection ``R = G Q`` for every matrix) and of FSDP2 + AdamW / torchao AdamW8bit, by closed
 form; the most loaded of N ranks, columns as in ``ranks.py``.
 
-* weights      this rank's ``Shard(0)`` rows of every INT8 weight (``m n / N`` codes + fp32
-               scales/zeros of its ``m n / (N g)`` groups) and of every dense parameter (FSDP2
-               pads dim 0 to a multiple of N: ``ceil(d0 / N)`` rows on every rank).
+* weights      this rank's ``Shard(0)`` rows of every INT8 weight and of every dense parameter:
+               FSDP2 pads dim 0 to a multiple of N, so every rank stores ``ceil(d0 / N)`` rows
+               (INT8: ``ceil(m / N) n`` codes + fp32 scales/zeros of ``ceil(m / N)`` rows'
+               ``ceil(n / g)`` groups each -- the row-aligned layout, sharded as ``(m, ceil(n/g))``).
 * gradients    steady step: the sink's fp32 ``(m, r)`` low-rank gradient of *every* matrix (each
                rank projects its own full gradient, all m rows, before the row reduce-scatter);
                refresh step: the full fp32 ``(m, n)`` gradient of every matrix (today), or with
                ``streamed_refresh`` the ones this rank owns + one bucket + one transient full
                gradient; plus the dense gradient shards (``dense_bytes`` per element).
-* optimizer    8-bit moments of this rank's ``m/N x r`` rows of every matrix (8 bits chosen from
+* optimizer    8-bit moments of this rank's rows (``torch.chunk``'s split, uneven allowed) x r of
+               every matrix (8 bits chosen from
                the global ``m r``, as one process does) and of its dense shards.
 * projectors   the packed INT4 ``r x n`` projector of every matrix + fp32 scales/zeros
                (replicated), and the fp32 first singular vector (``n`` floats) of the matrices
@@ -23,11 +25,12 @@ form; the most loaded of N ranks, columns as in ``ranks.py``.
                copy, and two decoder layers all-gathered (current + prefetched).
 * temporary    refresh: the owner's clone of the largest full gradient + its SVD factors (when
                larger than the buffers then alive); otherwise the torch row update of the
-               largest matrix: fp32 ``P`` (r x n) + five fp32 ``m/N x n`` row tensors; at least
+               largest matrix: fp32 ``P`` (r x n) + five fp32 ``ceil(m/N) x n`` row tensors; at least
                the sink's transient full fp32 gradient of the largest matrix.
 
-Shapes FSDP2 cannot row-shard without cutting a 256-element group (``check_shardable``:
-``m % N == 0`` and ``(m/N) n % g == 0``) raise ``Unsupported``.  ``benchmarks/memory_fsdp.py``
+Uneven row splits are costed per rank (``chunk_rows``); shapes ``check_shardable`` still refuses
+(``row_shard_problem``: a rank without rows, flat groups spanning rows cut by a shard) raise
+``Unsupported``.  ``benchmarks/memory_fsdp.py``
 checks the persistent components byte for byte against a real 2-rank gloo FSDP2 run.
 """
 
@@ -36,12 +39,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from qgalore_dist.distributed.rows import chunk_rows, row_shard_problem
 from qgalore_dist.quant import packed_numel
 
 from .model import Layout, Shapes, Tensor
 from .ranks import (RankBytes, Unsupported, bucket, bucket_cap, galore_owners, payload_bytes,
                     streamed_full_grads, svd_temporary)
-from .states import moment_8bit_bytes
+from .states import int8_groups, moment_8bit_bytes
 
 __all__ = ["approaches", "components", "fsdp2_baseline_bytes", "fsdp_rank_bytes", "not_shardable"]
 
@@ -51,8 +55,9 @@ def not_shardable(shapes: Shapes, world: int) -> str | None:
     g = shapes.lay.weight_group
     for t in shapes.galore:
         m, n = t.shape
-        if m % world or ((m // world) * n) % g:
-            return f"{t.name} ({m}x{n}) cannot be row-sharded over {world} ranks without cutting a {g}-element group"
+        problem = row_shard_problem(m, n, g, world)
+        if problem is not None:
+            return f"{t.name} ({m}x{n}) cannot be row-sharded over {world} ranks: {problem}"
     return None
 
 
@@ -67,14 +72,23 @@ def moment_local(local: int, global_numel: int, lay: Layout) -> int:
         else 4 * local
 
 
-def galore_components(t: Tensor, lay: Layout, world: int, owner: bool) -> dict[str, int]:
-    """One INT8 GaLore matrix on one rank (right projection), in ``measure_rank``'s keys."""
+def _stored_groups(t: Tensor, group_size: int, world: int) -> int:
+    """Scale (or zero) elements one rank stores: ``ceil(m/N)`` rows of ``ceil(n/g)`` groups
+    (row-aligned, sharded as ``(m, ceil(n/g))``), or ``ceil(G/N)`` of the flat ``(G, 1)``."""
+    (m, n), groups = t.shape, int8_groups(t.shape, group_size)
+    return _dense_rows(m, world) * (groups // m) if group_size <= n else _dense_rows(groups, world)
+
+
+def galore_components(t: Tensor, lay: Layout, world: int, rank: int, owner: bool) -> dict[str, int]:
+    """One INT8 GaLore matrix on ``rank`` (right projection), in ``measure_rank``'s keys: codes and
+    scales/zeros stored padded to ``ceil(m/N)`` rows (FSDP2), moments of the rows ``rank`` holds."""
     (m, n), r = t.shape, lay.rank
-    rows = m // world
+    stored = _dense_rows(m, world)
+    r0, r1 = chunk_rows(m, world)[rank]
     return {
-        "int8_codes": rows * n,
-        "int8_scales_zeros": 2 * 4 * (rows * n // lay.weight_group),
-        "lowrank_state": 2 * moment_local(rows * r, m * r, lay),
+        "int8_codes": stored * n,
+        "int8_scales_zeros": 2 * 4 * _stored_groups(t, lay.weight_group, world),
+        "lowrank_state": 2 * moment_local((r1 - r0) * r, m * r, lay),
         "proj_codes": packed_numel(r * n, lay.proj_bits),
         "proj_scales_zeros": 2 * 4 * (r * n // lay.proj_group),
         "proj_past_vector": 4 * n if owner and lay.adaptive else 0,
@@ -97,7 +111,7 @@ def dense_components(t: Tensor, lay: Layout, world: int, rank: int) -> dict[str,
 def components(shapes: Shapes, world: int, rank: int) -> dict[str, int]:
     """Every persistent component and both gradient kinds of ``rank``, summed over tensors."""
     owners, out = galore_owners(shapes, world), {}
-    parts = [galore_components(t, shapes.lay, world, owners[t.name] == rank) for t in shapes.galore]
+    parts = [galore_components(t, shapes.lay, world, rank, owners[t.name] == rank) for t in shapes.galore]
     parts += [dense_components(t, shapes.lay, world, rank) for t in shapes.dense]
     for part in parts:
         for key, value in part.items():
@@ -109,7 +123,7 @@ def layer_groups(shapes: Shapes) -> tuple[int, int]:
     """Unsharded bytes of (the root FSDP group, the largest decoder-layer group) under ``shard_model``."""
     lay, layers, root = shapes.lay, {}, 0
     for t in shapes.tensors:
-        size = t.numel + 8 * (t.numel // lay.weight_group) if t.galore else lay.dense_bytes * t.numel
+        size = t.numel + 8 * int8_groups(t.shape, lay.weight_group) if t.galore else lay.dense_bytes * t.numel
         if ".layers." in t.name:
             key = t.name.split(".layers.")[1].split(".")[0]
             layers[key] = layers.get(key, 0) + size
@@ -122,9 +136,10 @@ def _step_buffers(shapes: Shapes, world: int, rank: int, steady: bool, streamed_
     """The step's row reduce-scatter buffers (and, refreshing, the projections and owner results)."""
     lay, b, owners = shapes.lay, payload_bytes(), galore_owners(shapes, world)
     rows_all = sum(t.shape[0] * lay.rank for t in shapes.galore)      # sum of m r over matrices
+    rows_mine = sum((r1 - r0) * lay.rank for t in shapes.galore for r0, r1 in [chunk_rows(t.shape[0], world)[rank]])
     rows_owned = sum(t.shape[0] * lay.rank for t in shapes.galore if owners[t.name] == rank)
     rows_max = max(t.shape[0] * lay.rank for t in shapes.galore)
-    out = bucket(b * rows_all, b * rows_max, bucket_cap()) + b * rows_all // world
+    out = bucket(b * rows_all, b * rows_max, bucket_cap()) + b * rows_mine
     if not steady and streamed_refresh:  # owner's R of its matrices + one bucket of R broadcast
         out += 4 * rows_owned + bucket(4 * rows_all, 4 * rows_max, bucket_cap())
     elif not steady:  # _refresh's owner results + _reduce_rows' projections of the new full gradients
@@ -144,7 +159,7 @@ def fsdp_rank_bytes(shapes: Shapes, world: int, rank: int, *, steady: bool,
     buffers = max(_step_buffers(shapes, world, rank, steady, streamed_refresh), root + 2 * root_grads + 2 * layer)
     largest = max(shapes.galore, key=lambda t: t.numel)
     (m, n), r = largest.shape, lay.rank
-    temporary = max(4 * (r * n + 5 * (m // world) * n), 4 * m * n)
+    temporary = max(4 * (r * n + 5 * _dense_rows(m, world) * n), 4 * m * n)
     if not steady and owners[largest.name] == rank:
         temporary = max(temporary, svd_temporary(largest) - buffers)
     if steady:

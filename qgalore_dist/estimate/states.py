@@ -30,11 +30,11 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from qgalore_dist.quant import packed_numel
+from qgalore_dist.quant import num_groups, packed_numel, weight_row_length
 
 from .model import Layout, Tensor
 
-__all__ = ["APPROACHES", "account", "lowrank_numel", "moment_8bit_bytes", "proj_numel", "qgalore_dist",
+__all__ = ["APPROACHES", "account", "int8_groups", "lowrank_numel", "moment_8bit_bytes", "proj_numel", "qgalore_dist",
            "qgalore_dist_components", "sum_dicts"]
 
 GiB = 2**30
@@ -95,6 +95,13 @@ def qgalore_ref(t: Tensor, lay: Layout) -> dict[str, int]:
     }
 
 
+def int8_groups(shape: tuple[int, ...], group_size: int) -> int:
+    """Scale / zero-point pairs of an INT8 ``(m, n)`` weight in ``Int8Linear``'s group layout
+    (row-aligned: ``m ceil(n / g)`` when ``g <= n``; flat ``m n / g`` otherwise)."""
+    m, n = shape
+    return num_groups(m * n, group_size, weight_row_length(m, n, group_size))
+
+
 def qgalore_dist_components(t: Tensor, lay: Layout) -> dict[str, int]:
     """qgalore_dist, broken down exactly as ``benchmarks/memory.py`` measures the real objects."""
     if not t.galore:
@@ -102,7 +109,7 @@ def qgalore_dist_components(t: Tensor, lay: Layout) -> dict[str, int]:
     pn = proj_numel(t.shape, lay.rank)
     return {
         "int8_codes": t.numel,
-        "int8_scales_zeros": 2 * 4 * (t.numel // lay.weight_group),
+        "int8_scales_zeros": 2 * 4 * int8_groups(t.shape, lay.weight_group),
         "lowrank_state": 2 * moment_8bit_bytes(lowrank_numel(t.shape, lay.rank), lay),
         "proj_codes": packed_numel(pn, lay.proj_bits),
         "proj_scales_zeros": 2 * 4 * (pn // lay.proj_group),

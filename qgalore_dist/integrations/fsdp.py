@@ -15,16 +15,21 @@ What is sharded, and by whom
   all-gathers them in forward/backward and reduce-scatters (averages) their gradients; the
   optimizer runs the package's AdamW (same formula, 8-bit moments) on the local DTensor shards.
   No package collective touches them.
-* INT8 GaLore weights: the ``uint8`` weight is an FSDP2 ``Shard(0)`` DTensor (rows split
-  evenly over ranks), and so are its ``weight_scales`` / ``weight_zeros`` (turned from buffers
-  into frozen ``Parameter`` s by :func:`shard_model`, so that FSDP2 shards and all-gathers them
-  with the codes).  The group layout is the reference's: the weight flattened row-major and cut
-  into ``group_size`` consecutive elements.  :func:`shard_model` requires that every shard
-  boundary is a group boundary (``m % N == 0`` and ``(m / N) * n % group_size == 0``), which
-  holds for every LLaMA shape (``n`` a multiple of 256) -- so groups never cross a shard, the
-  group layout is *unchanged* and the numerical difference to the reference layout is zero
-  (tests measure it: bit-identical codes within one subspace).  Row groups (``group_size | n``)
-  are the special case ``group_size <= n``; a layout that changes groups is not implemented.
+* INT8 GaLore weights: the ``uint8`` weight is an FSDP2 ``Shard(0)`` DTensor, and so are its
+  ``weight_scales`` / ``weight_zeros`` (turned from buffers into frozen ``Parameter`` s by
+  :func:`shard_model`, so that FSDP2 shards and all-gathers them with the codes).  Rows split as
+  FSDP2 splits dim 0 (``torch.chunk``: ``ceil(m/N)`` rows per rank, the last ranks fewer or
+  none); :meth:`RowShardedLayout.rows` reads each rank's range off the DTensor.  The group layout
+  is the replicated path's (:class:`~qgalore_dist.core.Int8Linear`): row-aligned whenever
+  ``group_size <= n`` -- the reference's flattened groups when ``group_size`` divides ``n``
+  (every LLaMA shape but odd widths: codes identical to the reference), else each row cut into
+  ``ceil(n/g)`` groups, the last shorter (e.g. ``n = 5461``).  Row-aligned scales / zeros are
+  sharded as ``(m, ceil(n/g))`` (:func:`meta_shape`): dim 0 is the codes' rows, so FSDP2's
+  chunks of both line up at any split and no group ever crosses a shard.  Only flat groups
+  spanning rows (``group_size > n``) remain, sharded as ``(G, 1)`` where the row and group
+  chunks coincide; :func:`check_shardable` refuses the rest (naming the nearest valid
+  ``group_size``).  Tests measure the difference to one process: bit-identical codes within
+  one subspace up to reduction-order flips, even and uneven splits alike.
 * FSDP2 never reduces INT8 gradients (a ``uint8`` parameter has none): the layer's backward
   computes this rank's full ``(m, n)`` gradient from the all-gathered weight and hands it to the
   optimizer's sink, which projects it at once (DESIGN I3).
@@ -71,8 +76,7 @@ The optimizer's own ``state_dict()`` still holds local tensors and is not reshar
 
 Not in this first cut (issue 7): INT8 payload compression with error feedback
 across the replicate group, a refresh that keeps the full gradient inside the replica (e.g. a
-randomized SVD across shards), non-even row splits and row-group layouts for shapes whose
-shard boundaries would cut a 256-element group (rejected by :func:`check_shardable`).
+randomized SVD across shards).
 """
 
 from __future__ import annotations
@@ -83,9 +87,9 @@ import torch
 import torch.nn as nn
 
 from ..core import Int8Linear, WeightStep, int8_layer_of, update_int8_codes_
-from ..distributed import Collectives, reduce_rows_to_shards
+from ..distributed import Collectives, chunk_rows, reduce_rows_to_shards, row_shard_problem
 from ..optim import QGaLoreAdamW8bit, QGaLoreConfig
-from ..quant import BlockwiseCodec
+from ..quant import BlockwiseCodec, groups_per_row
 
 __all__ = [
     "FSDPQGaLoreAdamW8bit", "PROJECTIONS", "RowShardedLayout", "build_optimizer", "check_shardable",
@@ -122,26 +126,38 @@ class _ShardableInt8Linear(Int8Linear):
         return self
 
 
+def meta_shape(layer: Int8Linear) -> tuple[int, int]:
+    """Shape of ``layer``'s scales / zeros as FSDP2 shards them: ``(m, groups_per_row)`` for a
+    row-aligned group layout -- dim 0 is then the codes' rows, so ``Shard(0)``'s chunks of
+    both line up at any split, even or not -- else ``(groups, 1)`` (flat groups spanning rows,
+    row-sharded only where a shard is a whole number of groups, :func:`check_shardable`)."""
+    m, n = layer.out_features, layer.in_features
+    if layer.row_length is None:
+        return m * n // layer.group_size, 1
+    return m, groups_per_row(n, layer.group_size)
+
+
 def _make_shardable(layer: Int8Linear) -> None:
     if isinstance(layer, _ShardableInt8Linear):
         return
     for name in _META:
-        t = layer._buffers.pop(name)
+        t = layer._buffers.pop(name).reshape(meta_shape(layer))  # same elements, group order kept
         layer.register_parameter(name, nn.Parameter(t, requires_grad=False))
     layer.__class__ = _ShardableInt8Linear
 
 
 def check_shardable(model: nn.Module, world_size: int) -> None:
-    """Raise ``ValueError`` naming the first INT8 layer whose row shards would cut a
-    quantization group (see module doc)."""
+    """Raise ``ValueError`` naming the first INT8 layer (name, shape, group size) that cannot be
+    row-sharded over ``world_size`` ranks, and the nearest setting that can
+    (:func:`~qgalore_dist.distributed.rows.row_shard_problem`; module doc)."""
     for name, mod in model.named_modules():
         if not isinstance(mod, Int8Linear):
             continue
         m, n, gs = mod.out_features, mod.in_features, mod.group_size
-        if m % world_size or ((m // world_size) * n) % gs:
-            raise ValueError(
-                f"{name}: a {m}x{n} INT8 weight with group_size={gs} cannot be row-sharded over {world_size} "
-                f"ranks without cutting a quantization group (need m % N == 0 and (m/N)*n % group_size == 0)")
+        problem = row_shard_problem(m, n, gs, world_size)
+        if problem is not None:
+            raise ValueError(f"{name}: a {m}x{n} INT8 weight with group_size={gs} cannot be row-sharded over "
+                             f"{world_size} ranks: {problem}")
 
 
 def default_mesh(model: nn.Module):
@@ -193,9 +209,10 @@ def shard_model(model: nn.Module, mesh=None, *, layers: Iterable[nn.Module] | No
 # ---------------------------------------------------------------------------------- layout
 class RowShardedLayout:
     """FSDP2's row-sharded weights as a :class:`~qgalore_dist.optim.layout.WeightLayout`: rank
-    ``k`` of the mesh's shard dim holds rows ``[k m / S, (k + 1) m / S)`` of every INT8 weight
-    (codes, and the scales / zeros of exactly those rows' groups); right-projected low-rank
-    gradients are reduce-scattered by those ranges (HSDP: then all-reduced across the
+    ``k`` of the mesh's shard dim holds the rows its ``Shard(0)`` DTensor holds (``torch.chunk``:
+    ``ceil(m/S)`` rows per rank, the last fewer or none) of every INT8 weight (codes, and the
+    scales / zeros of exactly those rows' groups); right-projected low-rank gradients are
+    reduce-scattered by those ranges (HSDP: then all-reduced across the
     replicate dim) and every rank updates its own rows; dense parameters arrive as local shards
     with gradients averaged by ``fully_shard``."""
 
@@ -216,8 +233,28 @@ class RowShardedLayout:
         self._codecs: dict[tuple[int, bool], BlockwiseCodec] = {}
 
     def rows(self, p: torch.Tensor) -> tuple[int, int]:
-        m, k, world = p.shape[0], self.shard_comm.rank, self.shard_comm.world_size
-        return k * m // world, (k + 1) * m // world
+        """This rank's rows of ``p`` as its DTensor holds them (FSDP2's ``Shard(0)``: ceil(m / S)
+        rows per rank, the last ranks fewer); a plain tensor gets the same split."""
+        if isinstance(p, _dtensor_cls()):
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            return offset[0], offset[0] + shape[0]
+        return chunk_rows(p.shape[0], self.shard_comm.world_size)[self.shard_comm.rank]
+
+    def row_ranges(self, p: torch.Tensor) -> list[tuple[int, int]]:
+        """Every shard rank's rows of ``p`` (rank ``j`` of the shard dim at index ``j``), by
+        DTensor's ``Shard(0)`` rule; this rank's entry is :meth:`rows`."""
+        world = self.shard_comm.world_size
+        if isinstance(p, _dtensor_cls()):
+            from torch.distributed.tensor import Shard
+
+            sizes = [Shard(0).local_shard_size_and_offset(p.shape[0], world, j) for j in range(world)]
+            ranges = [(offset, offset + size) for size, offset in sizes]
+        else:
+            ranges = chunk_rows(p.shape[0], world)
+        assert ranges[self.shard_comm.rank] == self.rows(p), (ranges, self.rows(p))
+        return ranges
 
     def local(self, t: torch.Tensor) -> torch.Tensor:
         return _local(t)
@@ -229,10 +266,10 @@ class RowShardedLayout:
         r0, _ = self.rows(layer.weight)
         update_int8_codes_(_local(layer.weight).data, _local(layer.weight_scales), _local(layer.weight_zeros), delta,
                            how, group_size=layer.group_size, stochastic_key=stochastic_key,
-                           offset=r0 * layer.in_features)
+                           offset=r0 * layer.in_features, row_length=layer.row_length)
 
     def reduce_rows(self, items: list, *, dtype: torch.dtype, bucket_bytes: int) -> dict:
-        return reduce_rows_to_shards(self.shard_comm, [(p, self.rows(p), grad) for p, grad in items],
+        return reduce_rows_to_shards(self.shard_comm, [(p, self.row_ranges(p), grad) for p, grad in items],
                                      "lowrank_reduce", replicate_comm=self.replicate_comm, dtype=dtype,
                                      bucket_bytes=bucket_bytes)
 
@@ -296,17 +333,19 @@ class FSDPQGaLoreAdamW8bit(QGaLoreAdamW8bit):
         for p in self.galore_params:
             layer = int8_layer_of(p)
             r0, r1 = self.layout.rows(p)
-            n_groups = (r1 - r0) * p.shape[1] // layer.group_size
+            # this shard's rows of meta_shape: (rows, groups_per_row), or (rows' groups, 1) when flat
+            per_row = meta_shape(layer)[1]
+            meta = ((r1 - r0) * p.shape[1] // layer.group_size, 1) if layer.row_length is None else (r1 - r0, per_row)
             mine.append((self.name_of(p), r0, r1, tuple(_local(p).shape), tuple(_local(layer.weight_scales).shape),
-                         tuple(_local(layer.weight_zeros).shape), n_groups))
+                         tuple(_local(layer.weight_zeros).shape), meta))
         gathered = self.shard_comm.all_gather_object(mine)
         for i, (name, *_rest) in enumerate(mine):
             rows = [g[i] for g in gathered]
             if rows[0][1] != 0 or rows[-1][2] != self.galore_params[i].shape[0] or any(
                     a[2] != b[1] for a, b in zip(rows, rows[1:])):
                 raise ValueError(f"{name}: row shards are not contiguous: {[r[1:3] for r in rows]}")
-            for _, r0, r1, wshape, sshape, zshape, n_groups in rows:
-                if wshape[0] != r1 - r0 or sshape != (n_groups, 1) or zshape != (n_groups, 1):
+            for _, r0, r1, wshape, sshape, zshape, meta in rows:
+                if wshape[0] != r1 - r0 or sshape != meta or zshape != meta:
                     raise ValueError(f"{name}: shard rows {r0}:{r1} hold codes {wshape}, scales {sshape}, zeros {zshape}")
         return len(mine)
 

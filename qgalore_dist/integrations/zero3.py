@@ -39,7 +39,7 @@ import torch.nn as nn
 from ..core import Int8Linear, WeightStep, int8_layer_of, update_int8_codes_
 from ..distributed import Collectives
 from ..optim import QGaLoreAdamW8bit
-from ..quant import BlockwiseCodec
+from ..quant import BlockwiseCodec, num_groups
 from .fsdp import RowShardedLayout
 
 __all__ = [
@@ -106,10 +106,10 @@ class ZeroRowLayout:
             self.rows_layout.apply_int8(layer, delta, how, stochastic_key=stochastic_key)
             return
         r0, r1 = self.rows(layer.weight)
-        n, gs = layer.in_features, layer.group_size
-        g0, g1 = r0 * n // gs, r1 * n // gs
+        g0, g1 = _group_range(layer, r0, r1)
         views = (layer.weight.data[r0:r1], layer.weight_scales[g0:g1], layer.weight_zeros[g0:g1])
-        update_int8_codes_(*views, delta, how, group_size=gs, stochastic_key=stochastic_key, offset=r0 * n)
+        update_int8_codes_(*views, delta, how, group_size=layer.group_size, stochastic_key=stochastic_key,
+                           offset=r0 * layer.in_features, row_length=layer.row_length)
         for whole, rows in zip((layer.weight.data, layer.weight_scales, layer.weight_zeros), views):
             self.comm.all_gather_into(whole.view(-1), rows.clone(), "int8_all_gather")
 
@@ -140,10 +140,20 @@ def _gatherer(comm: Collectives):
     return gather
 
 
+def _group_range(layer: Int8Linear, r0: int, r1: int) -> tuple[int, int]:
+    """The quantization groups ``[g0, g1)`` of rows ``[r0, r1)`` (row-aligned or flat layout)."""
+    if layer.row_length is None:
+        return r0 * layer.in_features // layer.group_size, r1 * layer.in_features // layer.group_size
+    per_row = num_groups(layer.in_features, layer.group_size, layer.row_length)
+    return r0 * per_row, r1 * per_row
+
+
 def partitionable(layer: Int8Linear, world: int) -> str | None:
     """Why ``layer``'s rows cannot be split evenly over ``world`` ranks at group boundaries, or None."""
     m, n, gs = layer.out_features, layer.in_features, layer.group_size
-    if m % world or ((m // world) * n) % gs:
+    if layer.row_length is not None and m % world:  # row-aligned groups: any row boundary is a group's
+        return f"a {m}x{n} weight's rows cannot be split evenly over {world} ranks (need m % N == 0)"
+    if layer.row_length is None and (m % world or ((m // world) * n) % gs):
         return (f"a {m}x{n} weight with group_size={gs} cannot be split into {world} row blocks at quantization "
                 f"group boundaries (need m % N == 0 and (m/N)*n % group_size == 0)")
     return None
@@ -181,7 +191,7 @@ def partition_int8_layers(model: nn.Module, layout: ZeroRowLayout, *, threshold:
         else:
             m = layer.out_features
             r0, r1 = layout.rows_layout.rows(tensors["weight"])
-            g0, g1 = r0 * layer.in_features // layer.group_size, r1 * layer.in_features // layer.group_size
+            g0, g1 = _group_range(layer, r0, r1)
             for t, value in tensors.items():
                 rows = value[r0:r1] if t == "weight" else value[g0:g1]
                 full_shape = (m, layer.in_features) if t == "weight" else tuple(value.shape)
@@ -227,7 +237,8 @@ def check_int8_shards(galore, layout: ZeroRowLayout) -> int:
         if ranks[0][1] != 0 or ranks[-1][2] != p.shape[0] or any(a[2] != b[1] for a, b in zip(ranks, ranks[1:])):
             raise ValueError(f"{name}: INT8 row ranges are not contiguous: {[r[1:3] for r in ranks]}")
         for _, r0, r1, (codes, scales, zeros), (h0, h1) in ranks:
-            groups = (h1 - h0) * p.shape[1] // int8_layer_of(p).group_size
+            g0, g1 = _group_range(int8_layer_of(p), h0, h1)
+            groups = g1 - g0
             if codes != (h1 - h0, p.shape[1]) or scales != (groups, 1) or zeros != (groups, 1):
                 raise ValueError(f"{name}: rows {r0}:{r1} hold codes {codes}, scales {scales}, zeros {zeros}")
     return len(mine)

@@ -10,7 +10,8 @@ object, which the optimizer is given:
   dense parameter has one owner rank: gradients are reduced to it, it runs Adam and every rank
   applies the owner's direction (dense: receives the updated value).
 * :class:`qgalore_dist.integrations.fsdp.RowShardedLayout`: rank ``k`` of the shard group holds
-  rows ``[k m / S, (k + 1) m / S)``; right-projected low-rank gradients are reduce-scattered by
+  the rows of its FSDP2 ``Shard(0)`` shard (``torch.chunk``: ``ceil(m / S)`` per rank, the
+  last fewer); right-projected low-rank gradients are reduce-scattered by
   those row ranges and every rank updates its own rows (no owner); dense parameters arrive as
   local shards with gradients already averaged by ``fully_shard``.
 

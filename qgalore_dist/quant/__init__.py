@@ -5,10 +5,13 @@ from .groupwise import (
     SUPPORTED_BITS,
     check_group_layout,
     dequantize,
+    groups_per_row,
+    num_groups,
     pack_codes,
     packed_numel,
     quantize,
     unpack_codes,
+    weight_row_length,
 )
 from .random import StreamKey, key_to_u32, stream_words, uniform_from_key
 from .state_codec import BlockwiseCodec, Moment
@@ -20,11 +23,14 @@ __all__ = [
     "StreamKey",
     "check_group_layout",
     "dequantize",
+    "groups_per_row",
     "key_to_u32",
+    "num_groups",
     "pack_codes",
     "packed_numel",
     "quantize",
     "stream_words",
     "uniform_from_key",
     "unpack_codes",
+    "weight_row_length",
 ]

@@ -203,3 +203,30 @@ def test_dtype_cast_keeps_quantization_metadata_fp32():
     assert layer.bias.dtype == torch.bfloat16
     assert layer.weight_scales.dtype == torch.float32 and torch.equal(layer.weight_scales, scales)
     assert layer.weight_zeros.dtype == torch.float32 and torch.equal(layer.weight_zeros, zeros)
+
+
+def test_rows_not_a_multiple_of_the_group_end_in_a_short_group(monkeypatch):
+    """in_features 86, group 64: each row is 64 + 22 (row-aligned layout, issue 17), so a row
+    shard never cuts a group; the fused update kernel only knows flat groups, so the dispatch
+    takes the torch ops for this layout even with ``QGALORE_KERNELS=triton``."""
+    from qgalore_dist import kernels
+    from qgalore_dist.quant import StreamKey, quantize
+
+    torch.manual_seed(0)
+    linear = nn.Linear(86, 5, bias=False)
+    layer = Int8Linear.from_linear(linear, group_size=64)
+    assert layer.row_length == 86 and layer.weight_scales.shape == (10, 1)
+    codes, scales, zeros = quantize(linear.weight.detach(), bits=8, group_size=64, row_length=86)
+    assert torch.equal(layer.weight, codes) and torch.equal(layer.weight_scales, scales)
+    x = _input((3,), 86)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.dequantized_weight()))
+    delta = torch.randn(5, 86)
+    results = []
+    for mode in ("torch", "triton"):
+        monkeypatch.setenv("QGALORE_KERNELS", mode)
+        monkeypatch.setattr(kernels, "int8_update_", lambda *a, **k: pytest.fail("flat-group kernel on short groups"))
+        clone = Int8Linear(86, 5, bias=False, group_size=64)
+        clone.load_state_dict(layer.state_dict())
+        clone.apply_update_(delta, step_size=0.01, decay=1e-3, stochastic_key=StreamKey(1, 2, 3))
+        results.append((clone.weight.clone(), clone.weight_scales.clone(), clone.weight_zeros.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -345,3 +345,41 @@ def test_group_size_must_divide_numel(shape, group_size):
     names the group size."""
     with pytest.raises(ValueError, match=f"group_size(=| must be a positive int, got ){group_size}"):
         quantize(torch.zeros(shape), bits=4, group_size=group_size)
+
+
+# ----------------------------------------------------------------------------- row-aligned layout (issue 17)
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("shape,group_size", [((7, 86), 64), ((5, 5461), 256), ((4, 30), 64), ((6, 48), 16)],
+                         ids=["86-g64", "5461-g256", "row-shorter-than-group", "divides"])
+def test_row_aligned_groups_never_cross_rows_and_a_row_shard_is_the_whole_tensors_slice(shape, group_size,
+                                                                                         stochastic):
+    from qgalore_dist.quant import groups_per_row, num_groups
+
+    m, n = shape
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(n))
+    key = StreamKey(5, 6, 7) if stochastic else None
+    codes, scales, zeros = quantize(w, bits=8, group_size=group_size, stochastic_key=key, row_length=n)
+    per_row = groups_per_row(n, group_size)
+    assert scales.shape == zeros.shape == (num_groups(m * n, group_size, n), 1) == (m * per_row, 1)
+    # Each row's groups are that row's own quantization: row i alone gives the same codes.
+    for i in range(m):
+        c, s, z = quantize(w[i:i + 1], bits=8, group_size=group_size, stochastic_key=key, row_length=n, offset=i * n)
+        assert torch.equal(c, codes[i:i + 1]) and torch.equal(s, scales[i * per_row:(i + 1) * per_row])
+        assert torch.equal(z, zeros[i * per_row:(i + 1) * per_row])
+    # A shard of rows [2, m) equals the whole tensor's rows (the stream is indexed by flat element).
+    c, s, z = quantize(w[2:], bits=8, group_size=group_size, stochastic_key=key, row_length=n, offset=2 * n)
+    assert torch.equal(c, codes[2:]) and torch.equal(s, scales[2 * per_row:]) and torch.equal(z, zeros[2 * per_row:])
+    back = dequantize(codes, scales, zeros, group_size=group_size, row_length=n)
+    step = scales.view(m, per_row).repeat_interleave(group_size, dim=1)[:, :n]
+    assert ((back - w).abs() <= step * (1.0 if stochastic else 0.5) + 1e-6).all()
+    # Scales of any shape with the groups in order, e.g. FSDP2's (rows, groups_per_row).
+    assert torch.equal(dequantize(codes, scales.view(m, per_row), zeros.view(m, per_row), group_size=group_size,
+                                  row_length=n), back)
+    if n % group_size == 0:  # whole groups: the row-aligned layout is the flat one
+        flat = quantize(w, bits=8, group_size=group_size, stochastic_key=key)
+        assert all(torch.equal(a, b) for a, b in zip(flat, (codes, scales, zeros)))
+
+
+def test_row_aligned_offset_must_be_whole_rows():
+    with pytest.raises(ValueError, match="row_length=86"):
+        quantize(torch.zeros(2, 86), bits=8, group_size=64, offset=64, row_length=86)
