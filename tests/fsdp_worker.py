@@ -160,7 +160,8 @@ def checkpoint_run(rank: int, world_size: int, ops: list, cfg: dict | None = Non
             out[f"state{i}"] = _moments(opt)
             out[f"held{i}"] = _owner_held(opt)
             if args[0] in saved:
-                out[f"moments{i}"] = _compare_moments(saved[args[0]], _moments(opt), opt.layout.moment_codec(1 << 30, opt.codec))
+                codec = opt.layout.moment_codec(1 << 30, opt.codec)
+                out[f"moments{i}"] = _compare_moments(saved[args[0]], _moments(opt), codec)
         else:
             raise ValueError(op)
         opt.check_replicas()

@@ -3,8 +3,8 @@
 
 Entry points (collective: every rank calls them)::
 
-    save_checkpoint(model, opt, "ckpt/step100")    # dcp.save into ckpt/step100.tmp, then rename
-    load_checkpoint(model, opt, "ckpt/step100")    # any world size / mesh the shapes shard over
+    save_checkpoint((model, opt), "ckpt/step100")    # qgalore_dist.checkpoint: save_dcp into ckpt/step100.tmp, rename
+    load_checkpoint((model, opt), "ckpt/step100")    # any world size / mesh the shapes shard over
     sd = optimizer_state_dict(opt)                 # the DCP-ready optimizer half, on its own
     load_optimizer_state_dict(opt, sd)             # ... and back (``sd`` filled by ``dcp.load``)
 
@@ -54,7 +54,7 @@ Atomicity.  What DCP guarantees: every rank writes its own ``__<rank>_*.distcp``
 (fsynced, ``FileSystemWriter(sync_files=True)``); the coordinator (rank 0) writes ``.metadata``
 only after gathering every rank's write results, so a directory with ``.metadata`` is complete --
 but a crash mid-save leaves a partial directory at the target path and nothing replaces an
-older checkpoint atomically.  Hence :func:`save_checkpoint` writes into ``path + ".tmp"``,
+older checkpoint atomically.  Hence :func:`save_dcp` writes into ``path + ".tmp"``,
 barriers, and rank 0 renames it to ``path`` (an existing ``path`` is moved aside first and
 removed after) and fsyncs the parent directory; a crash leaves either the old checkpoint or
 the new one at ``path``.
@@ -74,9 +74,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..quant import Moment
-from .files import FORMAT_VERSION, SEP as _SEP, fsync_dir, publish_dir
+from .files import FORMAT_VERSION, fsync_dir, publish_dir
+from .files import SEP as _SEP
 
-__all__ = ["load_checkpoint", "load_optimizer_state_dict", "optimizer_load_template", "optimizer_state_dict", "save_checkpoint"]
+__all__ = ["load_dcp", "load_optimizer_state_dict", "optimizer_load_template", "optimizer_state_dict", "save_dcp"]
 
 _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (name, signed)
 _META = "__meta__"
@@ -354,7 +355,7 @@ def save_dcp(model: nn.Module, opt, path: str, *, client_state: dict | None = No
 
 
 def load_dcp(model: nn.Module, opt, path: str, *, raw: bool = True) -> dict:
-    """Collective.  Loads a :func:`save_checkpoint` directory into an FSDP2 model and its
+    """Collective.  Loads a :func:`save_dcp` directory into an FSDP2 model and its
     :class:`~qgalore_dist.fsdp.FSDPQGaLoreAdamW8bit` at any world size whose mesh the shapes
     shard over; returns the saved optimizer meta (steps, mesh shape, ...).  ``raw=False``
     ignores the stored 8-bit codes of the saving mesh and re-encodes the fp32 moments, as a

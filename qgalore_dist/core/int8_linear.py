@@ -139,7 +139,8 @@ def update_int8_codes_(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.T
                        row_length: int | None = None) -> None:
     """In place on INT8 ``codes`` (uint8, any shape) and their fp32 ``scales`` / ``zeros``
     (one element per group, any shape: ``(num_groups, 1)``, or ``(rows, groups_per_row)`` under
-    FSDP2) in the group layout of ``row_length`` (:func:`~qgalore_dist.quant.quantize`): dequantize, :func:`~qgalore_dist.core.adam.apply_direction_`
+    FSDP2) in the group layout of ``row_length`` (:func:`~qgalore_dist.quant.quantize`): dequantize,
+    :func:`~qgalore_dist.core.adam.apply_direction_`
     with ``delta`` (``codes``' numel), requantize (stochastic rounding keyed by
     ``stochastic_key``, nearest when None).  ``offset`` is the flat index of ``codes``' first
     element in the whole weight (a row shard's), so a shard draws the bits the whole weight
@@ -182,7 +183,8 @@ class Int8Linear(nn.Module):
         """Row length of the group layout (``in_features``), None for flat groups spanning rows."""
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         groups = num_groups(in_features * out_features, group_size, self.row_length)
-        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.uint8, device=device), requires_grad=False)
+        codes = torch.zeros(out_features, in_features, dtype=torch.uint8, device=device)
+        self.weight = nn.Parameter(codes, requires_grad=False)
         self.register_buffer("weight_scales", torch.ones(groups, 1, device=device))
         self.register_buffer("weight_zeros", torch.zeros(groups, 1, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
@@ -211,7 +213,8 @@ class Int8Linear(nn.Module):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        state.setdefault("row_length", weight_row_length(state["out_features"], state["in_features"], state["group_size"]))
+        row_length = weight_row_length(state["out_features"], state["in_features"], state["group_size"])
+        state.setdefault("row_length", row_length)
         super().__setstate__(state)
         self._register()  # copy.deepcopy / torch.load built a new weight Parameter
 
@@ -231,7 +234,8 @@ class Int8Linear(nn.Module):
         try:
             weight_row_length(out_f, in_f, group_size)
         except ValueError as exc:
-            raise ValueError(f"{name}: weight_group_size={group_size} does not fit its {out_f}x{in_f} weight: {exc}") from None
+            raise ValueError(f"{name}: weight_group_size={group_size} does not fit its {out_f}x{in_f} weight: "
+                             f"{exc}") from None
         layer = cls(in_f, out_f, bias=linear.bias is not None, group_size=group_size,
                     device=linear.weight.device, dtype=linear.weight.dtype)
         layer.set_weight(linear.weight.detach())
@@ -275,7 +279,8 @@ class Int8Linear(nn.Module):
         return _Int8LinearFunction.apply(x, self.weight, self.weight_scales, self.weight_zeros, self.bias, self)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, group_size={self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}")
 
 
 def _matches(name: str, targets: Iterable[str]) -> bool:
@@ -319,7 +324,8 @@ def find_targets(model: nn.Module, target_modules: Iterable[str]) -> list[tuple[
         if isinstance(module, Int8Linear):
             continue
         if type(module) is not nn.Linear or module.weight.dim() != 2:
-            raise ValueError(f"target module {name!r} is a {type(module).__name__}; target_modules must name nn.Linear layers")
+            raise ValueError(f"target module {name!r} is a {type(module).__name__}; target_modules must name "
+                             f"nn.Linear layers")
         others = [n for n in tied.get(id(module.weight), []) if n != f"{name}.weight"]
         if others:
             raise ValueError(f"target module {name!r}: its weight {name}.weight is tied to {others[0]} (one "

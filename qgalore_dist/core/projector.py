@@ -167,7 +167,8 @@ class Projector:
     ) -> None:
         m, n = shape
         if not isinstance(rank, int) or not 0 < rank < min(m, n):
-            raise ValueError(f"{name}: rank must be an int in [1, min(m, n) = {min(m, n)}) for shape {tuple(shape)}, got {rank!r}")
+            raise ValueError(f"{name}: rank must be an int in [1, min(m, n) = {min(m, n)}) for shape {tuple(shape)}, "
+                             f"got {rank!r}")
         self.shape = (m, n)
         self.side: Side = choose_side(self.shape, proj_type)
         self.rank = rank
@@ -217,7 +218,8 @@ class Projector:
         codes, self.proj_scales, self.proj_zeros = quantize(proj, bits=self.bits, group_size=self.group_size)
         self.proj_codes = pack_codes(codes, self.bits)
 
-    def refresh(self, grad: torch.Tensor, *, step: int, method: str, oversample: int, power_iters: int, key: StreamKey) -> None:
+    def refresh(self, grad: torch.Tensor, *, step: int, method: str, oversample: int, power_iters: int,
+                key: StreamKey) -> None:
         """Recompute ``P`` from the full gradient ``grad`` (m, n) and advance the schedule."""
         proj = svd_basis(
             grad, self.rank, self.side, method=method, oversample=oversample,

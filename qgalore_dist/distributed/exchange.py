@@ -220,7 +220,8 @@ def _reduce_bucket_compressed(coll: Collectives, items, kind: TrafficKind, resid
     mine_numel = codes[coll.rank].numel()
     mine_blocks = absmaxes[coll.rank].numel()
     got_codes = coll.all_to_all(torch.cat(codes), [c.numel() for c in codes], [mine_numel] * coll.world_size, kind)
-    got_absmax = coll.all_to_all(torch.cat(absmaxes), [a.numel() for a in absmaxes], [mine_blocks] * coll.world_size, kind)
+    got_absmax = coll.all_to_all(torch.cat(absmaxes), [a.numel() for a in absmaxes], [mine_blocks] * coll.world_size,
+                                 kind)
     total = torch.zeros(mine_numel, dtype=torch.float32, device=device)
     for src in range(coll.world_size):
         piece = Moment(codes=got_codes[src * mine_numel:(src + 1) * mine_numel],
@@ -250,7 +251,8 @@ def broadcast_from_owners_compressed(
     return out
 
 
-def _broadcast_bucket_compressed(coll: Collectives, items, kind: TrafficKind, residuals) -> dict[Hashable, torch.Tensor]:
+def _broadcast_bucket_compressed(coll: Collectives, items, kind: TrafficKind,
+                                 residuals) -> dict[Hashable, torch.Tensor]:
     device = items[0][2].device
     payload = []
     by_owner = _group_by_owner(items, coll.world_size)

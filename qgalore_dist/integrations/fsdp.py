@@ -346,7 +346,8 @@ class FSDPQGaLoreAdamW8bit(QGaLoreAdamW8bit):
                 raise ValueError(f"{name}: row shards are not contiguous: {[r[1:3] for r in rows]}")
             for _, r0, r1, wshape, sshape, zshape, meta in rows:
                 if wshape[0] != r1 - r0 or sshape != meta or zshape != meta:
-                    raise ValueError(f"{name}: shard rows {r0}:{r1} hold codes {wshape}, scales {sshape}, zeros {zshape}")
+                    raise ValueError(f"{name}: shard rows {r0}:{r1} hold codes {wshape}, scales {sshape}, "
+                                     f"zeros {zshape}")
         return len(mine)
 
 

@@ -17,9 +17,9 @@ Layouts: flat (the reference's) or row-aligned (``row_length=``: groups never cr
 last group of a row shorter when ``group_size`` does not divide it; identical to flat when it
 does) -- the INT8 weights' layout, so that a row shard never cuts a group (FSDP2).
 
-Shapes: ``x`` any shape with ``numel % group_size == 0`` (flat) or ``numel % row_length == 0``; codes are uint8 with ``x``'s shape
-(one code per byte) until :func:`pack_codes` packs ``8 // bits`` codes per byte; ``scales``
-and ``zeros`` are fp32 ``(num_groups, 1)``.
+Shapes: ``x`` any shape with ``numel % group_size == 0`` (flat) or ``numel % row_length == 0``;
+codes are uint8 with ``x``'s shape (one code per byte) until :func:`pack_codes` packs ``8 // bits``
+codes per byte; ``scales`` and ``zeros`` are fp32 ``(num_groups, 1)``.
 """
 
 from __future__ import annotations

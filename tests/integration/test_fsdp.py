@@ -1,16 +1,15 @@
 """Q-GaLore on FSDP2 (qgalore_dist.integrations.fsdp), 2 gloo CPU processes on a 1-D mesh, against one
 process with the global batch: losses within rel 1e-4 per step (8 steps, refreshes at 0 and
-4), identical SVD events, INT8 codes within one subspace, projectors bit-identical and row shards consistent after every step,
-INT8 weights/scales/zeros are uint8/fp32 Shard(0) DTensors, metered bytes = closed form."""
+4), identical SVD events, INT8 codes within one subspace, projectors bit-identical and row shards
+consistent after every step, INT8 weights/scales/zeros are uint8/fp32 Shard(0) DTensors, metered bytes = closed form."""
 
 from __future__ import annotations
 
 import os
 
+import fsdp_worker as W
 import pytest
 import torch
-
-import fsdp_worker as W
 from dist_harness import run_distributed
 
 STEPS = 8
@@ -92,7 +91,8 @@ def test_hsdp_2x2_matches_single_process_and_sends_only_lowrank_across_replicas(
     results = run_distributed(W.train_fsdp, 4, steps, {}, "sharded", (2, 2))
     for r in results:
         assert r["svds"] == reference["svds"][:steps]
-        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(reference["losses"][:steps]), rtol=1e-4, atol=0)
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(reference["losses"][:steps]), rtol=1e-4,
+                                   atol=0)
         assert r["placements"] == [("DTensor", "torch.float32", "(Replicate(), Shard(dim=0))"),
                                    ("DTensor", "torch.uint8", "(Replicate(), Shard(dim=0))")]
         lowrank = sum(a * b * 4 for _, (a, b) in r["lowrank_shapes"])
@@ -107,7 +107,8 @@ def test_shard_quantization_equals_whole_tensor_quantization():
     from qgalore_dist.quant import StreamKey, quantize, uniform_from_key
 
     key = StreamKey(3, 7, 11)
-    torch.testing.assert_close(uniform_from_key(key, 1000, start=640), uniform_from_key(key, 1640)[640:], rtol=0, atol=0)
+    torch.testing.assert_close(uniform_from_key(key, 1000, start=640), uniform_from_key(key, 1640)[640:], rtol=0,
+                               atol=0)
     w = torch.randn(160, 64)
     for sk in (None, key):
         codes, scales, zeros = quantize(w, bits=8, group_size=256, stochastic_key=sk)

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from helpers import GALORE_TARGETS, int8_layers, single_thread, tiny_llama, trainable  # noqa: F401  (fixture)
 
 from qgalore_dist import Int8Linear, QGaLoreAdamW8bit, QGaLoreConfig, export_model, prepare_model

@@ -339,7 +339,8 @@ def test_unsupported_bit_widths_raise(bits):
         unpack_codes(torch.zeros(16, dtype=torch.uint8), bits, 16)
 
 
-@pytest.mark.parametrize("shape,group_size", [((10,), 3), ((7, 96), 64), ((3, 40), 0)], ids=["10-g3", "7x96-g64", "3x40-g0"])
+@pytest.mark.parametrize("shape,group_size", [((10,), 3), ((7, 96), 64), ((3, 40), 0)],
+                         ids=["10-g3", "7x96-g64", "3x40-g0"])
 def test_group_size_must_divide_numel(shape, group_size):
     """A group size that does not divide the tensor (or is not positive) is a ValueError that
     names the group size."""
