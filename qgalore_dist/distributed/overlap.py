@@ -45,6 +45,11 @@ __all__ = ["OverlappedReduce"]
 
 FIRST_BUCKET_BYTES = 2**20
 """Cap of the first bucket (DDP's ``_DEFAULT_FIRST_BUCKET_BYTES``)."""
+MAX_IN_FLIGHT = 1
+"""Launched buckets that may stay incomplete when the next one launches: beyond it the oldest
+is waited for.  Memory, not speed: a backend that does not progress asynchronous collectives on
+its own (gloo, measured: nothing completes until waited) would otherwise keep every bucket's send
+buffer -- on a refresh step, every full gradient -- alive until ``step()``."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -174,11 +179,13 @@ class OverlappedReduce:
         self.in_flight.append(_InFlight(mine=mine, out=out, chunks=chunks, handle=handle))
         bucket.reported.clear()
         self._reap(block=False)
+        self._reap(block=True, keep=MAX_IN_FLIGHT)
 
-    def _reap(self, *, block: bool) -> None:
-        """Complete launched reduces in launch order (all of them when ``block``; otherwise
-        those already done), adding the averages into ``owned_sum`` and freeing the buffers."""
-        while self.in_flight:
+    def _reap(self, *, block: bool, keep: int = 0) -> None:
+        """Complete launched reduces in launch order (when ``block``, until at most ``keep``
+        remain; otherwise those already done), adding the averages into ``owned_sum`` and freeing
+        the buffers."""
+        while len(self.in_flight) > (keep if block else 0):
             first = self.in_flight[0]
             if not block and first.handle is not None and not first.handle.is_completed():
                 return
