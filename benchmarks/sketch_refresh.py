@@ -51,12 +51,11 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-from svd_harness import random_orthonormal_factors, synthetic_gradient  # noqa: E402  (tests/, through _common)
-
-from benchmarks._common import RESULTS_DIR, environment, environment_md, write_outputs  # noqa: E402
+from benchmarks._common import RESULTS_DIR, environment, environment_md, write_outputs  # noqa: E402, I001
 from qgalore_dist.core import choose_side, svd_basis  # noqa: E402
 from qgalore_dist.estimate.comm import ours_refresh_all, ours_steady, ring  # noqa: E402
 from qgalore_dist.estimate.model import model_shapes  # noqa: E402
+from svd_harness import random_orthonormal_factors, synthetic_gradient  # noqa: E402  (tests/, through _common)
 
 MiB = 2**20
 QS = (0, 1, 2)
