@@ -36,9 +36,14 @@ def test_cli_builtin_name_prints_every_section(capsys):
                  "--activation-checkpointing"]) == 0
     out = capsys.readouterr().out
     for text in ("llama_7b: 6,738,415,616 parameters", "ours (fsdp2), steady step", "ours (fsdp2), refresh step",
-                 "FSDP2 + AdamW", "FSDP2 + torchao AdamW8bit", "Worst step: the refresh step", "Activations per rank",
+                 "FSDP2 + AdamW", "FSDP2 + torchao AdamW8bit", "Worst step: the steady step", "Activations per rank",
                  "checkpointing on", "Bytes per rank per step"):
         assert text in out, text
+    # The streamed refresh (default) keeps a rank's full gradients to the matrices it owns; without it the
+    # refresh step is the worst (every rank holds every full gradient).
+    assert main(["--model", "llama_7b", "--world", "8", "--engine", "fsdp2", "--rank", "1024",
+                 "--no-streamed-refresh"]) == 0
+    assert "Worst step: the refresh step" in capsys.readouterr().out
 
 
 def _hf_config(path: Path) -> dict:
