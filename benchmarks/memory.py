@@ -303,7 +303,7 @@ def per_rank_payload(models: list[str], ranks: dict[str, int], skip_rss: bool) -
     mr = memory_ranks
     rows, buckets = mr.per_rank_rows(models, ranks), mr.zero2_buckets()
     skipped = {"ran": False, "ok": True, "reason": "--skip-rss-validation"}
-    rss = skipped if skip_rss else memory_rss.rss_validation()
+    rss = skipped if skip_rss else memory_rss.rss_validations()
     fsdp = skipped if skip_rss else memory_fsdp.validate_fsdp()
     return {"per_rank": rows, "per_rank_approaches": {k: d for k, (d, _) in mr.approaches(buckets).items()},
             "per_rank_doc": mr.RANKS_DOC, "rss_doc": memory_rss.__doc__, "per_rank_fsdp2_doc": mr.FSDP_DOC,

@@ -1,12 +1,19 @@
 """Memory per rank of ``qgalore_dist.estimate.ranks``' ``ours`` accounting (torch.distributed),
 checked against the resident set size of real gloo ranks.
 
-Validation (``rss_validation``)
-    A 2-layer model with llama_60m widths trains three steps (refresh, steady, refresh) on 2 gloo
-    ranks.  Each rank records its resident set size (VmRSS) after building the model, after each
-    backward, after each step, and the peak (VmHWM, reset through ``/proc/self/clear_refs`` before
-    each step); the growth over a baseline taken after a warm-up run must match ``ours`` evaluated
-    for that rank on the same shapes.  Two CPU facts enter the prediction, both stated in the
+Validation (``rss_validation``, one case; ``rss_validations``, the cases of ``RSS_CASES``)
+    A model with llama_60m widths (8 layers: its 96 MiB of full fp32 GaLore gradients exceed one
+    25 MiB bucket, so streaming can save memory) trains three steps (refresh, steady, refresh) on
+    2 or 4 gloo ranks, with ``stream_refresh`` on (the default at world size > 1: refreshing
+    layers' full gradients reduce-scatter to their owners during backward) and off.  Each rank
+    records its resident set size (VmRSS) after building the model, after each backward, after
+    each step, and the peaks (VmHWM, reset through ``/proc/self/clear_refs`` before each forward
+    and before each step: ``bwpeak`` = forward + backward, ``peak`` = ``step()``); the growth over
+    a baseline taken after a warm-up run must match ``ours`` (``streamed_refresh`` as the run)
+    evaluated for that rank on the same shapes.  On a refresh step the streamed model holds the
+    owned full gradients + one bucket in flight + one transient full gradient; that is the
+    backward peak, so after backward (the transient freed, reaped buckets freed) the streamed
+    runs' ``backward`` probes are reported, not checked.  Two CPU facts enter the prediction, both stated in the
     report: receive slots made by ``torch.empty`` and never written do not enter RSS, and the
     temporary of the CPU (torch) INT8 update path is measured separately on the largest matrix.
 """
@@ -16,24 +23,31 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from benchmarks._common import load_config, meta_model
-from qgalore_dist.estimate.model import Shapes, model_shapes
-from qgalore_dist.estimate.ranks import dense_owners, galore_owners, ours_rank_bytes
-from qgalore_dist.estimate.states import MiB
-from qgalore_dist.optim import QGaLoreConfig
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+from benchmarks._common import load_config, meta_model  # noqa: E402
+from qgalore_dist.estimate.model import Shapes, model_shapes  # noqa: E402
+from qgalore_dist.estimate.ranks import dense_owners, galore_owners, ours_rank_bytes  # noqa: E402
+from qgalore_dist.estimate.states import MiB  # noqa: E402
+from qgalore_dist.optim import QGaLoreConfig  # noqa: E402
+
 
 @dataclass(frozen=True)
 class RssSpec:
     """The validation run: a ``config``-width LLaMA cut to ``layers`` layers, on ``world`` gloo ranks."""
 
     config: str = "llama_60m"
-    layers: int = 2
+    layers: int = 8
     vocab: int = 2048
     rank: int = 256
     seq: int = 16
@@ -41,9 +55,10 @@ class RssSpec:
     update_proj_gap: int = 2       # steps 0 and 2 refresh every matrix, step 1 is a steady step
     svd_method: str = "randomized"  # same projector bytes as exact; its workspace stays below the update buffers
     seed: int = 0
+    stream_refresh: bool = True     # QGaLoreConfig.stream_refresh (its default)
     abs_tol_mib: float = 2.0
     rel_tol: float = 0.04
-    timeout_s: float = 300.0
+    timeout_s: float = 600.0
 
     def shapes(self, layers: int | None = None) -> Shapes:
         return model_shapes(self.config, self.rank, **self.overrides(layers))
@@ -77,18 +92,21 @@ def _build(spec: RssSpec, layers: int | None = None):
     names = {p: n for n, p in model.named_parameters()}
     params = [p for p in model.parameters() if p.requires_grad or p.dtype == torch.uint8]
     config = QGaLoreConfig(rank=spec.rank, update_proj_gap=spec.update_proj_gap, svd_method=spec.svd_method,
-                           seed=spec.seed)
+                           seed=spec.seed, stream_refresh=spec.stream_refresh)
     return model, QGaLoreAdamW8bit(params, config, names=names)
 
 
 def _train(model, opt, spec: RssSpec, steps: int, probe: Callable[[str, bool], None]) -> None:
-    """``steps`` steps; ``probe(tag, peak)`` after each backward, step (peak since the reset
-    just before ``step()``) and ``zero_grad``."""
+    """``steps`` steps; ``probe(tag, peak)`` after each backward (and its peak since the reset
+    just before the forward), step (peak since the reset just before ``step()``) and ``zero_grad``."""
     gen = torch.Generator().manual_seed(spec.seed)
     for step in range(steps):
         tokens = torch.randint(0, spec.vocab, (1, spec.seq), generator=gen)
+        gc.collect(1)
+        _reset_peak()
         out = model(input_ids=tokens, labels=tokens, use_cache=False)
         out.loss.backward()
+        probe(f"bwpeak{step}", True)
         del out
         gc.collect(1)  # young generations only: a full collection costs about 1 s with transformers loaded
         probe(f"backward{step}", False)
@@ -205,14 +223,18 @@ def rss_predictions(spec: RssSpec, rank: int, update_temporary: int) -> dict[str
     shapes = spec.shapes()
     buffers = sum(b.numel() * b.element_size() for b in meta_model(load_config(spec.config, **spec.overrides()))
                   .to(torch.bfloat16).buffers())  # RoPE inv_freq
-    kw = dict(receive_slots=False, update_temporary=update_temporary)
+    kw = dict(receive_slots=False, update_temporary=update_temporary, streamed_refresh=spec.stream_refresh)
     steady = ours_rank_bytes(shapes, spec.world, rank, steady=True, **kw)
     refresh = ours_rank_bytes(shapes, spec.world, rank, steady=False, **kw)
     weights = steady.weights + buffers
     persistent = weights + steady.optimizer + steady.projectors
-    return {"built": weights, "backward0": weights + refresh.gradients, "after0": persistent,
-            "backward1": persistent + steady.gradients, "peak1": buffers + steady.peak, "after1": persistent,
-            "backward2": persistent + refresh.gradients, "peak2": buffers + refresh.peak, "after2": persistent}
+    out = {"built": weights, "bwpeak0": weights + refresh.gradients, "backward0": weights + refresh.gradients,
+           "after0": persistent, "backward1": persistent + steady.gradients, "peak1": buffers + steady.peak,
+           "after1": persistent, "bwpeak2": persistent + refresh.gradients,
+           "backward2": persistent + refresh.gradients, "peak2": buffers + refresh.peak, "after2": persistent}
+    if spec.stream_refresh:  # the streamed bound is the backward peak (module doc); after it: reported only
+        del out["backward0"], out["backward2"]
+    return out
 
 
 def rss_validation(spec: RssSpec = RssSpec()) -> dict[str, Any]:
@@ -242,34 +264,123 @@ def rss_validation(spec: RssSpec = RssSpec()) -> dict[str, Any]:
     return {"ran": True, "ok": ok, "spec": asdict(spec), "ranks": ranks}
 
 
-_PROBES = {"built": "weights", "backward0": "weights + full fp32 gradients (step 0 refreshes all; no state yet)",
+RSS_CASES = (RssSpec(world=2, stream_refresh=True), RssSpec(world=2, stream_refresh=False),
+             RssSpec(world=4, stream_refresh=True), RssSpec(world=4, stream_refresh=False))
+"""The validated cases: 2 and 4 ranks, streamed refresh on (the default) and off."""
+
+
+def rss_validations(cases: tuple[RssSpec, ...] = RSS_CASES, partial: Path | None = None) -> dict[str, Any]:
+    """``rss_validation`` of every case; ``ok`` when all are.  ``partial``: a JSON file rewritten
+    after each case (the cases done so far)."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return {"ran": False, "ok": True, "reason": "no /proc/self/clear_refs (not Linux): RSS validation skipped"}
+    runs = []
+    for spec in cases:
+        print(f"[memory_rss] {spec.world} ranks, stream_refresh={spec.stream_refresh}", flush=True)
+        runs.append(rss_validation(spec))
+        if partial is not None:
+            partial.write_text(json.dumps(runs))
+    return {"ran": True, "ok": all(v["ok"] for v in runs), "cases": runs}
+
+
+_PROBES = {"built": "weights", "bwpeak0": "peak of forward + backward, step 0 (refresh; no state yet)",
+           "backward0": "weights + full fp32 gradients (step 0 refreshes all; no state yet)",
            "after0": "weights + optimizer + projectors", "backward1": "+ low-rank fp32 gradients (steady step)",
            "peak1": "peak of the steady step()", "after1": "weights + optimizer + projectors",
+           "bwpeak2": "peak of forward + backward, refresh step",
            "backward2": "+ full fp32 gradients (refresh step)", "peak2": "peak of the refresh step()",
            "after2": "weights + optimizer + projectors"}
 
 
-def rss_markdown(v: dict[str, Any]) -> list[str]:
-    """The validation as markdown lines."""
-    lines = ["## Validation: per-rank accounting vs. measured RSS (2 gloo ranks)", ""]
-    if not v["ran"] or "errors" in v:
-        return lines + [f"Not run: {v.get('reason') or v.get('errors')}.", ""]
+def _case_lines(v: dict[str, Any]) -> list[str]:
     s = v["spec"]
-    lines += [f"`{s['config']}` widths, {s['layers']} layers, vocab {s['vocab']}, rank {s['rank']}, bf16, "
-              f"update_proj_gap {s['update_proj_gap']} (steps 0 and 2 refresh, step 1 steady), svd {s['svd_method']}, "
-              f"batch 1 x {s['seq']}, {s['world']} ranks, `MALLOC_MMAP_THRESHOLD_=65536`. Growth of VmRSS (VmHWM for "
-              "peaks, reset before each step) over a baseline taken after a warm-up run; predicted: `ours` for that "
-              "rank, without never-written receive slots, with the temporary of the torch INT8 update path measured "
-              f"on the largest matrix. Tolerance: max({s['abs_tol_mib']} MiB, {s['rel_tol']:.0%}) (heap allocations "
-              "under 64 KiB, Python objects, lazily created library state).", "",
-              "| rank | probe | holds | measured MiB | predicted MiB | difference MiB | ok |",
+    lines = [f"### {s['world']} ranks, stream_refresh={s['stream_refresh']}", ""]
+    if "errors" in v:
+        return lines + [f"Not run: {v['errors']}.", ""]
+    lines += ["| rank | probe | holds | measured MiB | predicted MiB | difference MiB | ok |",
               "|---|---|---|---|---|---|---|"]
     for r in v["ranks"]:
         for tag, p in r["probes"].items():
             lines.append(f"| {r['rank']} | {tag} | {_PROBES[tag]} | {p['measured'] / 2**20:.2f} | "
                          f"{p['predicted'] / 2**20:.2f} | {p['difference'] / 2**20:+.2f} | {p['ok']} |")
     lines += ["", "; ".join(f"rank {r['rank']}: update temporary {r['update_temporary'] / 2**20:.2f} MiB, owners as "
-                            f"formulas assume: {r['owners_match']}, step-0 peak (not checked: state is created "
-                            f"mid-step) {r['unchecked'].get('peak0', 0) / 2**20:.2f} MiB" for r in v["ranks"]),
-              "", f"All within tolerance: **{v['ok']}**.", ""]
+                            f"formulas assume: {r['owners_match']}; not checked: "
+                            + ", ".join(f"{t} {m / 2**20:.2f}" for t, m in r["unchecked"].items()) + " MiB"
+                            for r in v["ranks"]), "", f"Within tolerance: **{v['ok']}**.", ""]
     return lines
+
+
+def _summary_lines(cases: list[dict[str, Any]]) -> list[str]:
+    """The refresh step (step 2) of every case side by side: backward peak, step() peak, after backward."""
+    lines = ["| ranks | stream_refresh | rank | bwpeak2 measured / predicted MiB "
+             "| peak2 (step) measured / predicted MiB | backward2 measured MiB | peak1 (steady step) measured MiB "
+             "| all probes ok |",
+             "|---|---|---|---|---|---|---|---|"]
+    for v in cases:
+        if "ranks" not in v:
+            continue
+        for r in v["ranks"]:
+            p, u = r["probes"], r["unchecked"]
+            after = p["backward2"]["measured"] if "backward2" in p else u["backward2"]
+            lines.append(f"| {v['spec']['world']} | {v['spec']['stream_refresh']} | {r['rank']} | "
+                         f"{p['bwpeak2']['measured'] / 2**20:.1f} / {p['bwpeak2']['predicted'] / 2**20:.1f} | "
+                         f"{p['peak2']['measured'] / 2**20:.1f} / {p['peak2']['predicted'] / 2**20:.1f} | "
+                         f"{after / 2**20:.1f} | {p['peak1']['measured'] / 2**20:.1f} | "
+                         f"{all(x['ok'] for x in p.values()) and r['owners_match']} |")
+    return lines + [""]
+
+
+def rss_markdown(v: dict[str, Any]) -> list[str]:
+    """The validation (``rss_validations``' cases, or one ``rss_validation``) as markdown lines."""
+    lines = ["## Validation: per-rank accounting vs. measured RSS (gloo ranks)", ""]
+    if not v["ran"] or "errors" in v:
+        return lines + [f"Not run: {v.get('reason') or v.get('errors')}.", ""]
+    cases = v.get("cases", [v])
+    s = next((c["spec"] for c in cases), {})
+    lines += [f"`{s['config']}` widths, {s['layers']} layers, vocab {s['vocab']}, rank {s['rank']}, bf16, "
+              f"update_proj_gap {s['update_proj_gap']} (steps 0 and 2 refresh every matrix, step 1 steady), svd "
+              f"{s['svd_method']}, batch 1 x {s['seq']}, `MALLOC_MMAP_THRESHOLD_=65536`, 25 MiB buckets. Growth of "
+              "VmRSS (VmHWM for peaks, reset before each forward (`bwpeak`) and before each `step()` (`peak`)) over "
+              "a baseline taken after a warm-up run; predicted: `qgalore_dist.estimate.ranks.ours_rank_bytes` for "
+              "that rank (`streamed_refresh` as the run), without never-written receive slots, with the temporary "
+              "of the torch INT8 update path measured on the largest matrix. Tolerance: max("
+              f"{s['abs_tol_mib']} MiB, {s['rel_tol']:.0%}) (heap allocations under 64 KiB, Python objects, "
+              "activations, lazily created library state).", "",
+              "Refresh step (step 2) side by side:", ""] + _summary_lines(cases)
+    for c in cases:
+        lines += _case_lines(c)
+    return lines + [f"All cases within tolerance: **{v['ok']}**.", ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python benchmarks/memory_rss.py``: every case of ``RSS_CASES`` to results/memory_rss.{md,json}."""
+    import argparse
+    import time
+
+    from benchmarks._common import RESULTS_DIR, environment, environment_md, write_outputs
+
+    ap = argparse.ArgumentParser(description="RSS validation of the per-rank memory closed form")
+    ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--partial", type=Path, default=None, help="write the cases done so far here after each")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="no run: report the cases of these --partial files (runs split over processes)")
+    args = ap.parse_args(argv if argv is not None else sys.argv[1:])
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    if args.merge:
+        runs = [case for path in args.merge for case in json.loads(path.read_text())]
+        v = {"ran": True, "ok": all(c["ok"] for c in runs), "cases": runs, "merged_from": [str(p) for p in args.merge]}
+    else:
+        v = rss_validations(tuple(c for c in RSS_CASES if c.world in args.worlds), args.partial)
+    payload = {"environment": environment(), "description": __doc__, "loadavg_before": load,
+               "loadavg_after": os.getloadavg()[0], "wall_s": time.perf_counter() - start, "rss_validation": v}
+    md = "\n".join(["# Per-rank memory vs. measured RSS", "", environment_md(payload["environment"]),
+                     f"- load average (1 min) before / after: {load:.1f} / {payload['loadavg_after']:.1f}; wall time "
+                     f"{payload['wall_s']:.0f} s", ""] + rss_markdown(v))
+    write_outputs("memory_rss", payload, md, args.out_dir)
+    print(md)
+    return 0 if v["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
