@@ -47,12 +47,22 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
+from comm_harness import validate  # noqa: E402  (tests/, on sys.path through _common)
+
 from benchmarks._common import RESULTS_DIR, environment, environment_md, write_outputs  # noqa: E402
-from comm_harness import CASES, validate  # noqa: E402  (tests/, on sys.path through _common)
 from qgalore_dist.distributed.comm import KINDS  # noqa: E402
 from qgalore_dist.distributed.plan import MatrixSpec, plan_ownership  # noqa: E402
-from qgalore_dist.estimate.comm import (Tensors, compressed_payload, ddp_bytes, lowrank_by_owner,  # noqa: E402
-                                        numel, ours_refresh_all, ours_steady, powersgd_bytes, zero2_bytes)
+from qgalore_dist.estimate.comm import (  # noqa: E402
+    Tensors,
+    compressed_payload,
+    ddp_bytes,
+    lowrank_by_owner,
+    numel,
+    ours_refresh_all,
+    ours_steady,
+    powersgd_bytes,
+    zero2_bytes,
+)
 from qgalore_dist.estimate.model import model_shapes  # noqa: E402
 from qgalore_dist.estimate.schedule import adaptive_refresh_steps, fixed_refresh_steps, run_average  # noqa: E402
 

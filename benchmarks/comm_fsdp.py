@@ -38,13 +38,22 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
+from comm_fsdp_harness import OURS, validate  # noqa: E402  (tests/, on sys.path through _common)
+
 from benchmarks._common import RESULTS_DIR, environment, environment_md, write_outputs  # noqa: E402
 from benchmarks.comm import PAPER_RANK, meta_tensors, mib  # noqa: E402
-from comm_fsdp_harness import OURS, validate  # noqa: E402  (tests/, on sys.path through _common)
 from qgalore_dist.estimate.comm import Tensors, numel  # noqa: E402
-from qgalore_dist.estimate.comm_fsdp import (DENSE_BYTES, GROUP_SIZE, OURS_ROOT_REGATHER,  # noqa: E402
-                                             baseline_step, fsdp2_traffic, fsdp_group, not_shardable,
-                                             ours_fsdp_params, ours_step)
+from qgalore_dist.estimate.comm_fsdp import (  # noqa: E402
+    DENSE_BYTES,
+    GROUP_SIZE,
+    OURS_ROOT_REGATHER,
+    baseline_step,
+    fsdp2_traffic,
+    fsdp_group,
+    not_shardable,
+    ours_fsdp_params,
+    ours_step,
+)
 
 MODELS = tuple(PAPER_RANK)
 MESHES = ((1, 8), (1, 64), (2, 4), (8, 8))  # (replicas, shards): FSDP at 8 and 64 ranks, HSDP 2 x 4, 8 x 8
@@ -90,7 +99,8 @@ def _md_header(p: dict[str, Any]) -> list[str]:
         "Sections 1-2: **closed form** (meta-device shapes of `configs/models/*.json`, paper GaLore ranks); section "
         "4 **counts** every `torch.distributed` call of real gloo runs against it. Ring volumes per rank (all-reduce "
         "2(N-1)/N * S, the others (N-1)/N * S, N the group's size); MiB = 2^20 B; formulas: the docstring of "
-        "`qgalore_dist/estimate/comm_fsdp.py`; exact bytes: `comm_fsdp.json`. Mesh R x S: R replicas (HSDP), S shards.", "",
+        "`qgalore_dist/estimate/comm_fsdp.py`; exact bytes: `comm_fsdp.json`. Mesh R x S: R replicas (HSDP), "
+        "S shards.", "",
         "- **FSDP2 + AdamW**: fp32 parameters, bf16 `MixedPrecisionPolicy` (gathers and gradients in bf16), FSDP2's "
         "default root rule (root gathered once, layers twice). **FSDP2 + torchao AdamW8bit moves exactly the same "
         "bytes** (its state is sharded and never travels), hence no column of its own (section 5).",

@@ -326,7 +326,8 @@ def _markdown(payload: dict) -> str:
     runs = summary["runs"]
     for run, s in runs.items():
         rel = {b: (f"{s['mean'] / runs[b]['mean'] - 1:+.2%}" if b in runs else "-") for b in ("adamw", "galore")}
-        lines.append(f"| `{run}` | {','.join(map(str, s['seeds']))} | {', '.join(f'{p:.2f}' for p in s['final_val_ppl'])} "
+        lines.append(f"| `{run}` | {','.join(map(str, s['seeds']))} | "
+                     f"{', '.join(f'{p:.2f}' for p in s['final_val_ppl'])} "
                      f"| {s['mean']:.2f} | {rel['adamw']} | {rel['galore']} | {', '.join(map(str, s['svd_count']))} "
                      f"| {', '.join(map(str, s['seconds']))} | {', '.join(map(str, s['peak_rss_mb']))} |")
     lines += ["", "Targets (on the means over seeds):", ""]
@@ -339,7 +340,8 @@ def _markdown(payload: dict) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="folder of *.txt.gz (default ../shared/data/corpus)")
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -441,7 +443,8 @@ def _write(results: list[dict], failed: list[dict], args, work: Path) -> None:
     first = results[0]
     runs = [r for r in RUNS if any(x["run"] == r for x in results)]
     previous = getattr(args, "previous", None)
-    payload = dict(environment=environment(), args={k: v for k, v in vars(args).items() if k not in ("worker", "seed", "out", "previous")},
+    payload = dict(environment=environment(),
+                   args={k: v for k, v in vars(args).items() if k not in ("worker", "seed", "out", "previous")},
                    vocab=first["vocab"], parameters=first["parameters"], tokens=args.steps * args.batch * args.seq_len,
                    val_tokens=first["evals"][-1]["val_tokens"], summary=_summarise(results, runs), results=results,
                    failed=failed, logs=str(work), merged_from=previous, notes=previous["notes"] if previous else [])

@@ -52,7 +52,8 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shape = dict(batch=args.batch, seq_len=args.seq_len, vocab=args.vocab, repeats=args.repeats)
-    results = {name: fwd_bwd_seconds(dtype, **shape) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    results = {name: fwd_bwd_seconds(dtype, **shape)
+               for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     median = {k: statistics.median(v) for k, v in results.items()}
     payload = {"environment": environment(), "shape": shape, "seconds": results, "median_s": median,
                "bf16_over_fp32": median["bf16"] / median["fp32"]}

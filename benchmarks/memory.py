@@ -31,7 +31,6 @@ Run from the repository root:  python benchmarks/memory.py   (about 1 min on 2 i
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -44,12 +43,10 @@ if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
 from benchmarks import memory_fsdp, memory_ranks, memory_rss  # noqa: E402
-from benchmarks._common import (RESULTS_DIR, environment, environment_md, load_config, meta_model,  # noqa: E402
-                                write_outputs)
+from benchmarks._common import RESULTS_DIR, environment, environment_md, load_config, meta_model, write_outputs  # noqa: E402
 from qgalore_dist.core import DEFAULT_TARGET_MODULES  # noqa: E402
 from qgalore_dist.estimate.model import Layout, Tensor, model_shapes, model_tensors, param_counts  # noqa: E402
-from qgalore_dist.estimate.states import (APPROACHES, GiB, account, lowrank_numel,  # noqa: E402
-                                          qgalore_dist_components, sum_dicts)
+from qgalore_dist.estimate.states import APPROACHES, GiB, account, lowrank_numel, qgalore_dist_components, sum_dicts  # noqa: E402
 
 # Ranks of the GaLore / Q-GaLore C4 scripts (reference doc section 3.2/3.3); the papers use 512 at 1B.
 SCRIPT_RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 1024, "llama_7b": 1024}
@@ -140,7 +137,8 @@ def measure_real(model: torch.nn.Module, optimizer) -> dict[str, int]:
 
     nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
     out = dict.fromkeys(("dense_weights", "int8_codes", "int8_scales_zeros", "dense_state", "lowrank_state",
-                         "proj_codes", "proj_scales_zeros", "proj_past_vector", "other_buffers", "unaccounted_state"), 0)
+                         "proj_codes", "proj_scales_zeros", "proj_past_vector", "other_buffers",
+                         "unaccounted_state"), 0)
     int8_buffers = set()
     for mod in model.modules():
         if isinstance(mod, Int8Linear):
@@ -217,7 +215,8 @@ def markdown(payload: dict[str, Any]) -> str:
               "Shapes from `LlamaForCausalLM` on `torch.device('meta')`; per-tensor formulas in the "
               "docstring of `benchmarks/memory.py`; exact byte counts in `memory.json`.", ""]
     lines += ["## Model configs (`configs/models/*.json`, loaded with `LlamaConfig.from_json_file`)", "",
-              "| config | hidden | intermediate | heads | layers | vocab | max_pos | fields = doc 3.1 | params (meta) |",
+              "| config | hidden | intermediate | heads | layers | vocab | max_pos | fields = doc 3.1 "
+              "| params (meta) |",
               "|---|---|---|---|---|---|---|---|---|"]
     for c in payload["configs"]:
         f = c["fields"]
@@ -250,7 +249,8 @@ def markdown(payload: dict[str, Any]) -> str:
     lines += ["", "## qgalore-dist relative to the others (total bytes)", "",
               f"| ratio | {header} |", "|---|" + "---|" * len(rows)]
     for key in ("adamw", "adamw8bit", "galore8bit", "qgalore_ref"):
-        cells = " | ".join(f"{r['approaches']['qgalore_dist']['total'] / r['approaches'][key]['total']:.3f}" for r in rows)
+        cells = " | ".join(f"{r['approaches']['qgalore_dist']['total'] / r['approaches'][key]['total']:.3f}"
+                           for r in rows)
         lines.append(f"| qgalore_dist / {key} | {cells} |")
     lines += ["", "## Paper estimates (weights + optimizer states, ranks 128/256/256/512) for comparison", "",
               "| source | " + " | ".join(r["model"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
@@ -318,7 +318,8 @@ def per_rank_markdown(payload: dict[str, Any]) -> list[str]:
     lines = ["## Memory per rank (closed form, the most loaded rank), GiB", "",
              "model states = weights + gradients + optimizer + projectors; peak = model states + communication "
              "buffers + largest temporary. No activations, no library scratch. Conventions and every formula: "
-             "docstrings of `qgalore_dist/estimate/ranks.py` and `fsdp.py`; ZeRO-2 reduce buckets from `configs/ds/zero2_bf16.json`: "
+             "docstrings of `qgalore_dist/estimate/ranks.py` and `fsdp.py`; ZeRO-2 reduce buckets from "
+             "`configs/ds/zero2_bf16.json`: "
              f"{zb['reduce_bucket_size']:,} elements x {2 if zb['overlap_comm'] else 1} (overlap_comm) x bf16. "
              "`ours_*_refresh`: a step on which every GaLore matrix refreshes (step 0, and while the adaptive "
              "schedules coincide).", ""]
@@ -434,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     png_path = plot_per_rank(payload["per_rank"], args.out_dir / "memory.png")
     print(report)
     print(f"\nwrote {json_path}, {md_path} and {png_path}")
-    ok = all(v["exact_match"] for v in payload["validation"]) and all(c["matches_doc_table"] for c in payload["configs"])
+    ok = all(v["exact_match"] for v in payload["validation"]) and all(
+        c["matches_doc_table"] for c in payload["configs"])
     ok = ok and payload["rss_validation"]["ok"] and payload["fsdp2_validation"]["ok"] and all(
         all(r["zero2_matches_deepspeed"].values()) for r in payload["per_rank"])
     return 0 if ok else 1

@@ -14,8 +14,16 @@ from typing import Any
 from benchmarks._common import REPO
 from qgalore_dist.estimate import fsdp, ranks
 from qgalore_dist.estimate.model import model_shapes
-from qgalore_dist.estimate.ranks import (RankFn, ZeroBuckets, ddp_adamw, ddp_galore8bit, ours_rank_bytes,
-                                         worst_rank, zero2_adamw, zero2_adamw8bit)
+from qgalore_dist.estimate.ranks import (
+    RankFn,
+    ZeroBuckets,
+    ddp_adamw,
+    ddp_galore8bit,
+    ours_rank_bytes,
+    worst_rank,
+    zero2_adamw,
+    zero2_adamw8bit,
+)
 from qgalore_dist.estimate.states import GiB
 
 WORLD_SIZES = (1, 2, 4, 8, 64)

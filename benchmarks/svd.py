@@ -57,11 +57,21 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
+from svd_harness import (  # noqa: E402
+    LOSS_TAIL,
+    RunSpec,
+    compare_bases,
+    random_orthonormal_factors,
+    synthetic_gradient,
+    timed_repeats,
+    train_run,
+    validate_count,
+    validate_timing,
+)
+
 from benchmarks._common import RESULTS_DIR, environment, environment_md, write_outputs  # noqa: E402
 from qgalore_dist.estimate.schedule import adaptive_refresh_steps  # noqa: E402
 from qgalore_dist.train.data import DataConfig, build_data  # noqa: E402
-from svd_harness import (LOSS_TAIL, RunSpec, timed_repeats, compare_bases, random_orthonormal_factors,  # noqa: E402
-                         synthetic_gradient, train_run, validate_count, validate_timing)
 
 PAPER_SVD_FRACTION_130M = 0.3620
 """Q-GaLore paper, Fig. 7 (LLaMA-130M): parity with GaLore at 36.20% of its SVD calls."""
@@ -187,7 +197,8 @@ def count_markdown(part: dict[str, Any]) -> list[str]:
                      f"{p['min']}/{p['median']:g}/{p['max']} | {c['matrices_whose_gap_grew']}/{c['matrices']} | "
                      f"{tl['fixed']:.4f} / {tl['adaptive']:.4f} | {vl['fixed']:.4f} / {vl['adaptive']:.4f} |")
     lines += ["", f"Train loss: mean of the last {LOSS_TAIL} steps. Best case: the adaptive rule with every cosine "
-              ">= 0.4 (`qgalore_dist.estimate.schedule.adaptive_refresh_steps`), the fewest SVDs it can run in this many steps. The paper "
+              ">= 0.4 (`qgalore_dist.estimate.schedule.adaptive_refresh_steps`), the fewest SVDs it can run in "
+              "this many steps. The paper "
               f"reports parity at {PAPER_SVD_FRACTION_130M:.1%} of GaLore's SVDs on LLaMA-130M (a full run; 7B: "
               "'over 60% reduction').", "",
               "Signed cosines the adaptive schedule queued (first singular vector, consecutive SVDs):", ""]

@@ -434,7 +434,8 @@ def _link_lines(payload: dict) -> list[str]:
     if not ar:
         return [f"Emulated link not run: {payload['netns_blocked'] or 'disabled (--no-netns)'}; loopback only."]
     lines = [f"Rate arithmetic: F_cpu = {ar['cpu_flop_s'] / 1e9:.2f} GFLOP/s measured "
-             f"({cal[0]['flops_per_token'] / 1e6:.1f} MFLOP per token = 6 N + 12 L d s; fwd+bwd {statistics.fmean(c['fwd_bwd_s'] for c in cal):.3f} s for "
+             f"({cal[0]['flops_per_token'] / 1e6:.1f} MFLOP per token = 6 N + 12 L d s; fwd+bwd "
+             f"{statistics.fmean(c['fwd_bwd_s'] for c in cal):.3f} s for "
              f"{ar['tokens_per_rank_step']} tokens, both cores busy); F_gpu = {a['gpu_tflops']:g} TFLOP/s (an H100's "
              f"effective bf16 rate, ~40% of its 989 dense peak); s = F_cpu / F_gpu = {ar['flop_scale']:.3g}. Compute / "
              f"transfer per step = (6 P T / F) / (c P b / B), so B_emulated = B_real x s x T_real / T_here, with "
@@ -463,7 +464,8 @@ def _bytes_lines(payload: dict) -> list[str]:
         wire, metered, calls = _mean([r["wire_bytes_per_rank"] for r in mine]), mine[0]["bytes_per_rank"], \
             mine[0]["calls"]
         lines.append(f"| {name} | {metered / 1e6:.2f} | {'-' if wire is None else f'{wire / 1e6:.2f}'} | "
-                     f"{'-' if wire is None else f'{wire / metered:.2f}'} | {'-' if calls is None else f'{calls:.0f}'} |")
+                     f"{'-' if wire is None else f'{wire / metered:.2f}'} | "
+                     f"{'-' if calls is None else f'{calls:.0f}'} |")
     if payload["collective_wire"]:
         lines += ["", "Bytes one rank sends per gloo collective of S bytes on this link, in units of S (a ring sends 1 "
                   "for all-reduce and 0.5 for the others at N = 2): " + ", ".join(
@@ -481,7 +483,8 @@ def _refresh_lines(payload: dict, by: dict) -> list[str]:
             per_rate = ", ".join(f"{p['name']} {extra_b * 8 / p['rate_bit_s'] / gap * 1e3:.1f} ms"
                                  for p in payload["phases"] if p["rate_bit_s"])
             out.append(f"- `{name}`: first step (warm-up of `{first}`, every projector refreshed: SVD + INT4) "
-                       f"{f['s']:.2f} s ({extra_s:+.2f} s), {f['bytes'] / 1e6:.2f} MB metered ({extra_b / 1e6:+.2f} MB) "
+                       f"{f['s']:.2f} s ({extra_s:+.2f} s), {f['bytes'] / 1e6:.2f} MB metered "
+                       f"({extra_b / 1e6:+.2f} MB) "
                        f"vs a steady step. Over a gap of {gap} steps that adds {extra_s / gap * 1e3:.1f} ms of compute "
                        f"and, for the bytes, {per_rate or '-'} per step.")
     return ["Projector refreshes (not in the medians):", "", *out, ""] if out else []
@@ -499,9 +502,11 @@ def markdown(payload: dict) -> str:
              f"- load average (1 min) before / after: {payload['loadavg_before']:.2f} / {payload['loadavg_after']:.2f};"
              f" wall {payload['wall_s']:.0f} s", "",
              f"Model `{a['config']}` (vocab {a['vocab']}, {payload['params']:,} parameters, fp32), {a['batch']} x "
-             f"{a['seq']} tokens per rank and step, 2 ranks x 1 thread, gloo; Q-GaLore rank {a['rank']}, gap {a['gap']};"
+             f"{a['seq']} tokens per rank and step, 2 ranks x 1 thread, gloo; Q-GaLore rank {a['rank']}, "
+             f"gap {a['gap']};"
              f" {a['warmup']} warm-up + {a['min_steps']}..{a['steps']} timed steps per contender and phase (phase "
-             f"budget {a['phase_budget_s']:g} s). Cells: tokens/s (median step s, n steps); a step = forward + backward "
+             f"budget {a['phase_budget_s']:g} s). Cells: tokens/s (median step s, n steps); a step = forward + "
+             "backward "
              "+ optimizer step, the slower rank's time.", "", "| contender " + header[0], header[1]]
     for name in a["contenders"]:
         lines.append(f"| {name} | " + " | ".join(

@@ -25,8 +25,8 @@ import time
 from typing import Any, Iterator, Sequence
 
 import torch
-
 from comm_harness import TINY_LLAMA
+
 from qgalore_dist.distributed.comm import KINDS
 from qgalore_dist.estimate.comm import ring
 from qgalore_dist.estimate.comm_fsdp import FSDP2_KINDS, baseline_step, ours_step

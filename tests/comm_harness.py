@@ -23,8 +23,16 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from qgalore_dist.estimate.comm import (KINDS, ddp_bytes, numel, ours_refresh_all, ours_steady, powersgd_bytes,
-                                        powersgd_elements, ring)
+from qgalore_dist.estimate.comm import (
+    KINDS,
+    ddp_bytes,
+    numel,
+    ours_refresh_all,
+    ours_steady,
+    powersgd_bytes,
+    powersgd_elements,
+    ring,
+)
 
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_hidden_layers=2, vocab_size=128,
                   max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=2)

@@ -54,9 +54,7 @@ class RunSpec:
 
 def build_training(spec: RunSpec, vocab_size: int) -> tuple[torch.nn.Module, QGaLoreAdamW8bit]:
     """The seeded fp32 LLaMA with INT8 linears and its Q-GaLore optimizer."""
-    from transformers import LlamaForCausalLM
-
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     fields = {**load_model_config(spec.model)[1], "vocab_size": vocab_size, "use_cache": False,
               "max_position_embeddings": max(spec.seq_len, 128)}

@@ -99,7 +99,8 @@ def render(e: Estimate) -> str:
     if steady.bytes is not None:
         worst = refresh if e.worst_step == "refresh" else steady
         lines += ["", f"Worst step: the {e.worst_step} step, peak {worst.bytes['peak'] / GiB:.2f} GiB (steady "
-                      f"{steady.bytes['peak'] / GiB:.2f}, refresh {refresh.bytes['peak'] / GiB:.2f}): {e.worst_reason}."]
+                      f"{steady.bytes['peak'] / GiB:.2f}, refresh {refresh.bytes['peak'] / GiB:.2f}): "
+                      f"{e.worst_reason}."]
     if e.activations is not None:
         a = e.activations
         lines += ["", f"Activations per rank (micro-batch {a.micro_batch} x seq {a.seq}, checkpointing "

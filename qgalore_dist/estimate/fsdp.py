@@ -43,8 +43,16 @@ from qgalore_dist.distributed.rows import chunk_rows, row_shard_problem
 from qgalore_dist.quant import packed_numel
 
 from .model import Layout, Shapes, Tensor
-from .ranks import (RankBytes, Unsupported, bucket, bucket_cap, galore_owners, payload_bytes,
-                    streamed_full_grads, svd_temporary)
+from .ranks import (
+    RankBytes,
+    Unsupported,
+    bucket,
+    bucket_cap,
+    galore_owners,
+    payload_bytes,
+    streamed_full_grads,
+    svd_temporary,
+)
 from .states import int8_groups, moment_8bit_bytes
 
 __all__ = ["approaches", "components", "fsdp2_baseline_bytes", "fsdp_rank_bytes", "not_shardable"]

@@ -16,8 +16,17 @@ from .comm import ddp_bytes, ours_refresh_all, ours_steady, ours_zero, zero2_byt
 from .comm_fsdp import baseline_step, ours_step
 from .fsdp import fsdp2_baseline_bytes, fsdp_rank_bytes, not_shardable
 from .model import Layout, Shapes, load_model_config, model_shapes, param_counts
-from .ranks import (ZERO3_DEFAULT, RankBytes, Unsupported, ZeroBuckets, ddp_adamw, ddp_adamw8bit,
-                    ours_rank_bytes, zero2_adamw, zero2_adamw8bit, zero3_adamw)
+from .ranks import (
+    ZERO3_DEFAULT,
+    Unsupported,
+    ZeroBuckets,
+    ddp_adamw,
+    ddp_adamw8bit,
+    ours_rank_bytes,
+    zero2_adamw,
+    zero2_adamw8bit,
+    zero3_adamw,
+)
 from .schedule import adaptive_refresh_steps, fixed_refresh_steps, run_average
 
 __all__ = ["ENGINES", "Estimate", "EstimateRequest", "MemoryRow", "TrafficRow", "estimate"]

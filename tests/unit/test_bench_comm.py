@@ -1,14 +1,14 @@
-"""``qgalore_dist.estimate.comm``'s closed forms (the figures of ``benchmarks/comm.py``) against what actually moves: torch's PowerSGD compression rule,
-and (2 gloo ranks) the package's meter with ``compress_lowrank`` and the bytes torch's
-``powerSGD_hook`` hands to ``all_reduce``."""
+"""``qgalore_dist.estimate.comm``'s closed forms (the figures of ``benchmarks/comm.py``) against what actually
+moves: torch's PowerSGD compression rule, and (2 gloo ranks) the package's meter with ``compress_lowrank`` and the
+bytes torch's ``powerSGD_hook`` hands to ``all_reduce``."""
 
 from __future__ import annotations
 
+import comm_harness
 import pytest
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _should_compress
 
-import comm_harness
 from qgalore_dist.estimate import comm
 
 

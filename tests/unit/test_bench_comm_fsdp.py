@@ -1,11 +1,12 @@
-"""``qgalore_dist.estimate.comm_fsdp`` (the figures of ``benchmarks/comm_fsdp.py``): the FSDP2 / HSDP bytes-per-step closed forms, by hand on a one-matrix
-model, and against every collective counted on real gloo runs (2 ranks FSDP2, 4 ranks HSDP 2 x 2)."""
+"""``qgalore_dist.estimate.comm_fsdp`` (the figures of ``benchmarks/comm_fsdp.py``): the FSDP2 / HSDP
+bytes-per-step closed forms, by hand on a one-matrix model, and against every collective counted on real gloo
+runs (2 ranks FSDP2, 4 ranks HSDP 2 x 2)."""
 
 from __future__ import annotations
 
+import comm_fsdp_harness
 import pytest
 
-import comm_fsdp_harness
 from qgalore_dist.estimate import comm_fsdp as C
 
 # One decoder layer with a 64 x 32 INT8 matrix and a 32-element norm, and a 10 x 32 embedding in
@@ -39,7 +40,8 @@ def test_std_left_matrix_uses_the_owner_exchange():
     wide = [("model.layers.0.mlp.down_proj.weight", (32, 64), True)]
     std = C.package_traffic(wide, 1, 4, rank=8, projection="std", payload=4)
     assert std["lowrank_reduce"] == std["update_gather"] == 3 / 4 * (8 * 64 * 4)   # (r, n) to the owner and back
-    assert C.package_traffic(wide, 1, 4, rank=8, projection="sharded", payload=4)["lowrank_reduce"] == 3 / 4 * 32 * 8 * 4
+    sharded = C.package_traffic(wide, 1, 4, rank=8, projection="sharded", payload=4)
+    assert sharded["lowrank_reduce"] == 3 / 4 * 32 * 8 * 4
 
 
 def test_hsdp_replica_terms_only_with_replicas():

@@ -9,7 +9,9 @@ import dataclasses
 
 import pytest
 
-from qgalore_dist.estimate import fsdp as mf, ranks as mr, states as memory
+from qgalore_dist.estimate import fsdp as mf
+from qgalore_dist.estimate import ranks as mr
+from qgalore_dist.estimate import states as memory
 from qgalore_dist.estimate.model import model_shapes
 
 SHAPES = model_shapes("llama_60m", rank=128)

@@ -1,15 +1,15 @@
-"""The measuring pieces of ``benchmarks/svd.py`` (``tests/svd_harness.py``): the schedule bookkeeping against the reference's simulated
-SVD steps (reference/qgalore-algorithm.md section 2.2), the exact/randomized basis comparison on a
-matrix with a known spectrum, the validations, and a few-step training run end to end."""
+"""The measuring pieces of ``benchmarks/svd.py`` (``tests/svd_harness.py``): the schedule bookkeeping against the
+reference's simulated SVD steps (reference/qgalore-algorithm.md section 2.2), the exact/randomized basis comparison
+on a matrix with a known spectrum, the validations, and a few-step training run end to end."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import svd_harness as svd
 import torch
 
-import svd_harness as svd
 from qgalore_dist.core import RefreshSchedule
 from qgalore_dist.estimate.schedule import adaptive_refresh_steps, fixed_refresh_steps
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from qgalore_dist.estimate import EstimateRequest, estimate
-from qgalore_dist.estimate import comm, comm_fsdp, fsdp, ranks
+from qgalore_dist.estimate import EstimateRequest, comm, comm_fsdp, estimate, fsdp, ranks
 from qgalore_dist.estimate.activations import activation_bytes
 from qgalore_dist.estimate.cli import main
 from qgalore_dist.estimate.model import MODELS_DIR, load_model_config, model_shapes, model_tensors
