@@ -495,10 +495,11 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
     if mpu is not None:
         raise ValueError("initialize: model parallelism (mpu) is not supported with QGaLoreAdamW8bit yet")
     engine_config = _engine_config(ds_config, entry)
-    ranks = matrix_ranks(model, entry)  # before any collective: every rank raises alike
-    _ensure_distributed(distributed_port, dist_init_required)
+    # Config, then model checks, before any collective: every rank raises alike.
     stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
     partition = int8_partitioned(entry, stage)
+    ranks = matrix_ranks(model, entry)
+    _ensure_distributed(distributed_port, dist_init_required)
     prepare_model(model, target_modules=entry.target_modules, group_size=entry.weight_group_size)
     comm = Collectives()
     _broadcast_int8_layers(model, comm)

@@ -29,7 +29,7 @@ def _build(seed: int = 0, **cfg_overrides):
     model = LlamaForCausalLM(LlamaConfig(
         hidden_size=64, intermediate_size=160, num_attention_heads=4, num_hidden_layers=2, vocab_size=128,
         max_position_embeddings=SEQ, bos_token_id=0, eos_token_id=1, pad_token_id=2))
-    prepare_model(model, group_size=64)
+    prepare_model(model, group_size=32)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or p.dtype == torch.uint8]
     cfg = dict(lr=0.01, rank=8, update_proj_gap=4, proj_group_size=64, seed=seed)
     cfg.update(cfg_overrides)
