@@ -46,8 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--streamed-refresh", action=argparse.BooleanOptionalAction, default=True,
                    help="refresh steps stream full gradients to their owners (QGaLoreConfig.stream_refresh, "
                         "the default); --no-streamed-refresh: the old path, every rank keeps them")
-    p.add_argument("--int8-partitioned", action="store_true", help="ZeRO-3: INT8 weights partitioned 1/N "
-                   "(qgalore_dist.initialize's default under stage 3; without it: \"int8_partition\": false)")
+    p.add_argument("--int8-partitioned", action=argparse.BooleanOptionalAction, default=None,
+                   help="ZeRO-3: INT8 weights partitioned 1/N (the default under zero3, as qgalore_dist.initialize "
+                        "does); --no-int8-partitioned: replicated (\"int8_partition\": false)")
     p.add_argument("--overlap-comm", action="store_true", help="QGaLoreConfig.overlap_comm (ddp / zero2 / zero3)")
     p.add_argument("--update-proj-gap", type=int, default=200, help="initial refresh gap T")
     p.add_argument("--train-steps", type=int, default=150_000, help="run length of the run-average bytes")
@@ -90,7 +91,7 @@ def render(e: Estimate) -> str:
     lines = [f"{e.model}: {p['total']:,} parameters, {p['galore'] / p['total']:.1%} in {e.galore_matrices} GaLore "
              f"matrices (rank {req.rank}); {req.world} rank(s), engine {req.engine}; "
              f"streamed_refresh={req.streamed_refresh}"
-             + (f", int8_partitioned={req.int8_partitioned}" if req.engine == "zero3" else ""), "",
+             + (f", int8_partitioned={req.partitioned}" if req.engine == "zero3" else ""), "",
              "Memory per rank, GiB (most loaded rank; model states = weights + gradients + optimizer + projectors; "
              "peak = model states + buffers + temporary; no activations)",
              f"  {'':<{width}}" + "".join(f"{k:>10}" for k in _HEADERS)]

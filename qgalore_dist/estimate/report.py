@@ -63,11 +63,15 @@ class EstimateRequest:
     """``QGaLoreConfig.stream_refresh`` (the default): refresh steps reduce full gradients to
     their owner during backward, bucket by bucket; False: every rank holds every refreshing full
     gradient until ``step()`` (the old path)."""
-    int8_partitioned: bool = False
+    int8_partitioned: bool | None = None
     """ZeRO-3 only: INT8 codes + scales partitioned 1/N and gathered around each layer's forward
-    and backward (what ``qgalore_dist.initialize`` does by default under stage 3); False:
-    replicated (the ds_config entry's ``"int8_partition": false``).  The estimate keeps False
-    as its default so that rows stay comparable with earlier figures: pass it explicitly."""
+    and backward; False: replicated (the ds_config entry's ``"int8_partition": false``).  None:
+    what ``qgalore_dist.initialize`` does, partitioned under ZeRO-3 (:attr:`partitioned`)."""
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether the INT8 weights are partitioned in this estimate (``int8_partitioned`` resolved)."""
+        return self.engine == "zero3" if self.int8_partitioned is None else self.int8_partitioned
     overlap_comm: bool = False
     """``QGaLoreConfig.overlap_comm`` (ddp / zero2 / zero3 steady steps)."""
     update_proj_gap: int = 200
@@ -159,7 +163,7 @@ def _ours_fn(req: EstimateRequest, steady: bool):
         return lambda s, n, r: fsdp_rank_bytes(s, n, r, steady=steady, streamed_refresh=req.streamed_refresh)
     zero = {"ddp": None, "zero2": ZeroBuckets(), "zero3": ZERO3_DEFAULT}[req.engine]
     kw = dict(steady=steady, zero=zero, overlap=req.overlap_comm, streamed_refresh=req.streamed_refresh,
-              zero_stage=3 if req.engine == "zero3" else 2, int8_partitioned=req.int8_partitioned)
+              zero_stage=3 if req.engine == "zero3" else 2, int8_partitioned=req.partitioned)
     return lambda s, n, r: ours_rank_bytes(s, n, r, **kw)
 
 
@@ -194,7 +198,7 @@ def _ours_traffic(req: EstimateRequest, shapes: Shapes) -> tuple[dict[str, float
         kw = dict(b_lowrank=4, b_dense_grad=4, b_dense_param=2)  # the default fp32 payloads, bf16 model
         return ours_steady(tensors, r, n, **kw), ours_refresh_all(tensors, r, n, **kw)
     stage = 3 if req.engine == "zero3" else 2
-    kw = dict(stage=stage, int8_partitioned=req.int8_partitioned)
+    kw = dict(stage=stage, int8_partitioned=req.partitioned)
     return ours_zero(tensors, r, n, **kw), ours_zero(tensors, r, n, refresh=True, **kw)
 
 

@@ -146,7 +146,8 @@ def test_memory_rows_are_the_validated_per_rank_closed_forms(engine):
     else:
         zero = {"ddp": None, "zero2": ranks.ZeroBuckets(), "zero3": ranks.ZERO3_DEFAULT}[engine]
         fn = {k: lambda s, n, r, st=st: ranks.ours_rank_bytes(s, n, r, steady=st, zero=zero,
-                                                              zero_stage=3 if engine == "zero3" else 2)
+                                                              zero_stage=3 if engine == "zero3" else 2,
+                                                              int8_partitioned=engine == "zero3")
               for k, st in (("steady", True), ("refresh", False))}
     for kind in ("steady", "refresh"):
         worst = ranks.worst_rank(fn[kind], shapes, 8)
@@ -183,8 +184,9 @@ def test_traffic_rows_are_the_metered_closed_forms(engine):
         base = comm.ddp_bytes(sum(comm.numel(s) for _, s, _ in t), 8)
     else:
         stage = int(engine[-1])
-        steady = sum(comm.ours_zero(t, 128, 8, stage=stage).values())
-        refresh = sum(comm.ours_zero(t, 128, 8, stage=stage, refresh=True).values())
+        part = stage == 3  # qgalore_dist.initialize partitions INT8 weights under ZeRO-3
+        steady = sum(comm.ours_zero(t, 128, 8, stage=stage, int8_partitioned=part).values())
+        refresh = sum(comm.ours_zero(t, 128, 8, stage=stage, refresh=True, int8_partitioned=part).values())
         base = (comm.zero2_bytes if stage == 2 else comm.zero3_bytes)(sum(comm.numel(s) for _, s, _ in t), 8)
     assert (ours.steady, ours.refresh) == (steady, refresh)
     assert {r.steady for r in e.traffic[1:-1]} == {base}
