@@ -1,6 +1,6 @@
 """The main job on its built-in default: Q-GaLore training of a tiny LLaMA on real English text.
 
-    python -m qgalore_dist.train.demo [--steps 60]
+    python -m qgalore_dist.train.demo [--steps 200]
 
 INT8 weights with stochastic rounding, INT4 projectors and 8-bit Adam states, single process.
 """
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     from .corpus import builtin_text, byte_batches
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)  # about a minute on 2 cores
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.01)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         optimizer.zero_grad()
         window.append(loss.item())
-        if step % 10 == 0 or step == 1:
+        if step % 20 == 0 or step == 1:
             mean = sum(window) / len(window)
             print(f"step {step:4d}  loss {mean:.3f}  ppl {math.exp(mean):7.2f}  lr {lr:.4f}  "
                   f"SVDs so far {optimizer.svd_count}  {time.time() - start:5.1f}s")
