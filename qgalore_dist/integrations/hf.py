@@ -46,7 +46,7 @@ import weakref
 
 from transformers import Trainer, TrainerCallback
 
-from ..core import Int8Linear, prepare_model
+from ..core import prepare_model
 from ..distributed import Collectives
 from ..optim import QGaLoreAdamW8bit
 from .deepspeed import (
@@ -159,7 +159,6 @@ class QGaLoreTrainer(Trainer):
         self._qgalore_layout, self._qgalore_int8_line = place_int8_weights(model, self._qgalore_comm, ds_config,
                                                                            partition)
         self._qgalore_names = int8_names(model)
-        self._qgalore_weights = [m.weight for m in model.modules() if isinstance(m, Int8Linear)]
         if self.qgalore_stage == 3:
             _hide_int8_weights(model)
         self.add_callback(_AttachToEngine(self))
@@ -176,7 +175,7 @@ class QGaLoreTrainer(Trainer):
             self.optimizer = EngineOptimizer(dense, galore, grads_partitioned=self.qgalore_stage >= 1)
             self.qgalore = galore
             logger.info("qgalore-dist: %d INT8 GaLore matrices owned by the package, %d dense tensors by ZeRO "
-                        "stage %d\n%s\n%s", len(self._qgalore_weights), len(dense), self.qgalore_stage,
+                        "stage %d\n%s\n%s", len(galore.galore_params), len(dense), self.qgalore_stage,
                         self._qgalore_int8_line, galore.plan.describe())
         return self.optimizer
 

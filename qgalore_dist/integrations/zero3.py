@@ -39,7 +39,7 @@ import torch.nn as nn
 from ..core import Int8Linear, WeightStep, int8_layer_of, update_int8_codes_
 from ..distributed import Collectives
 from ..optim import QGaLoreAdamW8bit
-from ..quant import BlockwiseCodec, num_groups
+from ..quant import BlockwiseCodec, groups_per_row
 from .fsdp import RowShardedLayout
 
 __all__ = [
@@ -144,7 +144,7 @@ def _group_range(layer: Int8Linear, r0: int, r1: int) -> tuple[int, int]:
     """The quantization groups ``[g0, g1)`` of rows ``[r0, r1)`` (row-aligned or flat layout)."""
     if layer.row_length is None:
         return r0 * layer.in_features // layer.group_size, r1 * layer.in_features // layer.group_size
-    per_row = num_groups(layer.in_features, layer.group_size, layer.row_length)
+    per_row = groups_per_row(layer.in_features, layer.group_size)
     return r0 * per_row, r1 * per_row
 
 

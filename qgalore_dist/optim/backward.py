@@ -62,6 +62,16 @@ class BackwardReduces:
                                         drop_grad=lambda p: setattr(layers[p], "weight_grad", None))
         return out
 
+    @property
+    def streamed(self) -> set[torch.Tensor]:
+        """The refreshing matrices whose full gradients ``full`` reduces this step (empty when off)."""
+        return self.full.members if self.full is not None else set()
+
+    @property
+    def overlapped(self) -> set[torch.Tensor]:
+        """The matrices whose low-rank gradients ``lowrank`` reduces this step (empty when off)."""
+        return self.lowrank.members if self.lowrank is not None else set()
+
     def all(self) -> list[OverlappedReduce]:
         return [r for r in (self.lowrank, self.dense, self.full) if r is not None]
 

@@ -355,7 +355,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
                                       self.steps_taken - 1)
         if self.reduces.full is not None and params:
             rows = [(p, self.owner[p], self.state[p]["projector"].lowrank_shape, self.layout.rows(p))
-                    for p in params if self.row_reduced(p) and p in self.reduces.full.members]
+                    for p in params if self.row_reduced(p) and p in self.reduces.streamed]
             lowrank.update(share_row_lowrank(self.comm, rows, lowrank, device=params[0].device,
                                              bucket_bytes=self._bucket_bytes))
         self.svds_last_step = len(params)
@@ -364,7 +364,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
     def _averaged_full_grads(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """``{p: full gradient averaged over ranks}`` for the refreshing ``params`` this rank
         owns: streamed ones were reduced during backward; the rest are reduced now, one by one."""
-        streamed = self.reduces.full.members if self.reduces.full is not None else set()
+        streamed = self.reduces.streamed
         out = self.reduces.full.collect(params) if self.reduces.full is not None else {}
         for p in params:
             if p not in streamed:
@@ -389,9 +389,8 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         rest on their owners.  Owner-reduced ``refreshing`` matrices, and streamed row-reduced
         ones, have theirs from the refresh; other row-reduced refreshing ones project their
         own full gradient with the new P."""
-        streamed = self.reduces.full.members if self.reduces.full is not None else set()
-        rows = [p for p in params if self.row_reduced(p) and p not in streamed]
-        skip = set(rows) | refreshing | (self.reduces.lowrank.members if self.reduces.lowrank is not None else set())
+        rows = [p for p in params if self.row_reduced(p) and p not in self.reduces.streamed]
+        skip = set(rows) | refreshing | self.reduces.overlapped
         owned = [p for p in params if p not in skip]
         out = {}
         if rows:
