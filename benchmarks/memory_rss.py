@@ -56,6 +56,7 @@ class RssSpec:
     svd_method: str = "randomized"  # same projector bytes as exact; its workspace stays below the update buffers
     seed: int = 0
     stream_refresh: bool = True     # QGaLoreConfig.stream_refresh (its default)
+    svd_at_completion: bool = True  # gradient_accumulation_steps=1 given: owners' SVDs run in backward
     abs_tol_mib: float = 2.0
     rel_tol: float = 0.04
     timeout_s: float = 600.0
@@ -93,7 +94,8 @@ def _build(spec: RssSpec, layers: int | None = None):
     params = [p for p in model.parameters() if p.requires_grad or p.dtype == torch.uint8]
     config = QGaLoreConfig(rank=spec.rank, update_proj_gap=spec.update_proj_gap, svd_method=spec.svd_method,
                            seed=spec.seed, stream_refresh=spec.stream_refresh)
-    return model, QGaLoreAdamW8bit(params, config, names=names)
+    return model, QGaLoreAdamW8bit(params, config, names=names,
+                                   gradient_accumulation_steps=1 if spec.svd_at_completion else None)
 
 
 def _train(model, opt, spec: RssSpec, steps: int, probe: Callable[[str, bool], None]) -> None:
@@ -136,6 +138,27 @@ def _update_temporary(model, opt, spec: RssSpec) -> int:
     return _proc_status()["VmHWM"] - before
 
 
+def _svd_workspace(model, opt, spec: RssSpec) -> int:
+    """Peak bytes of one refresh of the largest matrix beyond its gradient (``refresh_owned``'s
+    calls: the SVD of ``svd_method``, then the projection of the gradient)."""
+    from qgalore_dist.core import Int8Linear
+    from qgalore_dist.quant import StreamKey
+
+    layer = max((m for m in model.modules() if isinstance(m, Int8Linear)), key=lambda m: m.weight.numel())
+    proj = opt.state[layer.weight]["projector"]
+    snapshot = proj.state_dict()
+    grad = torch.randn(layer.out_features, layer.in_features, generator=torch.Generator().manual_seed(spec.seed))
+    gc.collect()
+    _reset_peak()
+    before = _proc_status()["VmRSS"]
+    proj.refresh(grad, step=10**6, method=spec.svd_method, oversample=8, power_iters=2, key=StreamKey(spec.seed, 0, 0))
+    lowrank = proj.project(grad)
+    peak = _proc_status()["VmHWM"] - before
+    del lowrank
+    proj.load_state_dict(snapshot)
+    return peak
+
+
 def _measure(spec: RssSpec, rank: int) -> dict[str, Any]:
     """One rank: warm-up, then RSS growth over the baseline at every probe of a 3-step run."""
     warm_model, warm_opt = _build(spec, layers=1)  # same widths: kernels, LAPACK and gloo paths at these sizes
@@ -152,6 +175,7 @@ def _measure(spec: RssSpec, rank: int) -> dict[str, Any]:
     probe("built", False)
     _train(model, opt, spec, 3, probe)
     return {"measured": measured, "update_temporary": _update_temporary(model, opt, spec),
+            "svd_workspace": _svd_workspace(model, opt, spec),
             "owners": {opt.name_of(p): r for p, r in opt.owner.items()}}
 
 
@@ -218,21 +242,28 @@ def _launch(spec: RssSpec) -> list[dict[str, Any]]:
             os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
 
 
-def rss_predictions(spec: RssSpec, rank: int, update_temporary: int) -> dict[str, int]:
-    """``ours`` for ``rank`` on the validation shapes, at every probe of ``_train``."""
+def rss_predictions(spec: RssSpec, rank: int, update_temporary: int, svd_workspace: int) -> dict[str, int]:
+    """``ours`` for ``rank`` on the validation shapes, at every probe of ``_train``.  A streamed
+    refresh step is predicted per phase: its backward peak (buckets, and with SVDs at completion the
+    owner's SVD workspace) and its ``step()`` peak."""
     shapes = spec.shapes()
     buffers = sum(b.numel() * b.element_size() for b in meta_model(load_config(spec.config, **spec.overrides()))
                   .to(torch.bfloat16).buffers())  # RoPE inv_freq
-    kw = dict(receive_slots=False, update_temporary=update_temporary, streamed_refresh=spec.stream_refresh)
+    kw = dict(receive_slots=False, update_temporary=update_temporary, streamed_refresh=spec.stream_refresh,
+              svd_at_completion=spec.svd_at_completion, svd_workspace=svd_workspace)
     steady = ours_rank_bytes(shapes, spec.world, rank, steady=True, **kw)
-    refresh = ours_rank_bytes(shapes, spec.world, rank, steady=False, **kw)
+    at_step = max((ours_rank_bytes(shapes, spec.world, rank, steady=False, phase=ph, **kw) for ph in ("svd", "update")),
+                  key=lambda b: b.peak)  # step(): the owners' SVDs, then the update exchange
+    in_backward = ours_rank_bytes(shapes, spec.world, rank, steady=False, phase="backward", **kw)
+    backward = in_backward.gradients + (in_backward.temporary if spec.stream_refresh else 0)
+    svd_held = ours_rank_bytes(shapes, spec.world, rank, steady=False, phase="svd", **kw).gradients
     weights = steady.weights + buffers
     persistent = weights + steady.optimizer + steady.projectors
-    out = {"built": weights, "bwpeak0": weights + refresh.gradients, "backward0": weights + refresh.gradients,
+    out = {"built": weights, "bwpeak0": weights + backward, "backward0": weights + svd_held,
            "after0": persistent, "backward1": persistent + steady.gradients, "peak1": buffers + steady.peak,
-           "after1": persistent, "bwpeak2": persistent + refresh.gradients,
-           "backward2": persistent + refresh.gradients, "peak2": buffers + refresh.peak, "after2": persistent}
-    if spec.stream_refresh:  # the streamed bound is the backward peak (module doc); after it: reported only
+           "after1": persistent, "bwpeak2": persistent + backward,
+           "backward2": persistent + svd_held, "peak2": buffers + at_step.peak, "after2": persistent}
+    if spec.stream_refresh:  # after backward the last bucket may still be in flight: reported only
         del out["backward0"], out["backward2"]
     return out
 
@@ -250,23 +281,32 @@ def rss_validation(spec: RssSpec = RssSpec()) -> dict[str, Any]:
     expected_owners = {**galore_owners(shapes, spec.world), **dense_owners(shapes, spec.world)}
     ranks = []
     for rank, res in enumerate(results):
-        pred = rss_predictions(spec, rank, res["update_temporary"])
+        pred = rss_predictions(spec, rank, res["update_temporary"], res["svd_workspace"])
         rows = {}
         for tag, p in pred.items():
             m = res["measured"][tag]
             tol = max(spec.abs_tol_mib * MiB, spec.rel_tol * p)
             rows[tag] = {"measured": m, "predicted": p, "difference": m - p, "tolerance": int(tol),
                          "ok": abs(m - p) <= tol}
-        ranks.append({"rank": rank, "update_temporary": res["update_temporary"], "probes": rows,
+        ranks.append({"rank": rank, "update_temporary": res["update_temporary"], "svd_workspace": res["svd_workspace"],
+                      "probes": rows,
                       "unchecked": {t: v for t, v in res["measured"].items() if t not in pred},
                       "owners_match": res["owners"] == expected_owners})
     ok = all(r["owners_match"] and all(p["ok"] for p in r["probes"].values()) for r in ranks)
     return {"ran": True, "ok": ok, "spec": asdict(spec), "ranks": ranks}
 
 
-RSS_CASES = (RssSpec(world=2, stream_refresh=True), RssSpec(world=2, stream_refresh=False),
-             RssSpec(world=4, stream_refresh=True), RssSpec(world=4, stream_refresh=False))
-"""The validated cases: 2 and 4 ranks, streamed refresh on (the default) and off."""
+RSS_CASES = tuple(RssSpec(world=w, stream_refresh=stream, svd_at_completion=completion) for w in (2, 4)
+                  for stream, completion in ((True, True), (True, False), (False, False)))
+"""The validated cases: 2 and 4 ranks; streamed refresh with the SVDs as each full gradient
+completes in backward (the default where the passes per step are known), streamed with the SVDs at
+``step()``, and the old path."""
+
+
+def _svd_label(spec: dict[str, Any]) -> str:
+    if not spec["stream_refresh"]:
+        return "off (old path)"
+    return "streamed, SVDs in backward" if spec.get("svd_at_completion") else "streamed, SVDs at step()"
 
 
 def rss_validations(cases: tuple[RssSpec, ...] = RSS_CASES, partial: Path | None = None) -> dict[str, Any]:
@@ -276,7 +316,7 @@ def rss_validations(cases: tuple[RssSpec, ...] = RSS_CASES, partial: Path | None
         return {"ran": False, "ok": True, "reason": "no /proc/self/clear_refs (not Linux): RSS validation skipped"}
     runs = []
     for spec in cases:
-        print(f"[memory_rss] {spec.world} ranks, stream_refresh={spec.stream_refresh}", flush=True)
+        print(f"[memory_rss] {spec.world} ranks, {_svd_label(asdict(spec))}", flush=True)
         runs.append(rss_validation(spec))
         if partial is not None:
             partial.write_text(json.dumps(runs))
@@ -294,7 +334,7 @@ _PROBES = {"built": "weights", "bwpeak0": "peak of forward + backward, step 0 (r
 
 def _case_lines(v: dict[str, Any]) -> list[str]:
     s = v["spec"]
-    lines = [f"### {s['world']} ranks, stream_refresh={s['stream_refresh']}", ""]
+    lines = [f"### {s['world']} ranks, refresh: {_svd_label(s)}", ""]
     if "errors" in v:
         return lines + [f"Not run: {v['errors']}.", ""]
     lines += ["| rank | probe | holds | measured MiB | predicted MiB | difference MiB | ok |",
@@ -303,7 +343,8 @@ def _case_lines(v: dict[str, Any]) -> list[str]:
         for tag, p in r["probes"].items():
             lines.append(f"| {r['rank']} | {tag} | {_PROBES[tag]} | {p['measured'] / 2**20:.2f} | "
                          f"{p['predicted'] / 2**20:.2f} | {p['difference'] / 2**20:+.2f} | {p['ok']} |")
-    lines += ["", "; ".join(f"rank {r['rank']}: update temporary {r['update_temporary'] / 2**20:.2f} MiB, owners as "
+    lines += ["", "; ".join(f"rank {r['rank']}: update temporary {r['update_temporary'] / 2**20:.2f} MiB, SVD "
+                            f"workspace {r['svd_workspace'] / 2**20:.2f} MiB, owners as "
                             f"formulas assume: {r['owners_match']}; not checked: "
                             + ", ".join(f"{t} {m / 2**20:.2f}" for t, m in r["unchecked"].items()) + " MiB"
                             for r in v["ranks"]), "", f"Within tolerance: **{v['ok']}**.", ""]
@@ -312,7 +353,7 @@ def _case_lines(v: dict[str, Any]) -> list[str]:
 
 def _summary_lines(cases: list[dict[str, Any]]) -> list[str]:
     """The refresh step (step 2) of every case side by side: backward peak, step() peak, after backward."""
-    lines = ["| ranks | stream_refresh | rank | bwpeak2 measured / predicted MiB "
+    lines = ["| ranks | refresh | rank | bwpeak2 measured / predicted MiB "
              "| peak2 (step) measured / predicted MiB | backward2 measured MiB | peak1 (steady step) measured MiB "
              "| all probes ok |",
              "|---|---|---|---|---|---|---|---|"]
@@ -322,7 +363,7 @@ def _summary_lines(cases: list[dict[str, Any]]) -> list[str]:
         for r in v["ranks"]:
             p, u = r["probes"], r["unchecked"]
             after = p["backward2"]["measured"] if "backward2" in p else u["backward2"]
-            lines.append(f"| {v['spec']['world']} | {v['spec']['stream_refresh']} | {r['rank']} | "
+            lines.append(f"| {v['spec']['world']} | {_svd_label(v['spec'])} | {r['rank']} | "
                          f"{p['bwpeak2']['measured'] / 2**20:.1f} / {p['bwpeak2']['predicted'] / 2**20:.1f} | "
                          f"{p['peak2']['measured'] / 2**20:.1f} / {p['peak2']['predicted'] / 2**20:.1f} | "
                          f"{after / 2**20:.1f} | {p['peak1']['measured'] / 2**20:.1f} | "

@@ -29,6 +29,13 @@ Gradient accumulation: inside ``optimizer.no_sync()`` contributions accumulate l
 nothing is launched (DDP's ``no_sync``); without it every micro-batch is reduced and the owner
 sums the averages, as DeepSpeed ZeRO-2 does: the same result up to rounding, for one exchange
 per micro-batch.
+
+Completion (``passes_per_step`` and ``on_complete``): when the number of backward passes per
+step is known, a reduce launched during the last one completes its owner's sum, and
+``on_complete(p, sum)`` takes it at once (popped: the refresh step's owner runs its SVD and frees
+the full gradient during backward instead of holding it until ``step()``).  A pass beyond
+``passes_per_step`` raises ``ValueError`` on every rank at the same sink (each rank counts the same
+passes), before anything of it is sent.
 """
 
 from __future__ import annotations
@@ -46,10 +53,11 @@ __all__ = ["OverlappedReduce"]
 FIRST_BUCKET_BYTES = 2**20
 """Cap of the first bucket (DDP's ``_DEFAULT_FIRST_BUCKET_BYTES``)."""
 MAX_IN_FLIGHT = 1
-"""Launched buckets that may stay incomplete when the next one launches: beyond it the oldest
-is waited for.  Memory, not speed: a backend that does not progress asynchronous collectives on
-its own (gloo, measured: nothing completes until waited) would otherwise keep every bucket's send
-buffer -- on a refresh step, every full gradient -- alive until ``step()``."""
+"""Launched buckets that may be incomplete at once: before a bucket's send buffers are built the
+oldest is waited for until fewer remain.  Memory, not speed: a backend that does not progress
+asynchronous collectives on its own (gloo, measured: nothing completes until waited) would
+otherwise keep every bucket's send buffer -- on a refresh step, every full gradient -- alive until
+``step()``."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -68,6 +76,8 @@ class _InFlight:
     chunks: list[torch.Tensor]
     """The send buffers, kept alive until the collective completes."""
     handle: object
+    final: bool
+    """Launched during the step's last backward pass (or at ``step()``): completes its sums."""
 
 
 class OverlappedReduce:
@@ -93,6 +103,13 @@ class OverlappedReduce:
         """One flag per launched chunk (device tensors: no host sync during backward)."""
         self.launches_in_backward = 0
         self.launches_at_step = 0
+        self.passes_per_step: int | None = None
+        """Backward passes between steps when known (``gradient_accumulation_steps``), else None."""
+        self.on_complete: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+        """Takes an owned sum that the last pass completed (module doc); None: ``collect`` returns it."""
+        self.passes = 0
+        """Backward passes completed since the last step (every member reported once)."""
+        self._pass_reported: set[torch.Tensor] = set()
 
     @property
     def members(self) -> set[torch.Tensor]:
@@ -110,15 +127,29 @@ class OverlappedReduce:
 
     def ready(self, p: torch.Tensor) -> None:
         """``p``'s local gradient grew; launch every bucket that is complete, in order."""
+        self._count_pass(p)
         self.reported.add(p)
-        if not self.sync:
-            return
+        if self.sync:
+            self._launch_complete_buckets(p)
+        if len(self._pass_reported) == len(self.bucket_of):
+            self.passes += 1
+            self._pass_reported.clear()
+
+    def _count_pass(self, p: torch.Tensor) -> None:
+        if not self._pass_reported and self.passes_per_step is not None and self.passes >= self.passes_per_step:
+            raise ValueError(f"backward pass {self.passes + 1} since the last optimizer step, but "
+                             f"gradient_accumulation_steps is {self.passes_per_step}: call step() after that many "
+                             "backward passes, or give the optimizer the real number (None: not known)")
+        self._pass_reported.add(p)
+
+    def _launch_complete_buckets(self, p: torch.Tensor) -> None:
         self.buckets[self.bucket_of[p]].reported.add(p)
+        final = self.passes_per_step is not None and self.passes == self.passes_per_step - 1
         while self.next_bucket < len(self.buckets):
             bucket = self.buckets[self.next_bucket]
             if len(bucket.reported) < len(bucket.members):
                 return
-            self._launch(bucket)
+            self._launch(bucket, final=final)
             self.launches_in_backward += 1
             self.next_bucket += 1
         self.next_bucket = 0  # every bucket went: the next backward (micro-batch) starts over
@@ -127,7 +158,7 @@ class OverlappedReduce:
         """Launch, in plan order, every bucket that still holds a local gradient."""
         for bucket in self.buckets:
             if any(self.local_grad(p) is not None for p, _, _ in bucket.members):
-                self._launch(bucket)
+                self._launch(bucket, final=True)
                 self.launches_at_step += 1
         self.next_bucket = 0
 
@@ -158,10 +189,15 @@ class OverlappedReduce:
         self.reported.clear()
         self._finite.clear()
         self.next_bucket = 0
+        self.passes = 0
+        self._pass_reported.clear()
         for bucket in self.buckets:
             bucket.reported.clear()
 
-    def _launch(self, bucket: _Bucket) -> None:
+    def _launch(self, bucket: _Bucket, *, final: bool) -> None:
+        # The oldest reduce completes before this one's send buffers exist: at most MAX_IN_FLIGHT
+        # buckets' buffers plus the one being formed (a single-stream backend serializes them anyway).
+        self._reap(block=True, keep=MAX_IN_FLIGHT - 1)
         rank, world = self.comm.rank, self.comm.world_size
         device = bucket.members[0][0].device
         by_owner: list[list[torch.Tensor]] = [[] for _ in range(world)]
@@ -172,14 +208,17 @@ class OverlappedReduce:
             self.drop_grad(p)  # only the owner keeps it, as the reduced sum
             if owner == rank:
                 mine.append((p, shape))
-        chunks = [torch.cat([t.reshape(-1).to(self.dtype) for t in group]) if group
-                  else torch.empty(0, dtype=self.dtype, device=device) for group in by_owner]
+        grad = None
+        chunks = []
+        for k, group in enumerate(by_owner):  # each owner's gradients freed once copied into its chunk
+            chunks.append(torch.cat([t.reshape(-1).to(self.dtype) for t in group]) if group
+                          else torch.empty(0, dtype=self.dtype, device=device))
+            by_owner[k] = group = []
         self._finite += [torch.isfinite(chunk).all() for chunk in chunks]
         out, handle = self.comm.reduce_scatter_start(chunks, self.kind)
-        self.in_flight.append(_InFlight(mine=mine, out=out, chunks=chunks, handle=handle))
+        self.in_flight.append(_InFlight(mine=mine, out=out, chunks=chunks, handle=handle, final=final))
         bucket.reported.clear()
         self._reap(block=False)
-        self._reap(block=True, keep=MAX_IN_FLIGHT)
 
     def _reap(self, *, block: bool, keep: int = 0) -> None:
         """Complete launched reduces in launch order (when ``block``, until at most ``keep``
@@ -197,3 +236,6 @@ class OverlappedReduce:
                 offset += shape.numel()
                 self.owned_sum[p] = piece if p not in self.owned_sum else self.owned_sum[p].add_(piece)
             self.in_flight.pop(0)
+            if first.final and self.on_complete is not None:
+                for p, _ in first.mine:
+                    self.on_complete(p, self.owned_sum.pop(p))

@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--streamed-refresh", action=argparse.BooleanOptionalAction, default=True,
                    help="refresh steps stream full gradients to their owners (QGaLoreConfig.stream_refresh, "
                         "the default); --no-streamed-refresh: the old path, every rank keeps them")
+    p.add_argument("--svd-at-step", action="store_true",
+                   help="streamed refresh with the owners' SVDs at step() (the optimizer not told its backward "
+                        "passes per step) instead of in backward as each full gradient completes")
     p.add_argument("--int8-partitioned", action=argparse.BooleanOptionalAction, default=None,
                    help="ZeRO-3: INT8 weights partitioned 1/N (the default under zero3, as qgalore_dist.initialize "
                         "does); --no-int8-partitioned: replicated (\"int8_partition\": false)")
@@ -61,6 +64,7 @@ def _request(args: argparse.Namespace) -> EstimateRequest:
                            micro_batch=args.micro_batch, seq=args.seq,
                            activation_checkpointing=args.activation_checkpointing,
                            fused_attention=not args.eager_attention, streamed_refresh=args.streamed_refresh,
+                           svd_at_completion=not args.svd_at_step,
                            int8_partitioned=args.int8_partitioned, overlap_comm=args.overlap_comm,
                            update_proj_gap=args.update_proj_gap, train_steps=args.train_steps)
 

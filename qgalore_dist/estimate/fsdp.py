@@ -173,7 +173,7 @@ def fsdp_rank_bytes(shapes: Shapes, world: int, rank: int, *, steady: bool,
     if steady:
         galore_grads = c["grad_steady"]
     elif streamed_refresh:
-        galore_grads = streamed_full_grads(shapes, [t for t in shapes.galore if owners[t.name] == rank])
+        galore_grads = streamed_full_grads(shapes, world, [t for t in shapes.galore if owners[t.name] == rank])
     else:
         galore_grads = c["grad_refresh"]
     return RankBytes(weights=c["int8_codes"] + c["int8_scales_zeros"] + c["dense_weights"],

@@ -195,18 +195,19 @@ def _exchange_buffers(lowrank: tuple[int, int, int], dense: tuple[int, int, int]
     4. dense update: both results + one bucket of concatenated dense parameters (N > 1).
 
     ``receive_slots=False`` leaves out never-written ``torch.empty`` receive slots (no resident
-    memory on CPU; a CUDA allocator does reserve them).  ``overlap`` (steady steps): phases 1
-    and 2 happen during backward with one bucket in flight; the owned sums count as gradients.
+    memory on CPU; a CUDA allocator does reserve them).  ``overlap``: phase 2 (and on steady
+    steps phase 1) happens during backward with one bucket in flight; the owned sums count as
+    gradients.
     ``dense=(0, 0, 0)`` (the engine owns them) leaves the dense phases empty."""
     b, multi = payload_bytes(), world > 1
     (lr_all, lr_own, lr_max), (d_all, d_own, d_max) = lowrank, dense
     lr_bucket, d_bucket = bucket(b * lr_all, b * lr_max, cap), bucket(b * d_all, b * d_max, cap)
-    overlap = overlap and steady
-    results = 0 if overlap else b * (lr_own + d_own)
+    lr_overlap = overlap and steady  # refreshing layers' low-rank gradients come from the refresh
+    results = (0 if lr_overlap else b * lr_own) + (0 if overlap else b * d_own)
     slots = lr_bucket if receive_slots or not multi else min(lr_bucket, b * lr_own)
     phases = [
-        (lr_bucket if overlap else lr_bucket + multi * b * lr_own) if steady else 0,
-        d_bucket if overlap else b * lr_own + d_bucket + multi * b * d_own,
+        (lr_bucket if lr_overlap else lr_bucket + multi * b * lr_own) if steady else 0,
+        0 if overlap else b * lr_own + d_bucket + multi * b * d_own,  # overlapped: done in backward
         results + slots + multi * lr_bucket,
         results + multi * bucket(dense_bytes * d_all, dense_bytes * d_max, cap),
     ]
@@ -220,16 +221,45 @@ def svd_temporary(t: Tensor, k_bytes: int = 4) -> int:
     return k_bytes * (m * n + m * k + k + k * n)
 
 
-def streamed_full_grads(shapes: Shapes, owned: list[Tensor]) -> int:
-    """Full fp32 gradients a rank holds on a streamed refresh step (every matrix refreshing): the
-    ones it owns, one bucket in flight and one transient full gradient being handed to the sink."""
+def streamed_buffers(shapes: Shapes, world: int) -> int:
+    """Full-gradient buffers of a streamed refresh in backward besides the owner's sums: the bucket
+    being formed from the layers' gradients, and the one in flight -- its per-owner send chunks and
+    the collective's own scratch with this rank's output, (N-1)/N of a bucket on gloo (measured:
+    2.5 buckets in all at 2 ranks, 2.75 at 4; NCCL flattens a list input, up to one bucket).
+    ``OverlappedReduce`` waits for the bucket in flight before it builds the next one's chunks, so
+    no more are alive at once."""
     full = [t.numel for t in shapes.galore]
-    return 4 * sum(t.numel for t in owned) + bucket(4 * sum(full), 4 * max(full), bucket_cap()) + 4 * max(full)
+    return int((3 - 1 / world) * bucket(4 * sum(full), 4 * max(full), bucket_cap()))
+
+
+STREAM_PHASES = ("backward", "svd", "update")
+"""Phases of a streamed refresh step (:func:`streamed_full_grads`)."""
+
+
+def streamed_full_grads(shapes: Shapes, world: int, owned: list[Tensor], *, svd_at_completion: bool = True,
+                        phase: str = "backward") -> int:
+    """GaLore gradient bytes a rank holds on a streamed refresh step (every matrix refreshing).
+
+    ``"backward"``: the owned averaged sums + :func:`streamed_buffers`; with ``svd_at_completion``
+    (the optimizer knows its backward passes per step: DeepSpeed, ``qgalore-train``) each owned sum
+    is refreshed, projected and freed as the last pass completes it, so the owner holds low-rank
+    results and one full gradient.  ``"svd"`` (the start of ``step()``): the owned full sums when
+    the SVDs run there, else the low-rank results and the last bucket's one full gradient.
+    ``"update"``: none left (the low-rank results are the exchange's buffers)."""
+    owned_lowrank = 4 * sum(lowrank_numel(t.shape, shapes.lay.rank) for t in owned)
+    owned_full = [4 * t.numel for t in owned]
+    one = owned_lowrank + max(owned_full, default=0) if svd_at_completion else sum(owned_full)
+    if phase == "update":
+        return 0
+    if phase == "svd":
+        return one
+    assert phase == "backward", phase
+    return one + streamed_buffers(shapes, world)
 
 
 # ----------------------------------------------------------------------------- ours
 def _galore_part(shapes: Shapes, world: int, rank: int, *, steady: bool, overlap: bool,
-                 streamed_refresh: bool) -> dict[str, Any]:
+                 streamed_refresh: bool, svd_at_completion: bool = True, phase: str = "update") -> dict[str, Any]:
     """The GaLore matrices' bytes on ``rank`` (replicated INT8), and the low-rank element counts."""
     lay, g_owner = shapes.lay, galore_owners(shapes, world)
     mine = [t for t in shapes.galore if g_owner[t.name] == rank]
@@ -241,7 +271,8 @@ def _galore_part(shapes: Shapes, world: int, rank: int, *, steady: bool, overlap
         if overlap:
             grads = 4 * lowrank[1] + bucket(4 * lowrank[0], 4 * lowrank[2], bucket_cap())
     else:
-        grads = streamed_full_grads(shapes, mine) if streamed_refresh else 4 * sum(t.numel for t in shapes.galore)
+        grads = (streamed_full_grads(shapes, world, mine, svd_at_completion=svd_at_completion, phase=phase)
+                 if streamed_refresh else 4 * sum(t.numel for t in shapes.galore))
     return {"int8": sum(c["int8_codes"] + c["int8_scales_zeros"] for c in comps),
             "projectors": sum(c["proj_codes"] + c["proj_scales_zeros"] for c in comps)
             + sum(qgalore_dist_components(t, lay)["proj_past_vector"] for t in mine),  # past vector: owner only
@@ -258,7 +289,7 @@ def _dense_own(shapes: Shapes, world: int, rank: int, *, steady: bool, overlap: 
     dense_max = max(t.numel for t in shapes.dense)
     dense_own = sum(t.numel for t in shapes.dense if d_owner[t.name] == rank)
     grads = lay.dense_bytes * dense_all
-    if overlap and steady:
+    if overlap:  # dense gradients reduce during every backward (refresh steps too)
         grads = payload_bytes() * dense_own + bucket(lay.dense_bytes * dense_all, lay.dense_bytes * dense_max,
                                                      bucket_cap())
     buffers = _exchange_buffers(lowrank, (dense_all, dense_own, dense_max), world, lay.dense_bytes, steady=steady,
@@ -287,31 +318,61 @@ def _dense_zero(shapes: Shapes, world: int, *, steady: bool, overlap: bool, rece
 
 def ours_rank_bytes(shapes: Shapes, world: int, rank: int, *, steady: bool, zero: ZeroBuckets | None = None,
                     receive_slots: bool = True, update_temporary: int | None = None, overlap: bool = False,
-                    streamed_refresh: bool = True, zero_stage: int = 2, int8_partitioned: bool = False) -> RankBytes:
+                    streamed_refresh: bool = True, zero_stage: int = 2, int8_partitioned: bool = False,
+                    svd_at_completion: bool = True, phase: str | None = None,
+                    svd_workspace: int | None = None) -> RankBytes:
     """``QGaLoreAdamW8bit`` on rank ``rank`` of ``world`` (module doc); ``zero`` given: dense tensors
     under DeepSpeed ZeRO stage ``zero_stage`` (2 or 3) instead of the optimizer's own owners.
 
     ``update_temporary`` defaults to the fp32 back-projected update of the largest matrix; the
     CPU RSS validation passes its measured torch-path value.  ``int8_partitioned`` (ZeRO-3
-    only): 1/N of the INT8 codes + scales per rank and one gathered matrix as a buffer."""
+    only): 1/N of the INT8 codes + scales per rank and one gathered matrix as a buffer.  A streamed
+    refresh step has phases (:data:`STREAM_PHASES`: backward, the owners' SVDs, the update
+    exchange); ``phase=None`` gives the one with the larger peak.  ``svd_workspace`` replaces the exact SVD's temporary
+    of the largest matrix (:func:`svd_temporary`; the RSS validation measures its own)."""
     if zero_stage not in (2, 3):
         raise ValueError(f"zero_stage must be 2 or 3, got {zero_stage}")
     if int8_partitioned and (zero is None or zero_stage != 3):
         raise ValueError("int8_partitioned applies to ZeRO-3 only")
-    g = _galore_part(shapes, world, rank, steady=steady, overlap=overlap, streamed_refresh=streamed_refresh)
+    kw = dict(zero=zero, receive_slots=receive_slots, update_temporary=update_temporary, overlap=overlap,
+              streamed_refresh=streamed_refresh, zero_stage=zero_stage, int8_partitioned=int8_partitioned,
+              svd_at_completion=svd_at_completion, svd_workspace=svd_workspace)
+    if steady or not streamed_refresh:
+        return _ours_phase(shapes, world, rank, steady=steady, phase="update", **kw)
+    if phase is not None:
+        return _ours_phase(shapes, world, rank, steady=False, phase=phase, **kw)
+    return max((_ours_phase(shapes, world, rank, steady=False, phase=ph, **kw) for ph in STREAM_PHASES),
+               key=lambda b: b.peak)
+
+
+def _ours_phase(shapes: Shapes, world: int, rank: int, *, steady: bool, zero: ZeroBuckets | None,
+                receive_slots: bool, update_temporary: int | None, overlap: bool, streamed_refresh: bool,
+                zero_stage: int, int8_partitioned: bool, svd_at_completion: bool, phase: str,
+                svd_workspace: int | None) -> RankBytes:
+    """:func:`ours_rank_bytes` of one phase (``"update"`` but for a streamed refresh step)."""
+    g = _galore_part(shapes, world, rank, steady=steady, overlap=overlap, streamed_refresh=streamed_refresh,
+                     svd_at_completion=svd_at_completion, phase=phase)
     kw = dict(steady=steady, overlap=overlap, receive_slots=receive_slots, lowrank=g["lowrank"])
     d = _dense_own(shapes, world, rank, **kw) if zero is None else _dense_zero(
         shapes, world, zero=zero, stage=zero_stage, **kw)
     largest = max(shapes.galore, key=lambda t: t.numel)
     int8, buffers = g["int8"], d["buffers"]
+    if phase != "update":  # the step's exchange has not started: only the engine's buckets
+        buffers = zero.nbytes + (zero.prefetch_nbytes if zero_stage == 3 else 0) if zero is not None else 0
     if int8_partitioned:
         c = qgalore_dist_components(largest, shapes.lay)
         int8 = -(-int8 // world)
         # integrations/zero3: one matrix gathered at a time (forward, then again in backward), no prefetch
         buffers += c["int8_codes"] + c["int8_scales_zeros"]
     temporary = 4 * largest.numel if update_temporary is None else update_temporary
-    if not steady:  # the SVD runs before the update exchange: count it where it exceeds that phase
-        temporary = max(temporary, svd_temporary(largest) - buffers)
+    svd = svd_temporary(largest) if svd_workspace is None else svd_workspace
+    owns = any(galore_owners(shapes, world)[t.name] == rank for t in shapes.galore)
+    if phase == "backward":  # the owner's SVDs as its sums complete (else nothing beyond the buckets)
+        temporary = svd if svd_at_completion and owns else 0
+    elif phase == "svd":
+        temporary = svd if owns else 0
+    elif not steady and not streamed_refresh:  # the SVD runs before the update exchange
+        temporary = max(temporary, svd - buffers)
     return RankBytes(weights=int8 + d["weights"], gradients=g["grads"] + d["grads"],
                      optimizer=g["state"] + d["state"], projectors=g["projectors"], comm_buffers=buffers,
                      temporary=temporary)

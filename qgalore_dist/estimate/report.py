@@ -63,6 +63,11 @@ class EstimateRequest:
     """``QGaLoreConfig.stream_refresh`` (the default): refresh steps reduce full gradients to
     their owner during backward, bucket by bucket; False: every rank holds every refreshing full
     gradient until ``step()`` (the old path)."""
+    svd_at_completion: bool = True
+    """With ``streamed_refresh``: the owners' SVDs run in backward as the last pass completes each
+    averaged full gradient (the optimizer knows its passes per step: DeepSpeed and ``qgalore-train``
+    tell it, plain users pass ``gradient_accumulation_steps=``); False: at ``step()``, every owned
+    full gradient held until then."""
     int8_partitioned: bool | None = None
     """ZeRO-3 only: INT8 codes + scales partitioned 1/N and gathered around each layer's forward
     and backward; False: replicated (the ds_config entry's ``"int8_partition": false``).  None:
@@ -163,7 +168,8 @@ def _ours_fn(req: EstimateRequest, steady: bool):
         return lambda s, n, r: fsdp_rank_bytes(s, n, r, steady=steady, streamed_refresh=req.streamed_refresh)
     zero = {"ddp": None, "zero2": ZeroBuckets(), "zero3": ZERO3_DEFAULT}[req.engine]
     kw = dict(steady=steady, zero=zero, overlap=req.overlap_comm, streamed_refresh=req.streamed_refresh,
-              zero_stage=3 if req.engine == "zero3" else 2, int8_partitioned=req.partitioned)
+              zero_stage=3 if req.engine == "zero3" else 2, int8_partitioned=req.partitioned,
+              svd_at_completion=req.svd_at_completion)
     return lambda s, n, r: ours_rank_bytes(s, n, r, **kw)
 
 
@@ -277,9 +283,12 @@ def _worst(req: EstimateRequest, ours: list[MemoryRow]) -> tuple[str, str]:
         return "n/a", steady.unsupported or ""
     grow = refresh.bytes["gradients"] - steady.bytes["gradients"]
     worst = "refresh" if refresh.bytes["peak"] > steady.bytes["peak"] else "steady"
-    if req.streamed_refresh:
-        held = ("the full fp32 gradients of the matrices this rank owns + one bucket in flight + one "
-                "transient full gradient (streamed refresh)")
+    if req.streamed_refresh and req.svd_at_completion:
+        held = ("the low-rank results of the matrices this rank owns, one full fp32 gradient and the SVD "
+                "workspace of the matrix being refreshed + three buckets (streamed refresh, SVDs in backward)")
+    elif req.streamed_refresh:
+        held = ("the full fp32 gradients of the matrices this rank owns + three buckets (streamed refresh, "
+                "SVDs at step())")
     else:
         held = "the full fp32 gradient of every refreshing matrix on every rank (stream_refresh=False)"
     if worst == "refresh":

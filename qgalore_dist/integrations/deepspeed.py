@@ -226,6 +226,9 @@ class EngineOptimizer(torch.optim.Optimizer):
         the first call of an engine step, which runs the GaLore step, from the others."""
         self.engine = engine
         self.zero = engine.optimizer if engine.zero_optimization() else None
+        # DeepSpeed runs exactly this many backward passes per step: a refresh step's owners can
+        # run their SVDs as the last one completes each full gradient.
+        self.galore.set_gradient_accumulation_steps(engine.gradient_accumulation_steps())
 
     def _sync_lr(self) -> None:
         """DeepSpeed's (or the user's) scheduler sets the dense groups' lr: GaLore follows it."""

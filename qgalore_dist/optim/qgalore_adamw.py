@@ -42,9 +42,9 @@ from ..distributed import (
 from ..distributed.replicas import agree_on_gradients, check_replicas, validate_agreement
 from ..quant import BlockwiseCodec, StreamKey
 from .backward import BackwardReduces
-from .config import QGaLoreConfig
+from .config import QGaLoreConfig, _is_int
 from .layout import ReplicatedLayout, WeightLayout
-from .refresh import RefreshError, refresh_owned, share_projectors, share_row_lowrank
+from .refresh import EarlyRefreshes, RefreshError, refresh_owned, share_projectors, share_row_lowrank
 from .state import flatten_param_state, load_param_state
 
 __all__ = ["QGaLoreAdamW8bit", "RefreshError"]
@@ -67,11 +67,14 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         manage_dense: False when an engine (DeepSpeed) owns and updates the dense parameters.
         layout: where each weight's rows live (:mod:`.layout`); default every rank holds all
             of them (:class:`~.layout.ReplicatedLayout`); FSDP2 passes its row-sharded layout.
+        gradient_accumulation_steps: backward passes per ``step()`` when known (see
+            :meth:`set_gradient_accumulation_steps`).
     """
 
     def __init__(self, params: Iterable, config: QGaLoreConfig | None = None, *,
                  names: dict[torch.Tensor, str] | None = None, collectives: Collectives | None = None,
-                 manage_dense: bool = True, layout: WeightLayout | None = None, **overrides: Any) -> None:
+                 manage_dense: bool = True, layout: WeightLayout | None = None,
+                 gradient_accumulation_steps: int | None = None, **overrides: Any) -> None:
         cfg = config or QGaLoreConfig()
         if overrides:
             cfg = QGaLoreConfig.from_dict({**cfg.to_dict(), **overrides})
@@ -123,6 +126,10 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
             self.comm, overlap_comm=cfg.overlap_comm, stream_refresh=cfg.stream_refresh, dtype=self._payload_dtype,
             bucket_bytes=self._bucket_bytes,
             dense_owned=[(p, self.owner[p]) for p in self.dense_params] if manage_dense else None)
+        self.early = EarlyRefreshes()
+        if self.reduces.full is not None:
+            self.reduces.full.on_complete = self._refresh_completed
+        self.set_gradient_accumulation_steps(gradient_accumulation_steps)
         self.arm_grad_sinks()
 
     # ----------------------------------------------------------------- construction
@@ -164,6 +171,19 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         self.reduces.arm(self.galore_params, refresh_due=self._refresh_due, owner=self.owner,
                          projector=lambda p: self.state[p]["projector"], row_reduced=self.row_reduced)
 
+    def set_gradient_accumulation_steps(self, steps: int | None) -> None:
+        """Backward passes per ``step()`` (None: not known, the default).  When known, a refresh
+        step's owner runs each streamed matrix's SVD as soon as the last pass completes its averaged
+        full gradient and frees it then, not at ``step()``; a further pass raises ``ValueError``."""
+        if steps is not None and (not _is_int(steps) or steps < 1):
+            raise ValueError(f"gradient_accumulation_steps must be None or an int >= 1, got {steps!r}")
+        if self.reduces.full is not None:
+            self.reduces.full.passes_per_step = steps
+
+    def _refresh_completed(self, p: torch.Tensor, full: torch.Tensor) -> None:  # owner, during backward
+        self.early.add(refresh_owned({p: self.state[p]["projector"]}, {p: full}, {p: self._stream_key(p)},
+                                     self.config, names=self._names))
+
     def no_sync(self):
         """Context manager: backward passes inside accumulate gradients locally without any
         exchange (DDP's ``no_sync``): use it on all but the last micro-batch with
@@ -185,6 +205,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
+        self.early.undo(lambda p: self.state[p]["projector"])
         for reducer in self._reducers():
             reducer.reset()
         for p in self.galore_params:
@@ -287,7 +308,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         if present is not None:
             galore, dense = present
             assert not extra_grad_sq or not self.layout.dense_local, "FSDP2 owns no gradients outside this optimizer"
-            refreshing = [p for p in galore if self._refresh_due(p)]
+            refreshing = [p for p in galore if p in self.early or self._refresh_due(p)]
             lowrank = self._refresh(refreshing)
             lowrank.update(self._reduce_lowrank(galore, refreshing=set(refreshing)))
             dense_grads = self._reduce_dense(dense)
@@ -310,6 +331,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         self.last_clip_coef = 1.0
         self.last_step_applied = finite and bool(with_grad)
         if not finite:
+            self.early.undo(lambda p: self.state[p]["projector"])
             self.skipped_steps += 1
             logger.warning("%s: non-finite gradient, step skipped (%d skipped so far)",
                            type(self).__name__, self.skipped_steps)
@@ -340,10 +362,12 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         ``stream_refresh``, also this rank's rows of row-reduced ones (the owner projects the
         averaged gradient and every rank takes its rows).  If an SVD fails anywhere, every rank
         raises :class:`RefreshError` here, with every projector as before the step."""
-        cfg, full = self.config, self._averaged_full_grads(params)
-        keys = {p: StreamKey(cfg.seed, self.state[p].get("step", 0), self._stream_ids[p]) for p in full}
-        lowrank, snapshots, failed = refresh_owned({p: self.state[p]["projector"] for p in full}, full, keys, cfg,
-                                                   names=self._names)
+        full = self._averaged_full_grads(params)
+        keys = {p: self._stream_key(p) for p in full}
+        lowrank, snapshots, failed = refresh_owned({p: self.state[p]["projector"] for p in full}, full, keys,
+                                                   self.config, names=self._names)
+        for mine, early in zip((lowrank, snapshots, failed), self.early.take()):  # refreshed during backward
+            mine.update(early)
         bad = share_projectors(self.comm, [(p, self.owner[p], self.state[p]["projector"], p.device) for p in params],
                                failed, bucket_bytes=self._bucket_bytes)
         if bad:
@@ -360,6 +384,10 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
                                              bucket_bytes=self._bucket_bytes))
         self.svds_last_step = len(params)
         return lowrank
+
+    def _stream_key(self, p: torch.Tensor, step: int | None = None) -> StreamKey:
+        """Key of ``p``'s random streams at ``step`` (default: its coming step); the same on every rank."""
+        return StreamKey(self.config.seed, self.state[p].get("step", 0) if step is None else step, self._stream_ids[p])
 
     def _averaged_full_grads(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """``{p: full gradient averaged over ranks}`` for the refreshing ``params`` this rank
@@ -491,9 +519,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         if layer is None:
             apply_direction_(p, delta, how)
             return
-        key = None
-        if self.config.stochastic_round:
-            key = StreamKey(self.config.seed, state["step"] - 1, self._stream_ids[p])
+        key = self._stream_key(p, state["step"] - 1) if self.config.stochastic_round else None
         self.layout.apply_int8(layer, delta, how, stochastic_key=key)
 
     def _update_dense(self, params: list[torch.Tensor], grads: dict, coef: float) -> None:

@@ -9,7 +9,8 @@ restore their projectors and every rank raises :class:`RefreshError` at the same
 from __future__ import annotations
 
 import logging
-from typing import Hashable
+from dataclasses import dataclass, field
+from typing import Callable, Hashable
 
 import torch
 
@@ -18,7 +19,7 @@ from ..distributed import Collectives, OwnedTensor, broadcast_from_owners
 from ..quant import StreamKey
 from .config import QGaLoreConfig
 
-__all__ = ["RefreshError", "refresh_owned", "share_projectors", "share_row_lowrank"]
+__all__ = ["EarlyRefreshes", "RefreshError", "refresh_owned", "share_projectors", "share_row_lowrank"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,38 @@ def refresh_owned(projectors: dict[Hashable, Projector], full: dict[Hashable, to
             continue
         lowrank[k] = proj.project(full.pop(k))
     return lowrank, snapshots, failed
+
+
+@dataclass(kw_only=True, slots=True)
+class EarlyRefreshes:
+    """:func:`refresh_owned` results an owner produced during backward, each as soon as the step's
+    last backward pass completed a matrix's averaged full gradient (its full gradient is freed
+    then, not held until ``step()``).  Kept until ``step()`` shares them, or undone when the step
+    is skipped or its gradients are dropped: nothing of a step that did not happen survives."""
+
+    lowrank: dict = field(default_factory=dict)
+    snapshots: dict = field(default_factory=dict)
+    failed: dict = field(default_factory=dict)
+
+    def __contains__(self, k: Hashable) -> bool:
+        return k in self.snapshots
+
+    def add(self, results: tuple[dict, dict, dict]) -> None:
+        """Add one :func:`refresh_owned` result ``(lowrank, snapshots, failed)``."""
+        for mine, new in zip((self.lowrank, self.snapshots, self.failed), results):
+            mine.update(new)
+
+    def take(self) -> tuple[dict, dict, dict]:
+        """``(lowrank, snapshots, failed)`` so far; afterwards empty."""
+        out = (self.lowrank, self.snapshots, self.failed)
+        self.lowrank, self.snapshots, self.failed = {}, {}, {}
+        return out
+
+    def undo(self, projector_of: Callable[[Hashable], Projector]) -> None:
+        """Restore every projector refreshed early and forget the results."""
+        for k, snapshot in self.snapshots.items():
+            projector_of(k).load_state_dict(snapshot)
+        self.take()
 
 
 def share_projectors(comm: Collectives, items: list[tuple[Hashable, int, Projector, torch.device]], failed: dict, *,

@@ -20,7 +20,7 @@ PER_RANK_BATCH = 2
 GLOBAL_BATCH = 4  # divisible by 1, 2 and 4
 
 
-def _build(seed: int = 0, **cfg_overrides):
+def _build(seed: int = 0, accumulation: int | None = None, **cfg_overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from qgalore_dist import QGaLoreAdamW8bit, QGaLoreConfig, prepare_model
@@ -33,7 +33,8 @@ def _build(seed: int = 0, **cfg_overrides):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or p.dtype == torch.uint8]
     cfg = dict(lr=0.01, rank=8, update_proj_gap=4, proj_group_size=64, seed=seed)
     cfg.update(cfg_overrides)
-    opt = QGaLoreAdamW8bit([p for _, p in named], QGaLoreConfig(**cfg), names={p: n for n, p in named})
+    opt = QGaLoreAdamW8bit([p for _, p in named], QGaLoreConfig(**cfg), names={p: n for n, p in named},
+                           gradient_accumulation_steps=accumulation)
     return model, opt
 
 
@@ -303,12 +304,12 @@ def test_overlap_comm_with_gradient_accumulation():
     assert every_micro[0]["meter"]["lowrank_reduce"]["bytes"] == 2 * plain[0]["meter"]["lowrank_reduce"]["bytes"]
 
 
-def _refresh_step(rank: int, world_size: int, stream: bool) -> dict:
+def _refresh_step(rank: int, world_size: int, stream: bool, accumulation: int | None = None) -> dict:
     """One refresh step (step 0: every matrix refreshes): the full gradients each rank holds
     after backward, and every replicated tensor after the step."""
     from qgalore_dist.core import int8_layer_of
 
-    model, opt = _build(stream_refresh=stream)
+    model, opt = _build(stream_refresh=stream, accumulation=accumulation)
     x = _batches(1, 1)[0, 0, rank * 2:(rank + 1) * 2]
     model(input_ids=x, labels=x).loss.backward()
     stream_reduce = opt.reduces.full
@@ -320,9 +321,11 @@ def _refresh_step(rank: int, world_size: int, stream: bool) -> dict:
     owned = sum(4 * p.numel() for p in opt.galore_params if opt.owner[p] == rank)
     total = sum(4 * p.numel() for p in opt.galore_params)
     launches = stream_reduce.launches_in_backward if stream_reduce is not None else 0
+    early = len(opt.early.snapshots)
     opt.step()
     return {"held": held, "owned": owned, "total": total, "launches": launches, "svds": opt.svds_last_step,
-            "tensors": {n: t.clone() for n, t in opt.replicated_tensors()}, "meter": opt.comm.meter.last_step}
+            "tensors": {n: t.clone() for n, t in opt.replicated_tensors()}, "meter": opt.comm.meter.last_step,
+            "early": early, "owned_count": sum(opt.owner[p] == rank for p in opt.galore_params)}
 
 
 def test_streamed_refresh_keeps_only_owned_full_gradients_and_changes_no_bit():
@@ -343,10 +346,77 @@ def test_streamed_refresh_keeps_only_owned_full_gradients_and_changes_no_bit():
         assert s["meter"]["full_grad_reduce"]["bytes"] == k["meter"]["full_grad_reduce"]["bytes"] > 0
 
 
-def _svd_fails_on_its_owner(rank: int, world_size: int) -> dict:
+def test_svds_at_completion_free_every_full_gradient_in_backward_and_change_no_bit():
+    """With the passes per step known (``gradient_accumulation_steps=1``) each owner runs its SVDs
+    as the last backward pass completes each averaged full gradient: after backward no rank holds
+    any full gradient, every owned matrix was refreshed in backward, and the step's result equals
+    the SVDs at ``step()`` (and the old path) bit for bit, with the same bytes."""
+    at_completion = run_distributed(_refresh_step, 2, True, 1)
+    at_step = run_distributed(_refresh_step, 2, True)
+    for rank, (c, s) in enumerate(zip(at_completion, at_step)):
+        assert c["svds"] == s["svds"] == 14
+        assert c["held"] == 0 < s["held"] == s["owned"]
+        assert c["early"] == c["owned_count"] > 0 and s["early"] == 0
+        differing = [n for n in s["tensors"] if not torch.equal(s["tensors"][n], c["tensors"][n])]
+        assert c["tensors"].keys() == s["tensors"].keys() and not differing, f"rank {rank}: {differing[:5]}"
+        assert c["meter"]["full_grad_reduce"]["bytes"] == s["meter"]["full_grad_reduce"]["bytes"] > 0
+
+
+def test_svds_at_completion_with_gradient_accumulation():
+    """Accumulation 2 with ``gradient_accumulation_steps=2``: with ``no_sync`` on the first
+    micro-batch bit-identical to the SVDs at ``step()``; without it (every micro-batch streamed,
+    the SVD after the second) equal up to rounding; a third backward pass before ``step()``
+    raises the same ``ValueError`` on every rank."""
+    steps = 5  # refreshes at steps 0 and 4
+    at_step = run_distributed(_train, 2, 2, {}, False, steps, True)
+    no_sync = run_distributed(_train, 2, 2, {"accumulation": 2}, False, steps, True)
+    every_micro = run_distributed(_train, 2, 2, {"accumulation": 2}, True, steps)
+    assert no_sync[0]["losses"] == at_step[0]["losses"] and no_sync[0]["svds"] == at_step[0]["svds"]
+    assert all(torch.equal(no_sync[0]["codes"][n], at_step[0]["codes"][n]) for n in at_step[0]["codes"])
+    torch.testing.assert_close(torch.tensor(every_micro[0]["losses"]), torch.tensor(at_step[0]["losses"]),
+                               rtol=1e-4, atol=0)
+    assert every_micro[0]["svds"] == at_step[0]["svds"]
+    messages = run_distributed(_one_pass_too_many, 2)
+    assert messages[0] == messages[1] and "gradient_accumulation_steps is 2" in messages[0]
+
+
+def _one_pass_too_many(rank: int, world_size: int) -> str:
+    model, opt = _build(accumulation=2)
+    x = _batches(1, 1)[0, 0, rank * 2:(rank + 1) * 2]
+    for _ in range(2):
+        model(input_ids=x, labels=x).loss.backward()
+    with pytest.raises(ValueError) as caught:
+        model(input_ids=x, labels=x).loss.backward()
+    return str(caught.value)
+
+
+def _skipped_after_svds_in_backward(rank: int, world_size: int) -> dict:
+    """Step 0 with SVDs run in backward, then skipped (non-finite elsewhere): nothing of it stays."""
+    model, opt = _build(accumulation=1)
+    x = _batches(1, 1)[0, 0, rank * 2:(rank + 1) * 2]
+    model(input_ids=x, labels=x).loss.backward()
+    opt.reduces.full.wait_all()  # the last bucket's SVDs too (else they run at step())
+    refreshed_in_backward = len(opt.early.snapshots)
+    opt.step(extra_finite=rank != 0)  # rank 0's engine found a non-finite gradient
+    out = {"early": refreshed_in_backward, "skipped": opt.skipped_steps,
+           "no_projector": not any(opt.state[p]["projector"].has_matrix() for p in opt.galore_params)}
+    opt.zero_grad()
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    out["next_svds"] = opt.svds_last_step
+    opt.check_replicas()
+    return out
+
+
+def test_a_skipped_step_undoes_svds_run_in_backward():
+    for r in run_distributed(_skipped_after_svds_in_backward, 2):
+        assert r["early"] > 0 and r["skipped"] == 1 and r["no_projector"] and r["next_svds"] == 14
+
+
+def _svd_fails_on_its_owner(rank: int, world_size: int, accumulation: int | None = None) -> dict:
     from qgalore_dist.optim import RefreshError
 
-    model, opt = _build()
+    model, opt = _build(accumulation=accumulation)
     victim = opt.galore_params[3]
     proj = opt.state[victim]["projector"]
     if opt.owner[victim] == rank:
@@ -372,8 +442,9 @@ def _svd_fails_on_its_owner(rank: int, world_size: int) -> dict:
     return out
 
 
-def test_a_failed_svd_raises_on_every_rank_and_changes_nothing():
-    results = run_distributed(_svd_fails_on_its_owner, 2)
+@pytest.mark.parametrize("accumulation", [None, 1], ids=["svd_at_step", "svd_in_backward"])
+def test_a_failed_svd_raises_on_every_rank_and_changes_nothing(accumulation):
+    results = run_distributed(_svd_fails_on_its_owner, 2, accumulation)
     assert results[0]["message"] == results[1]["message"]
     assert results[0]["victim"] in results[0]["message"] and "step 0" in results[0]["message"]
     for r in results:
