@@ -145,6 +145,7 @@ def _overlap_run(rank: int, world_size: int, mesh, steps: int, cfg: dict, projec
         opt.check_replicas()
         opt.check_shards()
     out["codes"] = _codes(opt, True)
+    out["shapes"] = [(opt.name_of(p), tuple(p.shape)) for p in opt.galore_params]  # global (m, n)
     out["launches"] = {name: (r.launches_in_backward, r.launches_at_step) if r else None
                        for name, r in (("lowrank", opt.reduces.lowrank), ("rows", opt.reduces.rows))}
     meters = {"world": opt.comm.meter, "shard": opt.shard_comm.meter}
@@ -168,8 +169,9 @@ def overlap_pair(rank: int, world_size: int, steps: int, cfg: dict, projection: 
     mesh_shape = tuple(mesh_shape or (world_size,))
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard")[-len(mesh_shape):])
     rest = (projection, model_kw, global_batch, accum, no_sync)
-    return {"plain": _overlap_run(rank, world_size, mesh, steps, cfg, *rest),
-            "overlap": _overlap_run(rank, world_size, mesh, steps, {**cfg, "overlap_comm": True}, *rest)}
+    plain = _overlap_run(rank, world_size, mesh, steps, cfg, *rest)
+    overlap = _overlap_run(rank, world_size, mesh, steps, {**cfg, "overlap_comm": True}, *rest)
+    return {"plain": plain, "overlap": overlap, "shapes": overlap["shapes"]}
 
 
 def checkpoint_run(rank: int, world_size: int, ops: list, cfg: dict | None = None, mesh_shape=None,

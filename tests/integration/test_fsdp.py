@@ -301,6 +301,21 @@ def _check_overlap(results: list, *, exact: bool, reducers: tuple[str, ...] = ("
         assert all(overlap["held"][i] < plain["held"][i] for i in steady), (plain["held"], overlap["held"])
 
 
+def _check_held_rows(results: list, rank: int) -> None:
+    """After a steady backward (reduces waited for) each rank holds exactly the closed form's
+    ``grad_steady_rows`` (``qgalore_dist.estimate.fsdp``): its rows ``(r1 - r0, r)`` of every
+    matrix, byte for byte; without overlap every ``(m, r)`` (``grad_steady``)."""
+    from qgalore_dist.estimate.fsdp import galore_components
+    from qgalore_dist.estimate.model import Layout, Tensor
+
+    lay, world = Layout(rank=rank, weight_group=64), len(results)  # build_model's INT8 groups
+    for k, r in enumerate(results):
+        parts = [galore_components(Tensor(name=n, shape=s, galore=True), lay, world, k, False) for n, s in r["shapes"]]
+        steady = [i for i, svds in enumerate(r["plain"]["svds"]) if svds == 0]
+        assert {r["overlap"]["held"][i] for i in steady} == {sum(c["grad_steady_rows"] for c in parts)}
+        assert {r["plain"]["held"][i] for i in steady} == {sum(c["grad_steady"] for c in parts)}
+
+
 def test_fsdp_overlap_comm_reduces_rows_during_backward_bit_identically():
     """2 ranks, 4 KiB buckets: the (m, r) rows are reduce-scattered from the sinks during backward
     (several buckets per step); two ranks sum each element in one order whatever the buckets, so
@@ -308,6 +323,7 @@ def test_fsdp_overlap_comm_reduces_rows_during_backward_bit_identically():
     holds its half of the rows instead of every (m, r) gradient."""
     results = run_distributed(W.overlap_pair, 2, 6, {"bucket_cap_mb": 4 / 1024}, "sharded")
     _check_overlap(results, exact=True)
+    _check_held_rows(results, W.CFG["rank"])
     for r in results:
         assert r["overlap"]["launches"]["rows"][0] > 6 and r["overlap"]["launches"]["lowrank"] == (0, 0)
         steady = [i for i, svds in enumerate(r["plain"]["svds"]) if svds == 0]
@@ -323,6 +339,7 @@ def test_fsdp_overlap_comm_uneven_rows_at_3_ranks():
     results = run_distributed(W.overlap_pair, 3, ODD_STEPS, {**ODD_CFG, "bucket_cap_mb": 4 / 1024}, "sharded", None,
                               ODD_MODEL, ODD_BATCH, timeout_s=600)
     _check_overlap(results, exact=False)
+    _check_held_rows(results, ODD_CFG["rank"])
     print("\n3 ranks, overlap vs step(): identical codes",
           _same_codes(results[0]["overlap"]["codes"], results[0]["plain"]["codes"]),
           "losses identical:", results[0]["overlap"]["losses"] == results[0]["plain"]["losses"])
@@ -354,3 +371,4 @@ def test_fsdp_overlap_comm_with_gradient_accumulation():
                                rtol=1e-4, atol=0)
     lowrank = (every["overlap"]["bytes"]["shard"]["lowrank_reduce"], every["plain"]["bytes"]["shard"]["lowrank_reduce"])
     assert lowrank[0] > lowrank[1]
+
