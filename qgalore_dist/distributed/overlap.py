@@ -86,7 +86,7 @@ class _InFlight:
 
 
 class OverlappedReduce:
-    """Bucketed, asynchronous reduce-scatter of gradients to their owners, launched from
+    """Bucketed, asynchronous reduce-scatter of gradients to their owners or row shards, launched from
     gradient sinks / hooks during backward (module doc).  ``local_grad(p)`` reads this rank's
     accumulated gradient of ``p`` (None: none yet) and ``drop_grad(p)`` releases it.
     ``replicate`` (HSDP, row destinations): the group across which :meth:`collect` averages the
@@ -157,11 +157,8 @@ class OverlappedReduce:
         out, self.owned_sum = self.owned_sum, {}
         if self.replicate is not None:
             wanted = set(params)
-            self._replicate_mean([p for p, _ in self._order() if p in wanted], out)
+            self._replicate_mean([p for b in self.buckets for p, _, _ in b.members if p in wanted], out)
         return {p: out[p] for p in params if p in out}
-
-    def _order(self) -> list[tuple[torch.Tensor, torch.Size]]:
-        return [(p, shape) for bucket in self.buckets for p, _, shape in bucket.members]
 
     def _replicate_mean(self, params: list[torch.Tensor], sums: dict[torch.Tensor, torch.Tensor]) -> None:
         """In place: ``sums[p]`` (this rank's rows, averaged inside ``comm``) becomes the mean
