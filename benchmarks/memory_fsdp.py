@@ -4,12 +4,15 @@ The closed form and its conventions: ``qgalore_dist/estimate/fsdp.py`` (rows mer
 
 Validation (``validate_fsdp``)
     A 2-layer LLaMA (``llama_60m`` widths, odd vocab so the embedding shards are padded, bf16)
-    is sharded with ``fully_shard_qgalore`` on 2 gloo ranks and trains a refresh step and a
-    steady step.  Each rank sums the bytes it really holds -- local storages of the INT8
-    codes / scales / zeros and dense DTensor shards, ``Moment.nbytes()`` of every moment, projector
-    codes / scales / zeros, past vectors, the sink's gradients after each backward -- and every
-    component must equal the closed form for that rank byte for byte; the optimizer's owners
-    must be ``plan_ownership``'s.  Buffers and temporaries are not measured (closed form only).
+    is sharded with ``fully_shard_qgalore`` on 2 gloo ranks (``FsdpSpec.world``: 3 splits the
+    rows unevenly) and trains a refresh step and a steady step.  Each rank sums the bytes it
+    really holds -- local storages of the INT8 codes / scales / zeros and dense DTensor shards,
+    ``Moment.nbytes()`` of every moment, projector codes / scales / zeros, past vectors, the
+    GaLore gradients after each backward (the sinks' local ones and what the backward reduces
+    hold once waited for: streamed refresh's owned full gradients, ``overlap_comm``'s received
+    rows) -- and every component must equal the closed form for that rank byte for byte; the
+    optimizer's owners must be ``plan_ownership``'s.  Buffers, temporaries and the bucket being
+    filled during backward are not measured (closed form only).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class FsdpSpec:
     world: int = 2
     dtype: str = "bfloat16"
     update_proj_gap: int = 100  # step 0 refreshes every matrix, step 1 is steady
+    overlap: bool = False       # QGaLoreConfig.overlap_comm
     seed: int = 0
     timeout_s: float = 240.0
 
@@ -90,12 +94,16 @@ def measure_rank(model, opt) -> dict[str, int]:
     return out
 
 
-def _gradient_bytes(model) -> dict[str, int]:
-    """The sink's GaLore gradients (low-rank or full) and FSDP2's dense gradient shards."""
+def _gradient_bytes(model, opt) -> dict[str, int]:
+    """The GaLore gradients after backward -- the sinks' (low-rank or full) and the backward
+    reduces' results (waited for first, so nothing is in flight) -- and FSDP2's dense shards."""
     from qgalore_dist.core import Int8Linear
 
     int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
     galore = [t for m in int8 for t in (m.lowrank_grad, m.weight_grad) if t is not None]
+    for reducer in opt.reduces.all():
+        reducer.wait_all()
+        galore += list(reducer.owned_sum.values())
     return {"galore": _storage_bytes(galore),
             "dense": _storage_bytes(p.grad for p in model.parameters() if p.grad is not None)}
 
@@ -111,14 +119,15 @@ def _measure(spec: FsdpSpec, rank: int) -> dict[str, Any]:
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(load_config(spec.config, **spec.overrides())).to(getattr(torch, spec.dtype))
     prepare_model(model)
-    config = QGaLoreConfig(rank=spec.rank, update_proj_gap=spec.update_proj_gap, seed=spec.seed)
+    config = QGaLoreConfig(rank=spec.rank, update_proj_gap=spec.update_proj_gap, seed=spec.seed,
+                           overlap_comm=spec.overlap)
     model, opt = fully_shard_qgalore(model, config, init_device_mesh("cpu", (spec.world,)))
     gen = torch.Generator().manual_seed(spec.seed + rank)
     grads, svds = [], []
     for _ in range(2):
         tokens = torch.randint(0, spec.vocab, (1, spec.seq), generator=gen)
         model(input_ids=tokens, labels=tokens).loss.backward()
-        grads.append(_gradient_bytes(model))
+        grads.append(_gradient_bytes(model, opt))
         opt.step()
         svds.append(opt.svds_last_step)
         opt.zero_grad()
@@ -132,13 +141,16 @@ def _launch(spec: FsdpSpec) -> list[dict[str, Any]]:
     return spawn_ranks(_measure, spec, spec.world, spec.timeout_s)
 
 
-def predicted_rank(shapes: Shapes, world: int, rank: int) -> dict[str, int]:
-    """The closed form for ``rank``, in ``measure_rank``'s keys plus the two gradient probes."""
+def predicted_rank(shapes: Shapes, world: int, rank: int, overlap: bool = False) -> dict[str, int]:
+    """The closed form for ``rank``, in ``measure_rank``'s keys plus the two gradient probes
+    (refresh: streamed, the owner's full gradients; steady: every (m, r) gradient, or with
+    ``overlap`` this rank's rows of them)."""
     c = components(shapes, world, rank)
     held = {k: c[k] for k in ("int8_codes", "int8_scales_zeros", "dense_weights", "lowrank_state", "dense_state",
                               "proj_codes", "proj_scales_zeros", "proj_past_vector")}
-    return {**held, "unaccounted": 0, "grad_refresh.galore": c["grad_refresh"], "grad_refresh.dense": c["dense_grads"],
-            "grad_steady.galore": c["grad_steady"], "grad_steady.dense": c["dense_grads"]}
+    steady = c["grad_steady_rows"] if overlap else c["grad_steady"]
+    return {**held, "unaccounted": 0, "grad_refresh.galore": c["grad_refresh_owned"],
+            "grad_refresh.dense": c["dense_grads"], "grad_steady.galore": steady, "grad_steady.dense": c["dense_grads"]}
 
 
 def validate_fsdp(spec: FsdpSpec = FsdpSpec()) -> dict[str, Any]:
@@ -152,7 +164,7 @@ def validate_fsdp(spec: FsdpSpec = FsdpSpec()) -> dict[str, Any]:
     for rank, res in enumerate(results):
         measured = {**res["held"], **{f"{probe}.{kind}": res[probe][kind] for probe in ("grad_refresh", "grad_steady")
                                       for kind in ("galore", "dense")}}
-        predicted = predicted_rank(shapes, spec.world, rank)
+        predicted = predicted_rank(shapes, spec.world, rank, spec.overlap)
         rows = {k: {"measured": measured[k], "predicted": p, "equal": measured[k] == p} for k, p in predicted.items()}
         ranks.append({"rank": rank, "components": rows, "svds": res["svds"],
                       "owners_match": res["owners"] == galore_owners(shapes, spec.world),

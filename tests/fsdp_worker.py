@@ -109,6 +109,71 @@ def train_fsdp(rank: int, world_size: int, steps: int, cfg: dict, projection: st
             "lowrank_shapes": [(tuple(p.shape), opt.state[p]["projector"].lowrank_shape) for p in opt.galore_params]}
 
 
+def _overlap_run(rank: int, world_size: int, mesh, steps: int, cfg: dict, projection: str, model_kw, global_batch: int,
+                 accum: int, no_sync: bool) -> dict:
+    """One FSDP2 run of :func:`overlap_pair`; per step: the mean loss, SVDs, and the low-rank gradient
+    bytes this rank holds after backward (reduces waited for, so it does not depend on timing)."""
+    import contextlib
+
+    from qgalore_dist import QGaLoreConfig
+    from qgalore_dist.integrations.fsdp import fully_shard_qgalore
+
+    model, opt = fully_shard_qgalore(build_model(**(model_kw or {})), QGaLoreConfig(**cfg), mesh,
+                                     projection=projection)
+    data = batches(steps * accum, global_batch)
+    per_rank = global_batch // world_size
+    out: dict = {"losses": [], "svds": [], "held": []}
+    for step in range(steps):
+        total = torch.zeros(())
+        for micro in range(accum):
+            x = data[step * accum + micro, rank * per_rank:(rank + 1) * per_rank]
+            last = micro == accum - 1
+            quiet = no_sync and not last
+            model.set_requires_gradient_sync(not quiet)
+            with opt.no_sync() if quiet else contextlib.nullcontext():
+                loss = model(input_ids=x, labels=x).loss / accum
+                loss.backward()
+            total += loss.detach()
+        for reducer in opt.reduces.all():
+            reducer.wait_all()
+        out["held"].append(opt.lowrank_grad_bytes())
+        opt.step()
+        opt.zero_grad()
+        dist.all_reduce(total)
+        out["losses"].append(total.item() / world_size)
+        out["svds"].append(opt.svds_last_step)
+        opt.check_replicas()
+        opt.check_shards()
+    out["codes"] = _codes(opt, True)
+    out["shapes"] = [(opt.name_of(p), tuple(p.shape)) for p in opt.galore_params]  # global (m, n)
+    out["launches"] = {name: (r.launches_in_backward, r.launches_at_step) if r else None
+                       for name, r in (("lowrank", opt.reduces.lowrank), ("rows", opt.reduces.rows))}
+    meters = {"world": opt.comm.meter, "shard": opt.shard_comm.meter}
+    if opt.replicate_comm is not None:
+        meters["replicate"] = opt.replicate_comm.meter
+    out["bytes"] = {group: {k: m.total_bytes[k] for k in m.total_bytes} for group, m in meters.items()}
+    return out
+
+
+def overlap_pair(rank: int, world_size: int, steps: int, cfg: dict, projection: str = "sharded", mesh_shape=None,
+                 model_kw: dict | None = None, global_batch: int = GLOBAL_BATCH, accum: int = 1,
+                 no_sync: bool = False) -> dict:
+    """The same FSDP2 training twice on one mesh: ``overlap_comm`` off (reduces in ``step()``),
+    then on; both with ``optimizer.no_sync()`` and FSDP2's ``set_requires_gradient_sync(False)`` on
+    all but the last of ``accum`` micro-batches when ``no_sync``.  ``{"plain": ..., "overlap": ...}``
+    of :func:`_overlap_run`, with the metered bytes per group and kind over the whole run."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    cfg = {**CFG, **cfg}
+    cfg.pop("proj_type", None)
+    mesh_shape = tuple(mesh_shape or (world_size,))
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard")[-len(mesh_shape):])
+    rest = (projection, model_kw, global_batch, accum, no_sync)
+    plain = _overlap_run(rank, world_size, mesh, steps, cfg, *rest)
+    overlap = _overlap_run(rank, world_size, mesh, steps, {**cfg, "overlap_comm": True}, *rest)
+    return {"plain": plain, "overlap": overlap, "shapes": overlap["shapes"]}
+
+
 def checkpoint_run(rank: int, world_size: int, ops: list, cfg: dict | None = None, mesh_shape=None,
                    projection: str = "sharded", model_kw: dict | None = None, global_batch: int = GLOBAL_BATCH) -> dict:
     """Run ``ops`` in order on a mesh of ``world_size`` ranks (default 1-D FSDP2; ``mesh_shape``

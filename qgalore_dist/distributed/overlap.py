@@ -16,6 +16,16 @@ adds the averaged result to its own sum when the collective completes.  So the e
 while backward computes the earlier layers, and between backward and ``step()`` only owners
 hold low-rank gradients: ZeRO-2's gradient partitioning applied to the low-rank tensors.
 
+Row-sharded results (FSDP2's right-projected low-rank gradients, ``RowShardedLayout``): a
+member's destination is then the row ranges of every rank instead of one owner, and rank ``k``'s
+chunk carries rows ``ranges[k]`` of each member -- the reduce-scatter of
+:func:`~qgalore_dist.distributed.exchange.reduce_rows_to_shards`, launched during backward; after
+backward each rank holds its own rows only.  HSDP: the reduce-scatter runs inside the shard group
+and the mean across the replicate group is one all-reduce per bucket of the kept rows in
+:meth:`collect` (at ``step()``): FSDP2 issues its own all-reduces on that group during backward,
+and a collective launched from :meth:`_reap`, whose timing is not the same on every rank, could
+interleave with them in a different order on different ranks.
+
 Dense parameters work the same way, reporting from a post-accumulate-grad hook: ``p.grad`` is
 reduced to the parameter's owner and dropped on every rank (ZeRO-2 for the dense part).
 
@@ -48,7 +58,11 @@ import torch
 from .comm import Collectives, TrafficKind
 from .exchange import pack_buckets
 
-__all__ = ["OverlappedReduce"]
+__all__ = ["Destination", "OverlappedReduce"]
+
+Destination = int | tuple[tuple[int, int], ...]
+"""Where a member's reduced gradient goes: its owner rank, or rows ``[r0, r1)`` to every rank
+(rank ``k`` of the group at index ``k``; contiguous, uneven or empty ranges allowed)."""
 
 FIRST_BUCKET_BYTES = 2**20
 """Cap of the first bucket (DDP's ``_DEFAULT_FIRST_BUCKET_BYTES``)."""
@@ -62,8 +76,8 @@ otherwise keep every bucket's send buffer -- on a refresh step, every full gradi
 
 @dataclass(kw_only=True, slots=True)
 class _Bucket:
-    members: list[tuple[torch.Tensor, int, torch.Size]]
-    """``(parameter, owner_rank, gradient_shape)`` in plan order."""
+    members: list[tuple[torch.Tensor, Destination, torch.Size]]
+    """``(parameter, destination, gradient_shape)`` in plan order."""
     reported: set[torch.Tensor] = field(default_factory=set)
     """Members that reported a gradient since the bucket last launched (sync mode only)."""
 
@@ -71,7 +85,8 @@ class _Bucket:
 @dataclass(kw_only=True, slots=True)
 class _InFlight:
     mine: list[tuple[torch.Tensor, torch.Size]]
-    """This rank's members of the bucket (it owns them), in the order of its output chunk."""
+    """What this rank receives of the bucket (members it owns, its rows of row-reduced ones) with
+    its shape, in the order of its output chunk."""
     out: torch.Tensor
     chunks: list[torch.Tensor]
     """The send buffers, kept alive until the collective completes."""
@@ -81,14 +96,17 @@ class _InFlight:
 
 
 class OverlappedReduce:
-    """Bucketed, asynchronous reduce-scatter of gradients to their owners, launched from
+    """Bucketed, asynchronous reduce-scatter of gradients to their owners or row shards, launched from
     gradient sinks / hooks during backward (module doc).  ``local_grad(p)`` reads this rank's
-    accumulated gradient of ``p`` (None: none yet) and ``drop_grad(p)`` releases it."""
+    accumulated gradient of ``p`` (None: none yet) and ``drop_grad(p)`` releases it.
+    ``replicate`` (HSDP, row destinations): the group across which :meth:`collect` averages the
+    received rows."""
 
     def __init__(self, comm: Collectives, *, kind: TrafficKind, dtype: torch.dtype, bucket_bytes: int | None,
                  local_grad: Callable[[torch.Tensor], torch.Tensor | None],
-                 drop_grad: Callable[[torch.Tensor], None]) -> None:
+                 drop_grad: Callable[[torch.Tensor], None], replicate: Collectives | None = None) -> None:
         self.comm, self.kind, self.dtype, self.bucket_bytes = comm, kind, dtype, bucket_bytes
+        self.replicate = replicate if replicate is not None and replicate.world_size > 1 else None
         self.local_grad, self.drop_grad = local_grad, drop_grad
         self.buckets: list[_Bucket] = []
         self.bucket_of: dict[torch.Tensor, int] = {}
@@ -115,9 +133,9 @@ class OverlappedReduce:
     def members(self) -> set[torch.Tensor]:
         return set(self.bucket_of)
 
-    def plan(self, items: list[tuple[torch.Tensor, int, torch.Size]]) -> None:
-        """Buckets for the coming backward; ``items`` are ``(parameter, owner, gradient_shape)``
-        in backward order.  Nothing may be in flight or pending."""
+    def plan(self, items: list[tuple[torch.Tensor, Destination, torch.Size]]) -> None:
+        """Buckets for the coming backward; ``items`` are ``(parameter, destination,
+        gradient_shape)`` in backward order.  Nothing may be in flight or pending."""
         assert not self.in_flight and not self.owned_sum, "re-planned with a reduce in progress"
         itemsize = self.dtype.itemsize
         buckets = pack_buckets(items, self.bucket_bytes, lambda shape: itemsize, first_bucket_bytes=FIRST_BUCKET_BYTES)
@@ -164,10 +182,28 @@ class OverlappedReduce:
 
     def collect(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Wait for every launched reduce; ``{parameter: averaged gradient summed over
-        micro-batches}`` for the ``params`` this rank owns (fp32)."""
+        micro-batches}`` for the ``params`` this rank owns or holds rows of (fp32).  With
+        ``replicate``, ``params`` (the same list on every rank) names what is averaged across it."""
         self._reap(block=True)
         out, self.owned_sum = self.owned_sum, {}
+        if self.replicate is not None:
+            wanted = set(params)
+            self._replicate_mean([p for b in self.buckets for p, _, _ in b.members if p in wanted], out)
         return {p: out[p] for p in params if p in out}
+
+    def _replicate_mean(self, params: list[torch.Tensor], sums: dict[torch.Tensor, torch.Tensor]) -> None:
+        """In place: ``sums[p]`` (this rank's rows, averaged inside ``comm``) becomes the mean
+        across ``replicate`` too, one all-reduce of the payload dtype per bucket in plan order --
+        the traffic and the rounding of :func:`~qgalore_dist.distributed.exchange.reduce_rows_to_shards`."""
+        assert all(p in sums for p in params), "a reduced gradient is missing before the replicate mean"
+        itemsize = self.dtype.itemsize
+        for bucket in pack_buckets([(p, None, sums[p]) for p in params], self.bucket_bytes, lambda t: itemsize):
+            flat = torch.cat([t.reshape(-1).to(self.dtype) for _, _, t in bucket])
+            self.replicate.all_reduce_mean(flat, self.kind)
+            offset = 0
+            for p, _, t in bucket:
+                sums[p] = flat[offset:offset + t.numel()].view(t.shape).to(torch.float32)
+                offset += t.numel()
 
     def wait_all(self) -> None:
         """Complete every launched reduce now (``collect`` does it too)."""
@@ -198,22 +234,8 @@ class OverlappedReduce:
         # The oldest reduce completes before this one's send buffers exist: at most MAX_IN_FLIGHT
         # buckets' buffers plus the one being formed (a single-stream backend serializes them anyway).
         self._reap(block=True, keep=MAX_IN_FLIGHT - 1)
-        rank, world = self.comm.rank, self.comm.world_size
-        device = bucket.members[0][0].device
-        by_owner: list[list[torch.Tensor]] = [[] for _ in range(world)]
-        mine = []
-        for p, owner, shape in bucket.members:
-            grad = self.local_grad(p)
-            by_owner[owner].append(torch.zeros(shape, device=device) if grad is None else grad)
-            self.drop_grad(p)  # only the owner keeps it, as the reduced sum
-            if owner == rank:
-                mine.append((p, shape))
-        grad = None
-        chunks = []
-        for k, group in enumerate(by_owner):  # each owner's gradients freed once copied into its chunk
-            chunks.append(torch.cat([t.reshape(-1).to(self.dtype) for t in group]) if group
-                          else torch.empty(0, dtype=self.dtype, device=device))
-            by_owner[k] = group = []
+        chunks, mine = _bucket_chunks(bucket.members, self.comm.rank, self.comm.world_size, self.dtype,
+                                      self.local_grad, self.drop_grad)
         self._finite += [torch.isfinite(chunk).all() for chunk in chunks]
         out, handle = self.comm.reduce_scatter_start(chunks, self.kind)
         self.in_flight.append(_InFlight(mine=mine, out=out, chunks=chunks, handle=handle, final=final))
@@ -239,3 +261,36 @@ class OverlappedReduce:
             if first.final and self.on_complete is not None:
                 for p, _ in first.mine:
                     self.on_complete(p, self.owned_sum.pop(p))
+
+
+def _bucket_chunks(members: list[tuple[torch.Tensor, Destination, torch.Size]], rank: int, world: int,
+                   dtype: torch.dtype, local_grad, drop_grad) -> tuple[list[torch.Tensor], list]:
+    """The reduce-scatter's send chunks of one bucket (chunk ``k``: what rank ``k`` receives, in
+    plan order) and ``(parameter, shape)`` of this rank's part of each member that it receives.
+    A member goes whole to its owner (an ``int``), or rows ``ranges[k]`` of it to every rank
+    ``k`` (a tuple of row ranges).  Every local gradient is dropped here: once concatenated into
+    the chunks, only the receivers keep it, as the reduced sum."""
+    device = members[0][0].device
+    parts: list[list[torch.Tensor]] = [[] for _ in range(world)]
+    mine = []
+    for p, dest, shape in members:
+        grad = local_grad(p)
+        grad = torch.zeros(shape, device=device) if grad is None else grad
+        drop_grad(p)
+        if isinstance(dest, int):
+            parts[dest].append(grad)
+            if dest == rank:
+                mine.append((p, shape))
+            continue
+        assert len(dest) == world, f"{len(dest)} row ranges for {world} ranks"
+        for k, (r0, r1) in enumerate(dest):
+            parts[k].append(grad[r0:r1])
+        r0, r1 = dest[rank]
+        mine.append((p, torch.Size((r1 - r0, *shape[1:]))))
+    grad = None
+    chunks = []
+    for k, group in enumerate(parts):  # each receiver's gradients freed once copied into its chunk
+        chunks.append(torch.cat([t.reshape(-1).to(dtype) for t in group]) if group
+                      else torch.empty(0, dtype=dtype, device=device))
+        parts[k] = group = []
+    return chunks, mine

@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--int8-partitioned", action=argparse.BooleanOptionalAction, default=None,
                    help="ZeRO-3: INT8 weights partitioned 1/N (the default under zero3, as qgalore_dist.initialize "
                         "does); --no-int8-partitioned: replicated (\"int8_partition\": false)")
-    p.add_argument("--overlap-comm", action="store_true", help="QGaLoreConfig.overlap_comm (ddp / zero2 / zero3)")
+    p.add_argument("--overlap-comm", action="store_true",
+                   help="QGaLoreConfig.overlap_comm (gradients reduced during backward; steady steps)")
     p.add_argument("--update-proj-gap", type=int, default=200, help="initial refresh gap T")
     p.add_argument("--train-steps", type=int, default=150_000, help="run length of the run-average bytes")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -95,7 +96,8 @@ def render(e: Estimate) -> str:
     lines = [f"{e.model}: {p['total']:,} parameters, {p['galore'] / p['total']:.1%} in {e.galore_matrices} GaLore "
              f"matrices (rank {req.rank}); {req.world} rank(s), engine {req.engine}; "
              f"streamed_refresh={req.streamed_refresh}"
-             + (f", int8_partitioned={req.partitioned}" if req.engine == "zero3" else ""), "",
+             + (f", int8_partitioned={req.partitioned}" if req.engine == "zero3" else "")
+             + (", overlap_comm=True" if req.overlap_comm else ""), "",
              "Memory per rank, GiB (most loaded rank; model states = weights + gradients + optimizer + projectors; "
              "peak = model states + buffers + temporary; no activations)",
              f"  {'':<{width}}" + "".join(f"{k:>10}" for k in _HEADERS)]

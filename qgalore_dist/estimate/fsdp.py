@@ -8,6 +8,8 @@ form; the most loaded of N ranks, columns as in ``ranks.py``.
                ``ceil(n / g)`` groups each -- the row-aligned layout, sharded as ``(m, ceil(n/g))``).
 * gradients    steady step: the sink's fp32 ``(m, r)`` low-rank gradient of *every* matrix (each
                rank projects its own full gradient, all m rows, before the row reduce-scatter);
+               with ``overlap_comm`` the rows leave during backward: this rank's fp32 rows
+               ``(r1 - r0, r)`` of every matrix + one bucket of ``(m, r)`` gradients being filled;
                refresh step: the full fp32 ``(m, n)`` gradient of every matrix (today), or with
                ``streamed_refresh`` the ones this rank owns + one bucket + one transient full
                gradient; plus the dense gradient shards (``dense_bytes`` per element).
@@ -22,7 +24,9 @@ form; the most loaded of N ranks, columns as in ``ranks.py``.
                refresh steps also the ``(m, r)`` projections of the new full gradients and the
                owner's low-rank results; and (b) FSDP2's backward: the root group (embeddings,
                head, final norm) unsharded, its unsharded gradients and their reduce-scatter
-               copy, and two decoder layers all-gathered (current + prefetched).
+               copy, and two decoder layers all-gathered (current + prefetched).  With
+               ``overlap_comm`` a steady step's row reduce-scatter runs inside (b): one bucket
+               in flight on top of it, nothing at ``step()``.
 * temporary    refresh: the owner's clone of the largest full gradient + its SVD factors (when
                larger than the buffers then alive); otherwise the torch row update of the
                largest matrix: fp32 ``P`` (r x n) + five fp32 ``ceil(m/N) x n`` row tensors; at least
@@ -101,7 +105,9 @@ def galore_components(t: Tensor, lay: Layout, world: int, rank: int, owner: bool
         "proj_scales_zeros": 2 * 4 * (r * n // lay.proj_group),
         "proj_past_vector": 4 * n if owner and lay.adaptive else 0,
         "grad_steady": 4 * m * r,
+        "grad_steady_rows": 4 * (r1 - r0) * r,     # overlap_comm: this rank's reduced rows
         "grad_refresh": 4 * m * n,
+        "grad_refresh_owned": 4 * m * n if owner else 0,  # stream_refresh: the owner's reduced sum
     }
 
 
@@ -140,6 +146,12 @@ def layer_groups(shapes: Shapes) -> tuple[int, int]:
     return root, max(layers.values())
 
 
+def _rows_bucket(shapes: Shapes, elem_bytes: int) -> int:
+    """One ``bucket_cap_mb`` bucket of ``(m, r)`` low-rank gradients, ``elem_bytes`` per element."""
+    rows = [t.shape[0] * shapes.lay.rank for t in shapes.galore]
+    return bucket(elem_bytes * sum(rows), elem_bytes * max(rows), bucket_cap())
+
+
 def _step_buffers(shapes: Shapes, world: int, rank: int, steady: bool, streamed_refresh: bool = True) -> int:
     """The step's row reduce-scatter buffers (and, refreshing, the projections and owner results)."""
     lay, b, owners = shapes.lay, payload_bytes(), galore_owners(shapes, world)
@@ -156,21 +168,30 @@ def _step_buffers(shapes: Shapes, world: int, rank: int, steady: bool, streamed_
 
 
 def fsdp_rank_bytes(shapes: Shapes, world: int, rank: int, *, steady: bool,
-                    streamed_refresh: bool = True) -> RankBytes:
-    """``FSDPQGaLoreAdamW8bit`` (``projection="sharded"``) on ``rank`` of ``world`` (module doc)."""
+                    streamed_refresh: bool = True, overlap: bool = False) -> RankBytes:
+    """``FSDPQGaLoreAdamW8bit`` (``projection="sharded"``) on ``rank`` of ``world`` (module doc);
+    ``overlap``: ``QGaLoreConfig.overlap_comm`` (changes steady steps only: a refresh step's
+    refreshing layers keep full gradients, which are not overlapped this way)."""
     reason = not_shardable(shapes, world)
     if reason:
         raise Unsupported(reason)
     c, lay, owners = components(shapes, world, rank), shapes.lay, galore_owners(shapes, world)
     root, layer = layer_groups(shapes)
     root_grads = lay.dense_bytes * sum(t.numel for t in shapes.dense if ".layers." not in t.name)
-    buffers = max(_step_buffers(shapes, world, rank, steady, streamed_refresh), root + 2 * root_grads + 2 * layer)
+    overlap = overlap and steady
+    backward = root + 2 * root_grads + 2 * layer
+    if overlap:  # the rows' reduce-scatter runs during backward, one bucket in flight; nothing at step()
+        buffers = backward + _rows_bucket(shapes, payload_bytes())
+    else:
+        buffers = max(_step_buffers(shapes, world, rank, steady, streamed_refresh), backward)
     largest = max(shapes.galore, key=lambda t: t.numel)
     (m, n), r = largest.shape, lay.rank
     temporary = max(4 * (r * n + 5 * _dense_rows(m, world) * n), 4 * m * n)
     if not steady and owners[largest.name] == rank:
         temporary = max(temporary, svd_temporary(largest) - buffers)
-    if steady:
+    if overlap:  # own rows of every matrix + one bucket of local (m, r) gradients being filled
+        galore_grads = c["grad_steady_rows"] + _rows_bucket(shapes, 4)
+    elif steady:
         galore_grads = c["grad_steady"]
     elif streamed_refresh:
         galore_grads = streamed_full_grads(shapes, world, [t for t in shapes.galore if owners[t.name] == rank])
@@ -216,6 +237,9 @@ def approaches() -> dict[str, tuple[str, Any]]:
                                     lambda s, n, r: fsdp2_baseline_bytes(s, n, r, eight_bit=True)),
         "ours_fsdp2_steady": ("ours on FSDP2 (qgalore_dist.integrations.fsdp, sharded rows), steady step",
                               lambda s, n, r: fsdp_rank_bytes(s, n, r, steady=True)),
+        "ours_fsdp2_steady_overlap": ("ours on FSDP2 with overlap_comm, steady step (rows reduce-scattered "
+                                      "during backward)",
+                                      lambda s, n, r: fsdp_rank_bytes(s, n, r, steady=True, overlap=True)),
         "ours_fsdp2_refresh": ("ours on FSDP2, refresh step (all matrices; full gradients streamed to owners)",
                                lambda s, n, r: fsdp_rank_bytes(s, n, r, steady=False)),
         "ours_fsdp2_refresh_kept": ("ours on FSDP2, refresh step with stream_refresh=False (every rank keeps "

@@ -78,7 +78,7 @@ class EstimateRequest:
         """Whether the INT8 weights are partitioned in this estimate (``int8_partitioned`` resolved)."""
         return self.engine == "zero3" if self.int8_partitioned is None else self.int8_partitioned
     overlap_comm: bool = False
-    """``QGaLoreConfig.overlap_comm`` (ddp / zero2 / zero3 steady steps)."""
+    """``QGaLoreConfig.overlap_comm`` (steady steps; fsdp2: rows reduce-scattered during backward)."""
     update_proj_gap: int = 200
     """Initial refresh gap T."""
     train_steps: int = 150_000
@@ -165,7 +165,8 @@ def _memory(key: str, label: str, fn, shapes: Shapes, world: int) -> MemoryRow:
 def _ours_fn(req: EstimateRequest, steady: bool):
     """f(shapes, world, rank) -> RankBytes of ours on ``req.engine``."""
     if req.engine == "fsdp2":
-        return lambda s, n, r: fsdp_rank_bytes(s, n, r, steady=steady, streamed_refresh=req.streamed_refresh)
+        return lambda s, n, r: fsdp_rank_bytes(s, n, r, steady=steady, streamed_refresh=req.streamed_refresh,
+                                               overlap=req.overlap_comm)
     zero = {"ddp": None, "zero2": ZeroBuckets(), "zero3": ZERO3_DEFAULT}[req.engine]
     kw = dict(steady=steady, zero=zero, overlap=req.overlap_comm, streamed_refresh=req.streamed_refresh,
               zero_stage=3 if req.engine == "zero3" else 2, int8_partitioned=req.partitioned,
@@ -247,8 +248,6 @@ def _check(req: EstimateRequest) -> None:
         raise ValueError(f"--world: must be >= 1, got {req.world}")
     if req.int8_partitioned and req.engine != "zero3":
         raise ValueError("--int8-partitioned: applies to --engine zero3 only")
-    if req.overlap_comm and req.engine == "fsdp2":
-        raise ValueError("--overlap-comm: applies to --engine ddp, zero2 or zero3 only")
     if req.update_proj_gap < 1 or req.train_steps < 1:
         raise ValueError("--update-proj-gap and --train-steps: must be >= 1")
 

@@ -59,6 +59,15 @@ changes numerics against the single-process reference (kept for later).  The sha
 ``R`` are then formed from each rank's own gradient with the new projector and reduce-scattered
 like a steady step (an extra ``(N-1)/N * m r * 4`` bytes on refresh steps).
 
+``overlap_comm``: the same reduces start during backward instead of in ``step()``, as each INT8
+layer's sink projects its gradient: right-projected rows are reduce-scattered by row ranges
+(inside the shard group), left-projected ones to their owners, in bucket-sized collectives in
+plan order with at most one bucket in flight (:mod:`qgalore_dist.distributed.overlap`); each
+sink's full-size ``(m, r)`` gradient is freed once its bucket leaves, so after backward a rank
+holds only its rows and the owner-held results it owns.  HSDP's mean across the replicate group
+still runs at ``step()``, one all-reduce per bucket of the kept rows (same bytes and rounding as
+without overlap).  ``optimizer.no_sync()`` on all but the last micro-batch accumulates locally.
+
 HSDP (2-D mesh ``(replicate, shard)``): FSDP2 shards over the shard dim and all-reduces dense
 gradients across replicas itself.  INT8 rows are split over the shard dim; the (m, r) rows are
 reduce-scattered inside the shard group and then all-reduced across the replicate group
@@ -273,6 +282,11 @@ class RowShardedLayout:
                                      "lowrank_reduce", replicate_comm=self.replicate_comm, dtype=dtype,
                                      bucket_bytes=bucket_bytes)
 
+    def backward_row_groups(self) -> tuple[Collectives, Collectives | None]:
+        # overlap_comm: the rows' reduce-scatter runs during backward, inside the shard group;
+        # the replicate mean waits for step() (distributed/overlap.py says why).
+        return self.shard_comm, self.replicate_comm
+
     def moment_codec(self, numel_global: int, codec: BlockwiseCodec) -> BlockwiseCodec:
         # The 8-bit/fp32 choice follows the *global* size; a shard's blocks are then its own.
         eight = codec.uses_8bit(numel_global)
@@ -305,9 +319,6 @@ class FSDPQGaLoreAdamW8bit(QGaLoreAdamW8bit):
         if cfg.compress_dense or overrides.get("compress_dense"):
             raise ValueError("QGaLoreConfig.compress_dense: under FSDP2 the dense gradients are reduced by "
                              "fully_shard itself, not by the optimizer; leave it False")
-        if cfg.overlap_comm or overrides.get("overlap_comm"):
-            raise ValueError("QGaLoreConfig.overlap_comm is not implemented under FSDP2 yet (its row "
-                             "reduce-scatter runs in step()); leave it False")
         super().__init__(params, config, names=names, collectives=world, layout=layout,
                          **overrides)
         for p in self.galore_params:

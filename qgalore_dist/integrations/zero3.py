@@ -116,6 +116,14 @@ class ZeroRowLayout:
     def reduce_rows(self, items: list, *, dtype: torch.dtype, bucket_bytes: int) -> dict:
         return self.rows_layout.reduce_rows(items, dtype=dtype, bucket_bytes=bucket_bytes)
 
+    def backward_row_groups(self) -> None:
+        # Rows stay reduced in step() under DeepSpeed: RowShardedLayout's overlapped row reduce
+        # has not been run inside engine.backward (ZeRO-3's own hooks share the group).
+        return None
+
+    def row_ranges(self, p: torch.Tensor) -> list[tuple[int, int]]:
+        return self.rows_layout.row_ranges(p)
+
     def moment_codec(self, numel_global: int, codec: BlockwiseCodec) -> BlockwiseCodec:
         return self.rows_layout.moment_codec(numel_global, codec)
 

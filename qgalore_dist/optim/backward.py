@@ -1,7 +1,9 @@
 """What runs during backward: each INT8 layer's gradient sink, and the reduces that send
 gradients to their owners as soon as backward produces them (:class:`OverlappedReduce`).
 
-* ``lowrank`` (``overlap_comm``): steady layers' low-rank gradients.
+* ``lowrank`` (``overlap_comm``): steady layers' low-rank gradients, to their owners.
+* ``rows`` (``overlap_comm`` on a layout that reduces by rows during backward, FSDP2): steady
+  row-reduced layers' low-rank gradients, each rank's row range to it.
 * ``dense`` (``overlap_comm`` where the optimizer manages dense parameters): ``p.grad`` from
   post-accumulate-grad hooks.
 * ``full`` (``stream_refresh``, world size > 1): refreshing layers' full fp32 gradients, so no
@@ -31,6 +33,7 @@ class BackwardReduces:
     """The reduces overlapped with backward (module doc); each None when off."""
 
     lowrank: OverlappedReduce | None = None
+    rows: OverlappedReduce | None = None
     dense: OverlappedReduce | None = None
     full: OverlappedReduce | None = None
     layers: dict[torch.Tensor, Int8Linear] = field(default_factory=dict)
@@ -39,15 +42,22 @@ class BackwardReduces:
 
     @classmethod
     def build(cls, comm: Collectives, *, overlap_comm: bool, stream_refresh: bool, dtype: torch.dtype,
-              bucket_bytes: int | None, dense_owned: list[tuple[torch.Tensor, int]] | None) -> "BackwardReduces":
+              bucket_bytes: int | None, dense_owned: list[tuple[torch.Tensor, int]] | None,
+              row_groups: tuple[Collectives, Collectives | None] | None = None) -> "BackwardReduces":
         """``dense_owned``: ``(parameter, owner_rank)`` of the dense parameters the optimizer
-        reduces itself (None: an engine does), hooked in reverse order (backward's)."""
+        reduces itself (None: an engine does), hooked in reverse order (backward's).
+        ``row_groups``: ``(shard, replicate)`` groups of a layout whose row reduce may run
+        during backward (None: row-reduced matrices wait for ``step()``)."""
         common = dict(dtype=dtype, bucket_bytes=bucket_bytes)
         out = cls()
         layers = out.layers
         if overlap_comm:
             out.lowrank = OverlappedReduce(comm, kind="lowrank_reduce", local_grad=lambda p: layers[p].lowrank_grad,
                                            drop_grad=lambda p: setattr(layers[p], "lowrank_grad", None), **common)
+        if overlap_comm and row_groups is not None:
+            out.rows = OverlappedReduce(row_groups[0], kind="lowrank_reduce", replicate=row_groups[1],
+                                        local_grad=lambda p: layers[p].lowrank_grad,
+                                        drop_grad=lambda p: setattr(layers[p], "lowrank_grad", None), **common)
         if overlap_comm and dense_owned is not None:
             out.dense = OverlappedReduce(comm, kind="dense", local_grad=lambda p: p.grad,
                                          drop_grad=lambda p: setattr(p, "grad", None), **common)
@@ -69,20 +79,22 @@ class BackwardReduces:
 
     @property
     def overlapped(self) -> set[torch.Tensor]:
-        """The matrices whose low-rank gradients ``lowrank`` reduces this step (empty when off)."""
-        return self.lowrank.members if self.lowrank is not None else set()
+        """The matrices whose low-rank gradients ``lowrank`` or ``rows`` reduce this step (empty when off)."""
+        return set().union(*(r.members for r in (self.lowrank, self.rows) if r is not None))
 
     def all(self) -> list[OverlappedReduce]:
-        return [r for r in (self.lowrank, self.dense, self.full) if r is not None]
+        return [r for r in (self.lowrank, self.dense, self.full, self.rows) if r is not None]
 
     def arm(self, galore_params: list[torch.Tensor], *, refresh_due: Callable[[torch.Tensor], bool],
             owner: dict[torch.Tensor, int], projector: Callable[[torch.Tensor], Projector],
-            row_reduced: Callable[[torch.Tensor], bool]) -> None:
+            row_reduced: Callable[[torch.Tensor], bool],
+            row_ranges: Callable[[torch.Tensor], list[tuple[int, int]]] | None = None) -> None:
         """Give each INT8 layer its sink for the coming backward: refreshing layers keep the
         full gradient (with ``full``: until it leaves for its owner), the others project at
-        once (with ``lowrank``: and report, unless ``row_reduced`` -- those are reduce-scattered
-        by rows in ``step()``, not sent to an owner); then plan both reduces."""
-        steady, refreshing = [], []
+        once (with ``lowrank``: and report; ``row_reduced`` ones report to ``rows``, with every
+        rank's ``row_ranges``, or without it are reduce-scattered by rows in ``step()``); then
+        plan the reduces."""
+        steady, refreshing, by_rows = [], [], []
         for p in galore_params:
             layer = int8_layer_of(p)
             if layer is None:
@@ -94,13 +106,18 @@ class BackwardReduces:
                 layer.grad_sink = (accumulate_full_grad if self.full is None
                                    else _reporting(p, accumulate_full_grad, self.full))
                 refreshing.append((p, owner[p], full_shape))
-            elif self.lowrank is None or row_reduced(p):
+            elif self.lowrank is None or (row_reduced(p) and self.rows is None):
                 layer.grad_sink = lowrank_sink(proj.project)
+            elif row_reduced(p):
+                layer.grad_sink = _reporting(p, lowrank_sink(proj.project), self.rows)
+                by_rows.append((p, tuple(row_ranges(p)), torch.Size(proj.lowrank_shape)))
             else:
                 layer.grad_sink = _reporting(p, lowrank_sink(proj.project), self.lowrank)
                 steady.append((p, owner[p], torch.Size(proj.lowrank_shape)))
         if self.lowrank is not None:  # backward meets the last layers first
             self.lowrank.plan(steady[::-1])
+        if self.rows is not None:
+            self.rows.plan(by_rows[::-1])
         if self.full is not None:
             self.full.plan(refreshing[::-1])
 

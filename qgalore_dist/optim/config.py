@@ -92,7 +92,8 @@ class QGaLoreConfig:
     ``max_grad_norm``, not ``clip_grad_norm_``).  Needs every rank's backward to produce the
     same gradients in the same order (DDP's contract); with gradient accumulation use
     ``optimizer.no_sync()`` on all but the last micro-batch, or every micro-batch is reduced.
-    Not combined with payload compression yet; not under FSDP2."""
+    Under FSDP2 right-projected low-rank gradients are reduce-scattered by row ranges the same
+    way (HSDP: the mean across replicas at ``step()``).  Not combined with payload compression yet."""
 
     stream_refresh: bool = True
     """On a refresh step, reduce each refreshing INT8 layer's full fp32 gradient to the layer's

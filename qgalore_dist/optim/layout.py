@@ -62,6 +62,15 @@ class WeightLayout(Protocol):
     def reduce_rows(self, items: list, *, dtype: torch.dtype, bucket_bytes: int) -> dict:
         """``items``: ``(param, local (m, r) low-rank gradient)``; returns ``{param: mean rows}``."""
 
+    def backward_row_groups(self) -> tuple[Collectives, Collectives | None] | None:
+        """``(shard, replicate)`` groups when the row reduce may run during backward
+        (``overlap_comm``: :class:`~qgalore_dist.distributed.OverlappedReduce` with row
+        destinations), else None (rows are reduced in ``step()``)."""
+
+    def row_ranges(self, p: torch.Tensor) -> list[tuple[int, int]]:
+        """Every shard rank's rows ``[r0, r1)`` of ``p`` (rank ``k`` of the shard group at index
+        ``k``); only asked when :meth:`backward_row_groups` is not None."""
+
     def moment_codec(self, numel_global: int, codec: BlockwiseCodec) -> BlockwiseCodec:
         """The codec of the moments of a row-local tensor whose whole tensor has ``numel_global``
         elements: ``codec``'s bits when ``codec`` would store the whole tensor in 8 bits (decided
@@ -94,6 +103,12 @@ class ReplicatedLayout:
         layer.apply_update_(delta, step_size=how.step_size, decay=how.decay, stochastic_key=stochastic_key)
 
     def reduce_rows(self, items: list, *, dtype: torch.dtype, bucket_bytes: int) -> dict:
+        raise AssertionError("a replicated layout reduces every matrix to its owner")
+
+    def backward_row_groups(self) -> None:
+        return None
+
+    def row_ranges(self, p: torch.Tensor) -> list[tuple[int, int]]:
         raise AssertionError("a replicated layout reduces every matrix to its owner")
 
     def moment_codec(self, numel_global: int, codec: BlockwiseCodec) -> BlockwiseCodec:

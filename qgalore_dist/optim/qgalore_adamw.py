@@ -45,7 +45,7 @@ from .backward import BackwardReduces
 from .config import QGaLoreConfig, _is_int
 from .layout import ReplicatedLayout, WeightLayout
 from .refresh import EarlyRefreshes, RefreshError, refresh_owned, share_projectors, share_row_lowrank
-from .state import flatten_param_state, load_param_state
+from .state import flatten_param_state, load_param_state, replicated_tensors
 
 __all__ = ["QGaLoreAdamW8bit", "RefreshError"]
 
@@ -124,11 +124,11 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         self._plan_owners()
         self.reduces = BackwardReduces.build(
             self.comm, overlap_comm=cfg.overlap_comm, stream_refresh=cfg.stream_refresh, dtype=self._payload_dtype,
-            bucket_bytes=self._bucket_bytes,
-            dense_owned=[(p, self.owner[p]) for p in self.dense_params] if manage_dense else None)
+            bucket_bytes=self._bucket_bytes, row_groups=self.layout.backward_row_groups(),
+            # dense_local: the engine (fully_shard) reduces dense gradients itself
+            dense_owned=[(p, self.owner[p]) for p in self.dense_params]
+            if manage_dense and not self.layout.dense_local else None)
         self.early = EarlyRefreshes()
-        if self.reduces.full is not None:
-            self.reduces.full.on_complete = self._refresh_completed
         self.set_gradient_accumulation_steps(gradient_accumulation_steps)
         self.arm_grad_sinks()
 
@@ -169,7 +169,8 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         """Before each backward (and after loading state): every INT8 layer's gradient sink and
         the backward reduces' plans for the coming step (:meth:`.backward.BackwardReduces.arm`)."""
         self.reduces.arm(self.galore_params, refresh_due=self._refresh_due, owner=self.owner,
-                         projector=lambda p: self.state[p]["projector"], row_reduced=self.row_reduced)
+                         projector=lambda p: self.state[p]["projector"], row_reduced=self.row_reduced,
+                         row_ranges=self.layout.row_ranges if self.reduces.rows is not None else None)
 
     def set_gradient_accumulation_steps(self, steps: int | None) -> None:
         """Backward passes per ``step()`` (None: not known, the default).  When known, a refresh
@@ -179,6 +180,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
             raise ValueError(f"gradient_accumulation_steps must be None or an int >= 1, got {steps!r}")
         if self.reduces.full is not None:
             self.reduces.full.passes_per_step = steps
+            self.reduces.full.on_complete = self._refresh_completed
 
     def _refresh_completed(self, p: torch.Tensor, full: torch.Tensor) -> None:  # owner, during backward
         self.early.add(refresh_owned({p: self.state[p]["projector"]}, {p: full}, {p: self._stream_key(p)},
@@ -239,22 +241,9 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
     def replicated_tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
         """Every tensor that must be bit-identical on all ranks (DESIGN invariant I1): INT8
         weights and dense parameters where they are replicated, and every projector."""
-        for p in self.galore_params:
-            name, layer = self.name_of(p), int8_layer_of(p)
-            if not self.layout.weights_sharded:
-                if layer is not None:
-                    yield f"{name}.codes", layer.weight
-                    yield f"{name}.scales", layer.weight_scales
-                    yield f"{name}.zeros", layer.weight_zeros
-                else:
-                    yield name, p
-            proj = self.state[p]["projector"]
-            if proj.has_matrix():
-                for key, t in proj.to_payload().items():
-                    yield f"{name}.{key}", t
-        if not self.layout.dense_local:
-            for p in self.dense_params:
-                yield self.name_of(p), p
+        galore = [(self.name_of(p), p, self.state[p]["projector"]) for p in self.galore_params]
+        dense = [(self.name_of(p), p) for p in self.dense_params]
+        return replicated_tensors(galore, dense, self.layout)
 
     def check_replicas(self) -> int:
         """Raise ``ReplicaMismatchError`` (on every rank) naming the first replicated tensor
@@ -279,10 +268,10 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
 
     def lowrank_grad_bytes(self) -> int:
         """Bytes of low-rank gradients this rank holds now: the layers' local accumulators plus,
-        with ``overlap_comm``, the owned reduced sums and the buffers still in flight."""
+        with ``overlap_comm``, the owned reduced sums (and received rows) and the buffers still in flight."""
         local = [layer.lowrank_grad for layer in map(int8_layer_of, self.galore_params)
                  if layer is not None and layer.lowrank_grad is not None]
-        held = self.reduces.lowrank.held_bytes() if self.reduces.lowrank is not None else 0
+        held = sum(r.held_bytes() for r in (self.reduces.lowrank, self.reduces.rows) if r is not None)
         return sum(t.numel() * t.element_size() for t in local) + held
 
     @property
@@ -416,8 +405,9 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         """Averaged low-rank gradients: row ranges on every rank (row-sharded layouts), the
         rest on their owners.  Owner-reduced ``refreshing`` matrices, and streamed row-reduced
         ones, have theirs from the refresh; other row-reduced refreshing ones project their
-        own full gradient with the new P."""
-        rows = [p for p in params if self.row_reduced(p) and p not in self.reduces.streamed]
+        own full gradient with the new P.  ``overlap_comm`` ones were reduced during backward."""
+        rows = [p for p in params if self.row_reduced(p) and p not in self.reduces.streamed
+                and p not in self.reduces.overlapped]
         skip = set(rows) | refreshing | self.reduces.overlapped
         owned = [p for p in params if p not in skip]
         out = {}
@@ -428,8 +418,9 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         out.update(reduce_to_owners(self.comm, [OwnedTensor(p, self.owner[p], self._lowrank_local(p)) for p in owned],
                                     "lowrank_reduce", dtype=self._payload_dtype, bucket_bytes=self._bucket_bytes,
                                     residuals=residuals))
-        if self.reduces.lowrank is not None:
-            out.update(self.reduces.lowrank.collect(params))
+        for reducer in (self.reduces.lowrank, self.reduces.rows):
+            if reducer is not None:
+                out.update(reducer.collect(params))
         return out
 
     def _reduce_dense(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:

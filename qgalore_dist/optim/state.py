@@ -8,13 +8,15 @@ Fields: ``step``; ``exp_avg.values|codes|absmax`` and ``exp_avg_sq.values|codes|
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
+from ..core import Projector, int8_layer_of
 from ..quant import Moment
+from .layout import WeightLayout
 
-__all__ = ["MOMENT_FIELDS", "flatten_param_state", "load_param_state"]
+__all__ = ["MOMENT_FIELDS", "flatten_param_state", "load_param_state", "replicated_tensors"]
 
 MOMENT_FIELDS = ("values", "codes", "absmax")
 
@@ -49,3 +51,24 @@ def load_param_state(state: dict, flat: dict, *, device: torch.device, name: str
         if "projector" not in state:
             raise ValueError(f"{name}: checkpoint has a projector but this parameter is not a GaLore matrix")
         state["projector"].load_state_dict(proj_state)
+
+
+def replicated_tensors(galore: list[tuple[str, torch.Tensor, Projector]], dense: list[tuple[str, torch.Tensor]],
+                       layout: WeightLayout) -> Iterable[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of every tensor that must be bit-identical on all ranks: INT8 codes,
+    scales and zeros (or plain GaLore weights) and dense parameters where ``layout`` replicates
+    them, and every projector's payload.  ``galore``: ``(name, weight, projector)``."""
+    for name, p, proj in galore:
+        layer = int8_layer_of(p)
+        if not layout.weights_sharded:
+            if layer is not None:
+                yield f"{name}.codes", layer.weight
+                yield f"{name}.scales", layer.weight_scales
+                yield f"{name}.zeros", layer.weight_zeros
+            else:
+                yield name, p
+        if proj.has_matrix():
+            for key, t in proj.to_payload().items():
+                yield f"{name}.{key}", t
+    if not layout.dense_local:
+        yield from dense
