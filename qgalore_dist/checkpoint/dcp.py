@@ -56,9 +56,9 @@ only after gathering every rank's write results, so a directory with ``.metadata
 but a crash mid-save leaves a partial directory at the target path and nothing replaces an
 older checkpoint atomically.  Hence :func:`save_dcp` writes into ``path + ".tmp"``,
 barriers, rank 0 adds ``manifest.json`` (size and SHA-256 of every file, as engine checkpoints
-have: ``verify_checkpoint`` and a load refuse a damaged one) and renames it to ``path`` (an existing ``path`` is moved aside first and
-removed after) and fsyncs the parent directory; a crash leaves either the old checkpoint or
-the new one at ``path``.
+have: ``verify_checkpoint`` and a load refuse a damaged one) and renames it to ``path`` (an
+existing ``path`` is moved aside first and removed after) and fsyncs the parent directory; a
+crash leaves either the old checkpoint or the new one at ``path``.
 
 Not supported: the error-feedback residuals of ``compress_lowrank`` (refused at save).
 """

@@ -241,7 +241,9 @@ def _prune(ckpt_dir: str, *, step: int, keep: int) -> None:
 def _header(cfg: TrainConfig, engine, model, data, launcher: str, world: int) -> str:
     galore = engine.qgalore
     int8 = {id(p) for p in galore.galore_params}
-    dense = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if id(p) not in int8)
+    # FSDP2 turns INT8 scales / zero points into frozen parameters: quantization metadata, not weights.
+    dense = sum(getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters()
+                if id(p) not in int8 and not n.endswith((".weight_scales", ".weight_zeros")))
     n_params = dense + sum(p.numel() for p in galore.galore_params)  # ZeRO-3 hides INT8 weights as buffers
     launched = {"env": "deepspeed/torchrun (RANK, WORLD_SIZE)", "slurm": "srun (SLURM_*)", "ompi": "mpirun (OMPI_*)",
                 "pmi": "PMI", "mpi4py": "mpi4py"}.get(launcher, launcher)
@@ -398,7 +400,8 @@ class Run:
 def completed_step(cfg: TrainConfig) -> int | None:
     """The step of a finished run in ``cfg.run_dir`` -- its newest checkpoint that verifies has
     reached ``schedule.steps`` and ``summary.json`` was written -- or None.  Files only, so every
-    rank reaches the same verdict without a collective."""
+    rank reaches the same verdict without a collective; engine and DCP (``--engine fsdp2``)
+    checkpoints alike carry the manifest ``verify_checkpoint`` reads."""
     from ..checkpoint import CheckpointError, verify_checkpoint
 
     if not cfg.checkpoint.resume or not os.path.isfile(os.path.join(cfg.run_dir, "summary.json")):
