@@ -12,6 +12,9 @@ Both are collective (every rank calls them) and write ``<save_dir>/<tag>`` atomi
 * ``(model, optimizer)`` whose INT8 rows are sharded by FSDP2 (:mod:`qgalore_dist.integrations.fsdp`):
   a ``torch.distributed.checkpoint`` directory (:mod:`.dcp`).
 
+Both carry ``manifest.json`` (size and SHA-256 of every file): :func:`verify_checkpoint` checks
+either kind, and a load verifies on every rank first (:class:`CheckpointError` naming the file).
+
 Either resumes bit-identically at the same world size and re-plans ownership at another one.
 """
 
@@ -70,11 +73,15 @@ def load_checkpoint(target, load_dir: str, *, tag: str | None = None, missing_ok
 
         return load_engine_checkpoint(target, load_dir, tag=tag)
     from .dcp import load_dcp
+    from .engine import verify_everywhere
 
     tag = tag or latest_tag(load_dir)
     if tag is None:
         return None
-    meta = load_dcp(*pair, os.path.join(load_dir, tag))
+    path = os.path.join(load_dir, tag)
+    if os.path.exists(os.path.join(path, "manifest.json")) or not os.path.exists(os.path.join(path, ".metadata")):
+        verify_everywhere(pair[1].comm, path)  # DCP directories written before manifests: .metadata only
+    meta = load_dcp(*pair, path)
     return meta.get("client_state")
 
 

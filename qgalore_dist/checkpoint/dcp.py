@@ -55,9 +55,10 @@ Atomicity.  What DCP guarantees: every rank writes its own ``__<rank>_*.distcp``
 only after gathering every rank's write results, so a directory with ``.metadata`` is complete --
 but a crash mid-save leaves a partial directory at the target path and nothing replaces an
 older checkpoint atomically.  Hence :func:`save_dcp` writes into ``path + ".tmp"``,
-barriers, and rank 0 renames it to ``path`` (an existing ``path`` is moved aside first and
-removed after) and fsyncs the parent directory; a crash leaves either the old checkpoint or
-the new one at ``path``.
+barriers, rank 0 adds ``manifest.json`` (size and SHA-256 of every file, as engine checkpoints
+have: ``verify_checkpoint`` and a load refuse a damaged one) and renames it to ``path`` (an
+existing ``path`` is moved aside first and removed after) and fsyncs the parent directory; a
+crash leaves either the old checkpoint or the new one at ``path``.
 
 Not supported: the error-feedback residuals of ``compress_lowrank`` (refused at save).
 """
@@ -74,7 +75,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..quant import Moment
-from .files import FORMAT_VERSION, fsync_dir, publish_dir
+from .files import FORMAT_VERSION, fsync_dir, publish_dir, write_manifest
 from .files import SEP as _SEP
 
 __all__ = ["load_dcp", "load_optimizer_state_dict", "optimizer_load_template", "optimizer_state_dict", "save_dcp"]
@@ -347,6 +348,7 @@ def save_dcp(model: nn.Module, opt, path: str, *, client_state: dict | None = No
     dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
     _barrier()
     if rank0:
+        write_manifest(tmp)  # after every rank's files: verify_checkpoint covers DCP checkpoints too
         fsync_dir(tmp)
         publish_dir(tmp, path)
         fsync_dir(os.path.dirname(path) or ".")

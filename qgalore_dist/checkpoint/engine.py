@@ -54,7 +54,7 @@ from .files import (
 )
 from .rows import load_moments, row_moment_fields, take_rows, whole_tensor
 
-__all__ = ["load_engine_checkpoint", "save_engine_checkpoint"]
+__all__ = ["load_engine_checkpoint", "save_engine_checkpoint", "verify_everywhere"]
 
 
 # ----------------------------------------------------------------------------- targets
@@ -329,7 +329,7 @@ def config_diff(saved: dict, current: dict) -> dict[str, tuple]:
             if saved.get(k) != current.get(k)}
 
 
-def _verify_everywhere(comm, path: str) -> dict:
+def verify_everywhere(comm, path: str) -> dict:
     """Every rank verifies; if any rank fails, every rank raises the same error (no hang)."""
     try:
         manifest, error = verify_checkpoint(path), None
@@ -352,7 +352,7 @@ def load_engine_checkpoint(target, load_dir: str, *, tag: str | None = None) -> 
     if tag is None:
         return None
     path = os.path.join(load_dir, tag)
-    manifest = _verify_everywhere(comm, path)
+    manifest = verify_everywhere(comm, path)
     meta = read_json(os.path.join(path, "meta.json"))
     diff = config_diff(meta["qgalore_config"], galore.config.to_dict())
     if any(k in diff for k in ("rank", "proj_type", "proj_bits", "proj_group_size", "state_bits", "seed")):

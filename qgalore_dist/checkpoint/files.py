@@ -19,7 +19,7 @@ import torch
 
 __all__ = [
     "FORMAT_VERSION", "CheckpointError", "fsync_dir", "latest_tag", "publish_dir", "publish_latest", "read_json",
-    "read_tensors", "verify_checkpoint", "write_bytes", "write_json", "write_tensors",
+    "read_tensors", "verify_checkpoint", "write_bytes", "write_json", "write_manifest", "write_tensors",
 ]
 
 FORMAT_VERSION = 1
@@ -82,6 +82,20 @@ def _sha256_of(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def write_manifest(directory: str) -> None:
+    """Write ``manifest.json`` (size and SHA-256 of every other file under ``directory``, the
+    format version) for files written by someone else (DCP's ``.distcp`` and ``.metadata``), so
+    :func:`verify_checkpoint` checks such a directory like any other."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, directory)
+            if rel != "manifest.json":
+                files[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256_of(path)}
+    write_json(os.path.join(directory, "manifest.json"), {"format_version": FORMAT_VERSION, "files": files})
 
 
 def latest_tag(save_dir: str) -> str | None:

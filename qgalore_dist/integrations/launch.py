@@ -295,15 +295,17 @@ def resolve_timeout_s(timeout_s: float | None, environ: Mapping[str, str] = os.e
     return DEFAULT_TIMEOUT_S
 
 
-def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> LaunchEnv:
+def init_distributed(backend: str | None = None, timeout_s: float | None = None, *,
+                     use_deepspeed: bool = True) -> LaunchEnv:
     """Resolve and export the launch environment, then ``deepspeed.init_distributed`` with
-    ``auto_mpi_discovery=False``; one process gets a 1-rank group, so collectives work the same.
+    ``auto_mpi_discovery=False`` (``use_deepspeed=False``: torch's ``init_process_group``, gloo on
+    CPU and nccl on GPU, DeepSpeed not imported -- for engines that do not need it); one process
+    gets a 1-rank group, so collectives work the same.
     ``backend`` None: DeepSpeed picks (gloo on CPU); ``timeout_s`` None: DEEPSPEED_TIMEOUT
     (minutes) or 600 s -- applied to the world group and to every group created later (DeepSpeed's
     ZeRO groups included, see :func:`set_group_timeout`), so a stuck peer fails every collective
     within it.  An existing group is only wrapped (ValueError if its rank or size disagree with
     the launcher)."""
-    import deepspeed
     import torch.distributed as dist
 
     timeout_s = resolve_timeout_s(timeout_s)
@@ -325,8 +327,16 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
                 sock.bind((env.master_addr, 0))
                 env = dataclasses.replace(env, master_port=sock.getsockname()[1])
         apply_launch_env(env)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not use_deepspeed:
+        if not initialized:
+            import torch
+
+            dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), timeout=timeout)
+        return env
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     if not initialized:  # every rank has mapped every shm segment once all pass the barrier
         dist.barrier()
         _unlink_deepspeed_shm(os.environ)

@@ -8,6 +8,11 @@ logging, and ``optim`` overrides of the optimizer entry) and a ds_config (batch 
 stage, precision, clipping, the ``QGaLoreAdamW8bit`` entry).  Either may be omitted: the
 built-in defaults train a tiny LLaMA on built-in English text.  ``--ds.<key> value`` overrides
 ds_config keys (``--ds.zero_optimization.stage 3``); DeepSpeed validates those itself.
+
+``--engine`` picks what trains the model: ``deepspeed`` (default), ``fsdp2`` (PyTorch FSDP2 /
+HSDP over the mesh ``--parallel.dp_replicate R --parallel.dp_shard S``) or ``ddp`` (plain data
+parallel by the optimizer's own exchange).  The last two read only the ds_config keys in
+:data:`ENGINE_DS_KEYS` and refuse the others (:func:`check_engine_ds_config`).
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ import yaml
 from ..integrations.deepspeed import OPTIMIZER_TYPE, allowed_params, load_ds_config
 from .data import DataConfig
 
-__all__ = ["DEFAULT_DS_CONFIG", "CheckpointConfig", "DistConfig", "EvalConfig", "LoggingConfig", "ModelConfig",
-           "ScheduleConfig", "TrainConfig", "field_docs", "help_text", "parse_args"]
+__all__ = ["DEFAULT_DS_CONFIG", "ENGINES", "ENGINE_DS_KEYS", "CheckpointConfig", "DistConfig", "EvalConfig",
+           "LoggingConfig", "ModelConfig", "ParallelConfig", "ScheduleConfig", "TrainConfig", "check_engine_ds_config",
+           "field_docs", "help_text", "parse_args"]
 
 DEFAULT_DS_CONFIG: dict[str, Any] = {
     "train_micro_batch_size_per_gpu": 4,
@@ -42,7 +48,18 @@ DEFAULT_DS_CONFIG: dict[str, Any] = {
     "steps_per_print": 10**9,
 }
 """The ds_config used when none is given: ZeRO-2, bf16, Q-GaLore with INT4 projectors and INT8
-weights, sized for the built-in tiny model (rank 32 of hidden size 128)."""
+weights, sized for the built-in tiny model (rank 32 of hidden size 128).  Under ``--engine fsdp2``
+or ``ddp`` the same without ``zero_optimization``."""
+
+ENGINES = ("deepspeed", "fsdp2", "ddp")
+"""The values of ``--engine``."""
+
+ENGINE_DS_KEYS = ("optimizer", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+                  "bf16", "train_batch_size", "steps_per_print", "wall_clock_breakdown")
+"""The ds_config keys ``--engine fsdp2`` / ``ddp`` read (the last two are DeepSpeed's logging,
+harmless and ignored; ``train_batch_size`` must then equal micro batch x accumulation x world
+size, checked once the world size is known).  ``zero_optimization`` with stage 0 and ``fp16``
+with ``enabled: false`` are accepted as saying nothing; any other key is refused, named."""
 
 
 @dataclass(kw_only=True)
@@ -102,6 +119,17 @@ class DistConfig:
 
 
 @dataclass(kw_only=True)
+class ParallelConfig:
+    dp_replicate: int = 1
+    """``--engine fsdp2``: replicas of the model (HSDP's replicate dim of the 2-D device mesh;
+    1: plain FSDP2 on a 1-D mesh).  -1: the world size over ``dp_shard``."""
+    dp_shard: int = -1
+    """``--engine fsdp2``: ranks each model replica is sharded over (FSDP2's ``Shard(0)`` dim).
+    -1: the rest, world size over ``dp_replicate``.  ``dp_replicate x dp_shard`` must equal
+    the world size."""
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     run_dir: str = "runs/qgalore"
     """Where the resolved configs, metrics, checkpoints, tokenizer, plots and final model go."""
@@ -109,6 +137,11 @@ class TrainConfig:
     """Path of the ds_config JSON (None: the built-in ``DEFAULT_DS_CONFIG``)."""
     seed: int = 0
     """Seed of the model initialization and the data order."""
+    engine: str = "deepspeed"
+    """What trains the model: ``deepspeed`` (``qgalore_dist.initialize``, ZeRO 0-3 from the
+    ds_config), ``fsdp2`` (FSDP2 / HSDP, ``FSDPQGaLoreAdamW8bit``; mesh from ``parallel``) or
+    ``ddp`` (``QGaLoreAdamW8bit`` reduces every gradient itself; also one process)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -127,6 +160,9 @@ class TrainConfig:
         for name, value, low in checks:
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {list(ENGINES)}, got {self.engine!r}")
+        self._validate_parallel()
         if not self.dist.timeout_s > 0:
             raise ValueError(f"dist.timeout_s must be a number of seconds > 0, got {self.dist.timeout_s!r}")
         if not 0.0 <= self.schedule.min_lr_ratio <= 1.0:
@@ -135,6 +171,13 @@ class TrainConfig:
             raise ValueError(f"ds_config: file {self.ds_config!r} does not exist")
         if hasattr(self.data, "validate"):
             self.data.validate()
+
+    def _validate_parallel(self) -> None:
+        # Ranges and the product with the world size: ParallelDims (train/parallel.py), in main().
+        dims = self.parallel
+        if self.engine != "fsdp2" and (dims.dp_replicate, dims.dp_shard) != (1, -1):
+            raise ValueError(f"parallel.dp_replicate / parallel.dp_shard shape FSDP2's device mesh; with "
+                             f"engine {self.engine!r} leave them unset (got {dims.dp_replicate} x {dims.dp_shard})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -311,6 +354,8 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, dict[str, Any]]:
             _apply(cfg, _nest(key, parsed), "")
     cfg.validate()
     ds_config = load_ds_config(cfg.ds_config) if cfg.ds_config else copy.deepcopy(DEFAULT_DS_CONFIG)
+    if cfg.ds_config is None and cfg.engine != "deepspeed":
+        del ds_config["zero_optimization"]  # the built-in default's, not the user's: DeepSpeed only
     for key, value in ds_overrides:
         _set_nested(ds_config, key, value)
     if cfg.optim:
@@ -319,7 +364,38 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, dict[str, Any]]:
             raise ValueError(f"optim overrides need a ds_config optimizer of type {OPTIMIZER_TYPE!r}, "
                              f"got {entry.get('type')!r}")
         entry.setdefault("params", {}).update(cfg.optim)
+    check_engine_ds_config(cfg.engine, ds_config)
     return cfg, ds_config
+
+
+def check_engine_ds_config(engine: str, ds_config: dict[str, Any]) -> None:
+    """``ValueError`` naming the first ds_config key that ``engine`` (fsdp2, ddp) would not
+    honour: anything outside :data:`ENGINE_DS_KEYS` (a ZeRO stage, DeepSpeed's ``scheduler``,
+    ``fp16``, ...), and an optimizer that is not ``QGaLoreAdamW8bit``.  DeepSpeed checks its own."""
+    if engine == "deepspeed":
+        return
+    for key, value in ds_config.items():
+        if key in ENGINE_DS_KEYS:
+            continue
+        if key == "zero_optimization" and isinstance(value, dict) and int(value.get("stage", 0)) == 0:
+            continue  # ZeRO stage 0 is plain data parallel: what --engine ddp does
+        if key == "fp16" and isinstance(value, dict) and not value.get("enabled", False):
+            continue
+        where = f"ds_config key {key!r}"
+        if key == "zero_optimization":
+            where = f"ds_config zero_optimization.stage {value.get('stage') if isinstance(value, dict) else value!r}"
+        raise ValueError(f"{where} has no meaning under --engine {engine} (it reads only {list(ENGINE_DS_KEYS)}"
+                         f"{'; FSDP2 shards by --parallel.dp_shard' if key == 'zero_optimization' else ''}); "
+                         f"remove it or use --engine deepspeed")
+    entry = ds_config.get("optimizer") or {}
+    if entry.get("type") != OPTIMIZER_TYPE:
+        raise ValueError(f"ds_config optimizer.type must be {OPTIMIZER_TYPE!r} under --engine {engine}, "
+                         f"got {entry.get('type')!r}")
+    params = entry.get("params") or {}
+    for key in ("overlap_comm", "compress_dense"):  # FSDPQGaLoreAdamW8bit would refuse them after start-up
+        if engine == "fsdp2" and params.get(key):
+            raise ValueError(f"ds_config optimizer.params.{key}: not available under --engine fsdp2 (fully_shard "
+                             "reduces the dense gradients; the row reduce-scatter runs in step()); remove it")
 
 
 def _set_nested(config: dict, dotted: str, value: Any) -> None:

@@ -1,17 +1,30 @@
-"""``qgalore-train``: Q-GaLore pre-training and fine-tuning of LLaMA models under DeepSpeed.
+"""``qgalore-train``: Q-GaLore pre-training and fine-tuning of LLaMA models under DeepSpeed,
+PyTorch FSDP2 / HSDP or plain data parallel.
 
     deepspeed --num_gpus 2 --module qgalore_dist.train                       # built-in default
     deepspeed --num_gpus 8 --module qgalore_dist.train --config run.yaml --ds_config ds.json
     torchrun --nproc_per_node 2 -m qgalore_dist.train ...   |   srun / mpirun: see launch/
+    torchrun --nproc_per_node 4 -m qgalore_dist.train --engine fsdp2 --parallel.dp_replicate 2
+    torchrun --nproc_per_node 2 -m qgalore_dist.train --engine ddp
     qgalore-train --model.name llama_60m --data.source c4 --optim.rank 256   # one process
 
 Options: ``--config FILE`` (YAML/JSON training config), ``--ds_config FILE`` (DeepSpeed config
-with a ``QGaLoreAdamW8bit`` optimizer entry), ``--<section>.<key> VALUE`` overrides of the
-training config (sections: model, data, schedule, eval, checkpoint, logging, optim) and
-``--ds.<key> VALUE`` overrides of the ds_config.  Everything a run writes goes to ``run_dir``:
-the resolved configs, metrics.jsonl, TensorBoard files, checkpoints (also on SIGTERM/SIGINT),
-the tokenizer, the final model (HF format) and PNG plots.  A run started again with the same
-``run_dir`` resumes from its newest good checkpoint and sees no training sample twice.
+with a ``QGaLoreAdamW8bit`` optimizer entry), ``--engine deepspeed|fsdp2|ddp``,
+``--<section>.<key> VALUE`` overrides of the training config (sections: parallel, model, data,
+schedule, eval, checkpoint, logging, dist, optim) and ``--ds.<key> VALUE`` overrides of the
+ds_config.  Everything a run writes goes to ``run_dir``: the resolved configs, metrics.jsonl,
+TensorBoard files, checkpoints (also on SIGTERM/SIGINT), the tokenizer, the final model (HF
+format) and PNG plots.  A run started again with the same ``run_dir`` resumes from its newest
+good checkpoint and sees no training sample twice.
+
+The loop (:class:`Run`, :func:`train`) is one code path for the three engines; what differs
+(model wrapping, micro-steps, optimizer step, LR schedule, checkpoint target, export, replica
+checks) sits behind the adapters of :mod:`.engines`.  Under ``fsdp2`` the model is sharded by
+``shard_model`` over the mesh of ``--parallel.dp_replicate R --parallel.dp_shard S``
+(:class:`~.parallel.ParallelDims`), checkpoints are DCP directories and the final model is
+gathered to rank 0; under ``ddp`` (and ``fsdp2``) micro-batches but the last run under the
+optimizer's ``no_sync()``.  Checkpoints of every engine carry a manifest, so resume and the
+"already complete" check verify them the same way.
 """
 
 from __future__ import annotations
@@ -33,7 +46,6 @@ import torch.nn.functional as F
 import yaml
 
 from .config import TrainConfig, parse_args
-from .schedule import warmup_cosine
 
 __all__ = ["main"]
 
@@ -204,13 +216,14 @@ def _checkpoint_tags(ckpt_dir: str) -> list[str]:
 
 
 def resume(engine, ckpt_dir: str, log) -> dict | None:
-    """Load the newest checkpoint that verifies (every rank agrees on the verdict); a damaged
-    one is skipped with a message.  Returns its client state, or None."""
-    from ..checkpoint import CheckpointError, load_checkpoint
+    """Load the newest checkpoint that verifies (every rank agrees on the verdict) into the
+    :mod:`.engines` adapter; a damaged one is skipped with a message.  Returns its client
+    state, or None."""
+    from ..checkpoint import CheckpointError
 
     for tag in _checkpoint_tags(ckpt_dir):
         try:
-            return load_checkpoint(engine, ckpt_dir, tag=tag, missing_ok=True)
+            return engine.load(ckpt_dir, tag)
         except CheckpointError as exc:
             log(f"[qgalore] checkpoint {tag} is unusable ({exc}); trying an older one")
     return None
@@ -225,53 +238,21 @@ def _prune(ckpt_dir: str, *, step: int, keep: int) -> None:
         shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
 
 
-def export_final_model(engine, tokenizer, out_dir: str, rank: int) -> None:
-    """Collective.  An ordinary HF checkpoint of the trained model on rank 0 (INT8 layers
-    dequantized to fp32 ``nn.Linear`` weights), with the tokenizer: loadable by
-    ``AutoModelForCausalLM.from_pretrained`` for evaluation or inference."""
-    import contextlib
-
-    from safetensors.torch import save_file
-
-    from ..core.int8_linear import Int8Linear
-
-    model = engine.module
-    gather = contextlib.nullcontext()
-    if engine.zero_optimization_stage() == 3:  # dense parameters are partitioned: gather them all
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters([p for p in model.parameters() if hasattr(p, "ds_id")])
-    with gather:
-        if rank != 0:
-            return
-        int8 = {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
-        state = {}
-        for name, t in model.state_dict().items():
-            if name.rpartition(".")[0] not in int8:
-                state[name] = t.detach().float().clone().contiguous()
-        for name, m in int8.items():
-            state[f"{name}.weight"] = m.dequantized_weight(torch.float32).contiguous()
-            if m.bias is not None:
-                state[f"{name}.bias"] = m.bias.detach().float().clone()
-        os.makedirs(out_dir, exist_ok=True)
-        model.config.save_pretrained(out_dir)
-        save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save(out_dir)
-
-
 def _header(cfg: TrainConfig, engine, model, data, launcher: str, world: int) -> str:
     galore = engine.qgalore
     int8 = {id(p) for p in galore.galore_params}
-    dense = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if id(p) not in int8)
+    # FSDP2 turns INT8 scales / zero points into frozen parameters: quantization metadata, not weights.
+    dense = sum(getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters()
+                if id(p) not in int8 and not n.endswith((".weight_scales", ".weight_zeros")))
     n_params = dense + sum(p.numel() for p in galore.galore_params)  # ZeRO-3 hides INT8 weights as buffers
     launched = {"env": "deepspeed/torchrun (RANK, WORLD_SIZE)", "slurm": "srun (SLURM_*)", "ompi": "mpirun (OMPI_*)",
                 "pmi": "PMI", "mpi4py": "mpi4py"}.get(launcher, launcher)
-    return (f"[qgalore] launched by {launched}: {world} ranks, ZeRO stage {engine.zero_optimization_stage()}, "
-            f"{'bf16' if engine.bfloat16_enabled() else 'fp32'}, model {cfg.model.name} "
+    return (f"[qgalore] launched by {launched}: {world} ranks, {engine.describe()}, "
+            f"model {cfg.model.name} "
             f"({n_params / 1e6:.2f}M parameters, {len(galore.galore_params)} INT8 GaLore matrices, "
             f"rank {galore.config.rank}, INT{galore.config.proj_bits or 16} projectors), "
-            f"micro batch {engine.train_micro_batch_size_per_gpu()} x accumulation "
-            f"{engine.gradient_accumulation_steps()} x {world} ranks x {cfg.data.seq_len} tokens\n"
+            f"micro batch {engine.micro_batch} x accumulation {engine.accumulation} x {world} ranks x "
+            f"{cfg.data.seq_len} tokens\n"
             f"[qgalore] data: {data.description}")
 
 
@@ -286,16 +267,13 @@ def _save_run_files(cfg: TrainConfig, ds_config: dict) -> None:
 
 
 def _train_step(engine, stream, stop: StopFlag) -> tuple[float, bool]:
-    """One optimizer step (``gradient_accumulation_steps`` micro-batches); returns the loss
-    averaged over micro-batches and ranks, and whether any rank got a stop signal.  A signal may
-    reach only some ranks: agreeing here keeps every rank on the same path (save, then exit)."""
+    """One optimizer step (``engine.accumulation`` micro-batches); returns the loss averaged
+    over micro-batches and ranks, and whether any rank got a stop signal.  A signal may reach
+    only some ranks: agreeing here keeps every rank on the same path (save, then exit)."""
     losses = []
-    for _ in range(engine.gradient_accumulation_steps()):
-        ids = stream.next_batch()
-        loss = engine(input_ids=ids, labels=ids).loss  # packed batches: every micro-batch has the same token count
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss.detach()))
+    for i in range(engine.accumulation):
+        losses.append(engine.micro_step(stream.next_batch(), last=i == engine.accumulation - 1))
+    engine.step()
     world = dist.get_world_size() if dist.is_initialized() else 1
     loss_sum, flags = _sum_over_ranks([sum(losses) / len(losses), 0.0 if stop.signum is None else 1.0])
     return loss_sum / world, flags > 0
@@ -304,31 +282,20 @@ def _train_step(engine, stream, stop: StopFlag) -> tuple[float, bool]:
 def _step_record(engine, progress: Progress, loss: float, seconds: float, tokens: int, svd_before: dict,
                  dense_bytes: float = 0.0) -> dict:
     """``dense_bytes``: DeepSpeed's own traffic for the dense parameters (closed form, see
-    :mod:`.dense_comm`), logged beside the package's metered kinds as ``deepspeed_dense``."""
+    :mod:`.dense_comm`), logged beside the package's metered kinds as ``deepspeed_dense``.
+    FSDP2's own all-gathers and reduce-scatters are not metered (the package's kinds only)."""
     from .dense_comm import KIND
     from .metrics import peak_memory_bytes, peak_memory_kind
 
     galore = engine.qgalore
     svd_after = _svd_counts(galore)
     refreshed = [name for name, n in svd_after.items() if n > svd_before.get(name, 0)]
-    comm = {kind: float(v["bytes"]) for kind, v in galore.comm.meter.last_step.items()}
+    comm = engine.comm_bytes()
     if dense_bytes:
         comm[KIND] = float(dense_bytes)
-    return dict(step=progress.step, tokens=progress.tokens, loss=loss, lr=float(engine.get_lr()[0]),
+    return dict(step=progress.step, tokens=progress.tokens, loss=loss, lr=engine.lr(),
                 step_time_s=seconds, tokens_per_s=tokens / max(seconds, 1e-9), svd_count=len(refreshed),
                 svd_layers=refreshed, comm_bytes=comm, mem_bytes=peak_memory_bytes(), mem_kind=peak_memory_kind())
-
-
-def _lr_scheduler(cfg: TrainConfig, ds_config: dict):
-    """GaLore's warmup + cosine as a LambdaLR that DeepSpeed steps at each boundary, unless the
-    ds_config brings its own ``scheduler`` (which then wins)."""
-    from functools import partial
-
-    if "scheduler" in ds_config:
-        return None
-    fn = partial(warmup_cosine, total_steps=cfg.schedule.steps, warmup_steps=cfg.schedule.warmup_steps,
-                 min_lr_ratio=cfg.schedule.min_lr_ratio)
-    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
 def _pretrained_tokenizer(cfg: TrainConfig) -> None:
@@ -344,9 +311,8 @@ class Run:
     an evaluation and a save do.  Every method is collective (all ranks call it in order)."""
 
     def __init__(self, cfg: TrainConfig, ds_config: dict, *, launcher: str) -> None:
-        from .. import initialize
         from .data import TrainStream, build_data
-        from .dense_comm import engine_dense_bytes
+        from .engines import build_engine
         from .metrics import RunLogger
 
         self.cfg, self.rank, self.world = cfg, dist.get_rank(), dist.get_world_size()
@@ -357,14 +323,12 @@ class Run:
         self.data = build_data(cfg.data, rank=self.rank, world=self.world)
         model = build_model(cfg, vocab_size=self.data.tokenizer.vocab_size, seq_len=cfg.data.seq_len,
                             tokenizer=self.data.tokenizer)
-        self.engine, _, _, _ = initialize(model=model, config=ds_config, lr_scheduler=_lr_scheduler(cfg, ds_config))
-        self.galore, self.micro = self.engine.qgalore, self.engine.train_micro_batch_size_per_gpu()
+        self.engine = build_engine(cfg, ds_config, model)
+        self.galore, self.micro = self.engine.qgalore, self.engine.micro_batch
         self.stream = TrainStream(self.data, rank=self.rank, world=self.world, micro_batch=self.micro, seed=cfg.seed)
-        self.tokens_per_step = self.micro * self.engine.gradient_accumulation_steps() * self.world * cfg.data.seq_len
+        self.tokens_per_step = self.micro * self.engine.accumulation * self.world * cfg.data.seq_len
         self.progress = Progress()
-        int8 = {id(p) for p in self.galore.galore_params}
-        dense_numel = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if id(p) not in int8)
-        self.dense_bytes = engine_dense_bytes(self.engine, dense_numel, self.world)
+        self.dense_bytes = self.engine.dense_bytes
         client = resume(self.engine, self.ckpt_dir, self._say) if cfg.checkpoint.resume else None
         if client:
             self.progress = Progress(**client["progress"])
@@ -402,26 +366,25 @@ class Run:
         from .data import val_batches
 
         batches = val_batches(self.data, rank=self.rank, world=self.world, micro_batch=self.micro)
-        val_loss, val_tokens = evaluate(self.engine, batches)
+        with self.engine.autocast():
+            val_loss, val_tokens = evaluate(self.engine.module, (ids.to(self.engine.device) for ids in batches))
         self.logger.log_eval(dict(step=self.progress.step, tokens=self.progress.tokens, val_loss=val_loss,
                                   val_ppl=math.exp(val_loss), val_tokens=val_tokens))
 
     def save(self) -> None:
-        from ..checkpoint import save_checkpoint
-
         step = self.progress.step
         state = {"progress": vars(self.progress).copy(),
                  "data": self.galore.comm.all_gather_object(self.stream.state_dict())}
-        path = save_checkpoint(self.engine, self.ckpt_dir, tag=f"step{step}", client_state=state)
+        path = self.engine.save(self.ckpt_dir, f"step{step}", state)
         if self.rank == 0:
             _prune(self.ckpt_dir, step=step, keep=self.cfg.checkpoint.keep)
         self.logger.summary_extra["checkpoint"] = path
 
     def finish(self) -> None:
-        """Replica check, final model export, plots and the summary."""
-        self.galore.check_replicas()
+        """Replica (and FSDP2 shard) check, final model export, plots and the summary."""
+        checked = self.engine.check()
         out = os.path.join(self.cfg.run_dir, "final_model")
-        export_final_model(self.engine, self.data.tokenizer, out, self.rank)
+        self.engine.export(out, self.data.tokenizer, self.rank)
         if self.rank == 0:
             self.logger.summary_extra["final_model"] = out
             self.logger.summary_extra["svds_whole_run"] = self.galore.svd_count
@@ -430,15 +393,15 @@ class Run:
 
                 plot_run(self.cfg.run_dir)
                 self.logger.summary_extra["plots"] = os.path.join(self.cfg.run_dir, "plots")
-            self.logger.info(f"[qgalore] done: {self.progress.step} steps, {self.galore.svd_count} SVDs, "
-                             "replicas identical")
+            self.logger.info(f"[qgalore] done: {self.progress.step} steps, {self.galore.svd_count} SVDs, {checked}")
         self.logger.close()
 
 
 def completed_step(cfg: TrainConfig) -> int | None:
     """The step of a finished run in ``cfg.run_dir`` -- its newest checkpoint that verifies has
     reached ``schedule.steps`` and ``summary.json`` was written -- or None.  Files only, so every
-    rank reaches the same verdict without a collective."""
+    rank reaches the same verdict without a collective; engine and DCP (``--engine fsdp2``)
+    checkpoints alike carry the manifest ``verify_checkpoint`` reads."""
     from ..checkpoint import CheckpointError, verify_checkpoint
 
     if not cfg.checkpoint.resume or not os.path.isfile(os.path.join(cfg.run_dir, "summary.json")):
@@ -503,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, ds_config = parse_args(argv)
         check_model_config(cfg, ds_config)
+        _check_engine(cfg, ds_config)
     except (ValueError, FileNotFoundError) as exc:  # a user mistake: one line, argparse-style, exit 2
         # Every rank raises it (from the same files); under a launcher each says which rank it is.
         rank = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""
@@ -510,11 +474,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if completed_step(cfg) is not None:  # nothing to do: say so before DeepSpeed's start-up
         return train(cfg, ds_config)
-    env = init_distributed(timeout_s=cfg.dist.timeout_s)
+    env = init_distributed(timeout_s=cfg.dist.timeout_s, use_deepspeed=cfg.engine == "deepspeed")
     _cpu_threads(env)
     # DeepSpeed's ZeRO calls a deprecated torch.distributed alias every step: one warning per rank.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated", category=FutureWarning)
     return train(cfg, ds_config, launcher=env.source)
+
+
+def _check_engine(cfg: TrainConfig, ds_config: dict) -> None:
+    """``--engine fsdp2`` / ``ddp``: the batch keys and (fsdp2) the mesh against the world size
+    the launcher announces, before any process group, so a mistake is one line on every rank
+    (the engine checks them again once the group exists)."""
+    from ..integrations.launch import resolve_launch_env
+    from .engines import plain_settings
+    from .parallel import ParallelDims
+
+    if cfg.engine == "deepspeed":
+        return
+    try:
+        world = resolve_launch_env().world_size
+    except ValueError:  # an MPI launcher only mpi4py can place: checked after start-up
+        return
+    plain_settings(ds_config, world, cfg.engine)
+    if cfg.engine == "fsdp2":
+        ParallelDims(dp_replicate=cfg.parallel.dp_replicate, dp_shard=cfg.parallel.dp_shard, world_size=world)
 
 
 def _cpu_threads(env) -> None:
