@@ -392,10 +392,9 @@ def check_engine_ds_config(engine: str, ds_config: dict[str, Any]) -> None:
         raise ValueError(f"ds_config optimizer.type must be {OPTIMIZER_TYPE!r} under --engine {engine}, "
                          f"got {entry.get('type')!r}")
     params = entry.get("params") or {}
-    for key in ("overlap_comm", "compress_dense"):  # FSDPQGaLoreAdamW8bit would refuse them after start-up
-        if engine == "fsdp2" and params.get(key):
-            raise ValueError(f"ds_config optimizer.params.{key}: not available under --engine fsdp2 (fully_shard "
-                             "reduces the dense gradients; the row reduce-scatter runs in step()); remove it")
+    if engine == "fsdp2" and params.get("compress_dense"):  # FSDPQGaLoreAdamW8bit would refuse it after start-up
+        raise ValueError("ds_config optimizer.params.compress_dense: not available under --engine fsdp2 "
+                         "(fully_shard reduces the dense gradients); remove it")
 
 
 def _set_nested(config: dict, dotted: str, value: Any) -> None:

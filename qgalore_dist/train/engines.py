@@ -261,6 +261,8 @@ class _PlainEngine:
         prepare_model(model, target_modules=entry.target_modules, group_size=entry.weight_group_size)
         self.model = self.module = model
         self.qgalore = self._build(cfg, model, entry, ranks)
+        # Every step is exactly this many backward passes: refresh SVDs run as the last completes.
+        self.qgalore.set_gradient_accumulation_steps(self.accumulation)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.qgalore, lr_lambda(cfg))
 
     def _build(self, cfg, model: nn.Module, entry: QGaLoreEntry, ranks: dict[str, int]) -> QGaLoreAdamW8bit:

@@ -94,7 +94,7 @@ def single(workdir):
 @pytest.fixture(scope="module")
 def fsdp2(workdir):
     run_dir = workdir / "fsdp2"
-    return run_dir, _run(workdir, run_dir, "fsdp2", 2)
+    return run_dir, _run(workdir, run_dir, "fsdp2", 2, "--optim.overlap_comm", "true")  # row reduces in backward
 
 
 def test_fsdp2_two_ranks_match_one_process(single, fsdp2):

@@ -53,7 +53,7 @@ def test_engine_and_parallel_keys_parse():
      "ds_config zero_optimization.stage 3 has no meaning under --engine fsdp2"),
     (["--engine", "ddp", "--ds.scheduler.type", "WarmupLR"],
      "ds_config key 'scheduler' has no meaning under --engine ddp"),
-    (["--engine", "fsdp2", "--optim.overlap_comm", "true"], "optimizer.params.overlap_comm: not available under"),
+    (["--engine", "fsdp2", "--optim.compress_dense", "true"], "optimizer.params.compress_dense: not available under"),
 ])
 def test_engine_mistakes_name_the_key(argv, message):
     from qgalore_dist.train.config import parse_args
