@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--streamed-refresh", action=argparse.BooleanOptionalAction, default=True,
                    help="refresh steps stream full gradients to their owners (QGaLoreConfig.stream_refresh, "
                         "the default); --no-streamed-refresh: the old path, every rank keeps them")
+    p.add_argument("--payload-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="QGaLoreConfig.payload_dtype of the exchanges (bytes per step)")
     p.add_argument("--svd-at-step", action="store_true",
                    help="streamed refresh with the owners' SVDs at step() (the optimizer not told its backward "
                         "passes per step) instead of in backward as each full gradient completes")
@@ -65,7 +67,7 @@ def _request(args: argparse.Namespace) -> EstimateRequest:
                            micro_batch=args.micro_batch, seq=args.seq,
                            activation_checkpointing=args.activation_checkpointing,
                            fused_attention=not args.eager_attention, streamed_refresh=args.streamed_refresh,
-                           svd_at_completion=not args.svd_at_step,
+                           svd_at_completion=not args.svd_at_step, payload_dtype=args.payload_dtype,
                            int8_partitioned=args.int8_partitioned, overlap_comm=args.overlap_comm,
                            update_proj_gap=args.update_proj_gap, train_steps=args.train_steps)
 

@@ -63,6 +63,9 @@ class EstimateRequest:
     """``QGaLoreConfig.stream_refresh`` (the default): refresh steps reduce full gradients to
     their owner during backward, bucket by bucket; False: every rank holds every refreshing full
     gradient until ``step()`` (the old path)."""
+    payload_dtype: str = "float32"
+    """``QGaLoreConfig.payload_dtype`` of the low-rank (and, ddp, dense-gradient) exchanges: bytes
+    per step; memory figures keep fp32 payload buffers (an upper bound)."""
     svd_at_completion: bool = True
     """With ``streamed_refresh``: the owners' SVDs run in backward as the last pass completes each
     averaged full gradient (the optimizer knows its passes per step: DeepSpeed and ``qgalore-train``
@@ -193,19 +196,20 @@ def _baselines(engine: str) -> list[tuple[str, str, Any]]:
 def _ours_traffic(req: EstimateRequest, shapes: Shapes) -> tuple[dict[str, float], dict[str, float]]:
     """(steady, refresh) bytes of ours by kind; zeros at one rank."""
     tensors, n, r = shapes.as_tuples(), req.world, shapes.lay.rank
+    b = {"float32": 4, "bfloat16": 2}[req.payload_dtype]
     if n == 1:
         return {}, {}
     if req.engine == "fsdp2":
         if not_shardable(shapes, n):
             raise Unsupported(not_shardable(shapes, n))
-        kw = dict(rank=r, projection="sharded", payload=4)
+        kw = dict(rank=r, projection="sharded", payload=b)
         steady, refresh = ours_step(tensors, 1, n, **kw), ours_step(tensors, 1, n, refresh=True, **kw)
         return ({**steady["fsdp2"], **steady["package"]}, {**refresh["fsdp2"], **refresh["package"]})
     if req.engine == "ddp":
-        kw = dict(b_lowrank=4, b_dense_grad=4, b_dense_param=2)  # the default fp32 payloads, bf16 model
+        kw = dict(b_lowrank=b, b_dense_grad=b, b_dense_param=2)  # payloads as configured, bf16 model
         return ours_steady(tensors, r, n, **kw), ours_refresh_all(tensors, r, n, **kw)
     stage = 3 if req.engine == "zero3" else 2
-    kw = dict(stage=stage, int8_partitioned=req.partitioned)
+    kw = dict(stage=stage, int8_partitioned=req.partitioned, b_lowrank=b)
     return ours_zero(tensors, r, n, **kw), ours_zero(tensors, r, n, refresh=True, **kw)
 
 
@@ -250,6 +254,8 @@ def _check(req: EstimateRequest) -> None:
         raise ValueError("--int8-partitioned: applies to --engine zero3 only")
     if req.update_proj_gap < 1 or req.train_steps < 1:
         raise ValueError("--update-proj-gap and --train-steps: must be >= 1")
+    if req.payload_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--payload-dtype: {req.payload_dtype!r} is not float32 or bfloat16")
 
 
 def estimate(req: EstimateRequest) -> Estimate:

@@ -130,6 +130,7 @@ def parse_optimizer_entry(ds_config: dict) -> QGaLoreEntry | None:
     partition = extra.get("int8_partition")
     if partition is not None and not isinstance(partition, bool):
         raise ValueError(f"ds_config optimizer.params.int8_partition must be true or false, got {partition!r}")
+    params = _inherit_overlap_comm(params, ds_config)
     clip = ds_config.get("gradient_clipping", 0.0) or 0.0
     try:
         config = QGaLoreConfig.from_dict({**params, "max_grad_norm": float(clip)})
@@ -140,6 +141,20 @@ def parse_optimizer_entry(ds_config: dict) -> QGaLoreEntry | None:
     return QGaLoreEntry(config=config, target_modules=tuple(targets), weight_bits=8,
                         weight_group_size=int(extra.get("weight_group_size", 256)), rank_overrides=overrides,
                         int8_partition=partition)
+
+
+def _inherit_overlap_comm(params: dict, ds_config: dict) -> dict:
+    """Unless the entry sets ``overlap_comm`` (or asks for payload compression, which it does not
+    combine with yet), follow ZeRO's own ``zero_optimization.overlap_comm`` with DeepSpeed's
+    default (on at stage 3, off below): a user who asked ZeRO to overlap its reduces with backward
+    expects the low-rank exchange to overlap too, and only owners then keep low-rank gradients."""
+    zero = ds_config.get("zero_optimization")
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if "overlap_comm" in params or not isinstance(stage, int) or stage < 1:  # DeepSpeed checks the stage
+        return params
+    if params.get("compress_lowrank") or params.get("compress_dense"):
+        return params
+    return {**params, "overlap_comm": bool(zero.get("overlap_comm", stage == 3))}
 
 
 def _parse_rank_overrides(value: Any) -> dict[str, int]:

@@ -116,10 +116,11 @@ class ZeroRowLayout:
     def reduce_rows(self, items: list, *, dtype: torch.dtype, bucket_bytes: int) -> dict:
         return self.rows_layout.reduce_rows(items, dtype=dtype, bucket_bytes=bucket_bytes)
 
-    def backward_row_groups(self) -> None:
-        # Rows stay reduced in step() under DeepSpeed: RowShardedLayout's overlapped row reduce
-        # has not been run inside engine.backward (ZeRO-3's own hooks share the group).
-        return None
+    def backward_row_groups(self):
+        # overlap_comm: the rows' reduce-scatter runs inside engine.backward, as the owner reduce of
+        # the replicated layout does under ZeRO 0-3: our sinks launch in the same order on every
+        # rank, between DeepSpeed's own collectives on the same group.
+        return self.rows_layout.backward_row_groups()
 
     def row_ranges(self, p: torch.Tensor) -> list[tuple[int, int]]:
         return self.rows_layout.row_ranges(p)

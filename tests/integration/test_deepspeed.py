@@ -504,6 +504,21 @@ def test_zero3_persistence_threshold_keeps_small_int8_matrices_replicated(runs, 
     check_against_reference("3:fp32:1", rec, reference, world=2)
 
 
+@pytest.mark.parametrize("zero, params, expected", [
+    ({"stage": 2, "overlap_comm": True}, {}, True),
+    ({"stage": 2}, {}, False),                       # DeepSpeed's default below stage 3
+    ({"stage": 3}, {}, True),                        # ... and at stage 3
+    ({"stage": 2, "overlap_comm": True}, {"overlap_comm": False}, False),  # the entry wins
+    ({"stage": 2, "overlap_comm": True}, {"compress_lowrank": True}, False),  # not combined yet
+    ({"stage": 0, "overlap_comm": True}, {}, False),
+])
+def test_overlap_comm_follows_zero_unless_the_entry_sets_it(zero, params, expected):
+    from qgalore_dist.integrations.deepspeed import parse_optimizer_entry
+
+    ds = {"zero_optimization": zero, "optimizer": {"type": "QGaLoreAdamW8bit", "params": params}}
+    assert parse_optimizer_entry(ds).config.overlap_comm is expected
+
+
 def test_int8_partition_option_errors():
     import qgalore_dist
     from qgalore_dist.integrations.deepspeed import parse_optimizer_entry
