@@ -42,7 +42,20 @@ bypassed the link) and no shaped phase moved bytes faster than 1.1 x its rate.  
 namespaces (or with ``--no-netns``) only ``unlimited`` runs, over loopback, and the report says why.
 Every wait is bounded (``--timeout-s``); namespaces, workers and temporary files go on exit.
 
-Run from the repository root:  python benchmarks/throughput.py   (``--quick``: smoke test)
+Across the emulated 2-node cluster (``--cluster``; root)
+    ``scripts/cluster.sh``'s nodes node1 / node2 (network namespaces sharing this filesystem, joined
+    by a veth pair with ``tc tbf`` on both ends), one rank per node started by the deepspeed launcher
+    through ``launch/deepspeed.sh`` with a hostfile (``deepspeed --hostfile``, pdsh over ssh), running
+    the same worker and contenders as above: ``ours_overlap``, ``ddp_adamw``, ``zero2_adamw8bit``.
+    Phases: unshaped (with the warm-up), then each ``--rates`` class (default 1gbit,10gbit,100gbit)
+    scaled as above, set with ``scripts/cluster.sh rate`` between phases; ``--repeats`` (>= 3) timed
+    steps per contender and phase, interleaved A B C A B C; tokens/s mean +- std and ratios.
+    T_real defaults to 65536 tokens per GPU per optimizer step there (the report says why).  The
+    cluster is brought up if it is down, and down again afterwards, also on failure (a cluster
+    found up is left up with its rate restored).  Writes ``results/throughput_cluster.{md,json,png}``.
+
+Run from the repository root:  python benchmarks/throughput.py   (``--quick``: smoke test;
+``--cluster``: across the emulated cluster, about 10 min)
 """
 
 from __future__ import annotations
@@ -523,11 +536,7 @@ def cluster_main(args: argparse.Namespace, cli: list[str]) -> int:
         print("throughput.py --cluster needs root: it runs scripts/cluster.sh (network namespaces, sshd, tc). "
               "Run it as root, e.g. sudo .venv/bin/python benchmarks/throughput.py --cluster", file=sys.stderr)
         return 2
-    import importlib.metadata
-
     import torch
-
-    from benchmarks._common import environment, write_outputs
 
     torch.set_num_threads(1)
     for sig in (signal.SIGTERM, signal.SIGHUP):  # unwind through the finally: ranks and cluster go
@@ -555,24 +564,42 @@ def cluster_main(args: argparse.Namespace, cli: list[str]) -> int:
         print(f"[throughput] {'rate restored to ' + restore if was_up else 'cluster down'}: rc {teardown.returncode}",
               flush=True)
         shutil.rmtree(control, ignore_errors=True)
+    payload = cluster_payload(args, result, found_up=was_up, load_before=load_before,
+                              wall_s=time.perf_counter() - start)
+    json_path, md_path = write_cluster_outputs(payload, args.out_dir)
+    print(markdown_cluster(payload))
+    print(f"\nwrote {json_path}, {md_path} and {_stem(True)}.png ({payload['wall_s']:.0f} s)")
+    return 1 if payload["failures"] else 0
+
+
+def cluster_payload(args: argparse.Namespace, result: dict, *, found_up: bool, load_before: float,
+                    wall_s: float) -> dict:
+    """What throughput_cluster.json holds: the run's environment, its records, rows and checks."""
+    import importlib.metadata
+
+    from benchmarks._common import environment
+
     rows = summarize(result["records"], result["phases"], args)
     failures = validate(rows, result["phases"])
     if result["hosts"] != list(_NODES):
         failures.append(f"ranks ran on {result['hosts']}, not rank0=node1 rank1=node2")
-    payload = {"environment": environment(), "description": __doc__,
-               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                        if k not in ("worker", "control_dir")},
-               "cluster": {"launcher": "launch/deepspeed.sh with HOSTFILE (deepspeed --hostfile, pdsh), NUM_GPUS=1",
-                           "nodes": list(_NODES), "found_up": was_up,
-                           "deepspeed": importlib.metadata.version("deepspeed")},
-               "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0],
-               "wall_s": time.perf_counter() - start, "netns_blocked": None, "netem_error": None,
-               **result, "rows": rows, "failures": failures}
-    json_path, md_path = write_outputs(_stem(True), payload, markdown_cluster(payload), args.out_dir)
-    plot(payload, args.out_dir / f"{_stem(True)}.png")
-    print(markdown_cluster(payload))
-    print(f"\nwrote {json_path}, {md_path} and {_stem(True)}.png ({payload['wall_s']:.0f} s)")
-    return 1 if failures else 0
+    return {"environment": environment(), "description": __doc__,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                     if k not in ("worker", "control_dir")},
+            "cluster": {"launcher": "launch/deepspeed.sh with HOSTFILE (deepspeed --hostfile, pdsh), NUM_GPUS=1",
+                        "nodes": list(_NODES), "found_up": found_up,
+                        "deepspeed": importlib.metadata.version("deepspeed")},
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0], "wall_s": wall_s,
+            "netns_blocked": None, "netem_error": None, **result, "rows": rows, "failures": failures}
+
+
+def write_cluster_outputs(payload: dict, out_dir: Path) -> tuple[Path, Path]:
+    """throughput_cluster.{json,md,png} under ``out_dir``."""
+    from benchmarks._common import write_outputs
+
+    paths = write_outputs(_stem(True), payload, markdown_cluster(payload), out_dir)
+    plot(payload, out_dir / f"{_stem(True)}.png")
+    return paths
 
 
 # ============================================================================ summary and report
