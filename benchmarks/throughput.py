@@ -42,7 +42,20 @@ bypassed the link) and no shaped phase moved bytes faster than 1.1 x its rate.  
 namespaces (or with ``--no-netns``) only ``unlimited`` runs, over loopback, and the report says why.
 Every wait is bounded (``--timeout-s``); namespaces, workers and temporary files go on exit.
 
-Run from the repository root:  python benchmarks/throughput.py   (``--quick``: smoke test)
+Across the emulated 2-node cluster (``--cluster``; root)
+    ``scripts/cluster.sh``'s nodes node1 / node2 (network namespaces sharing this filesystem, joined
+    by a veth pair with ``tc tbf`` on both ends), one rank per node started by the deepspeed launcher
+    through ``launch/deepspeed.sh`` with a hostfile (``deepspeed --hostfile``, pdsh over ssh), running
+    the same worker and contenders as above: ``ours_overlap``, ``ddp_adamw``, ``zero2_adamw8bit``.
+    Phases: unshaped (with the warm-up), then each ``--rates`` class (default 1gbit,10gbit,100gbit)
+    scaled as above, set with ``scripts/cluster.sh rate`` between phases; ``--repeats`` (>= 3) timed
+    steps per contender and phase, interleaved A B C A B C; tokens/s mean +- std and ratios.
+    T_real defaults to 65536 tokens per GPU per optimizer step there (the report says why).  The
+    cluster is brought up if it is down, and down again afterwards, also on failure (a cluster
+    found up is left up with its rate restored).  Writes ``results/throughput_cluster.{md,json,png}``.
+
+Run from the repository root:  python benchmarks/throughput.py   (``--quick``: smoke test;
+``--cluster``: across the emulated cluster, about 10 min)
 """
 
 from __future__ import annotations
@@ -52,8 +65,10 @@ import faulthandler
 import json
 import os
 import random
+import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -73,6 +88,8 @@ CONTENDERS = ("ours", "ours_overlap", "ours_zero2", "ddp_adamw", "zero2_adamw8bi
 WORLD = 2
 RING = (WORLD - 1) / WORLD
 _POLL_S = 0.2
+CLUSTER_CONTENDERS = ("ours_overlap", "ddp_adamw", "zero2_adamw8bit")
+_SETTLE_NUMEL = 1 << 18  # 1 MiB all-reduced after a rate change (--cluster): TCP adapts before timing
 _ADAM = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
 
 
@@ -237,21 +254,27 @@ def timed_step(contender: Contender, x, dev: str | None) -> dict[str, Any]:
             "refresh": contender.refreshed()}
 
 
-def run_phase(contenders: list[Contender], args: argparse.Namespace, x, dev: str | None) -> dict[str, list]:
-    """Warm-up + timed steps of every contender, interleaved; stops early (but after
-    ``--min-steps``) once ``--phase-budget-s`` is spent, as rank 0 decides for both."""
+def run_phase(contenders: list[Contender], args: argparse.Namespace, x, dev: str | None,
+              warmup: int | None = None, settle_numel: int = 0) -> dict[str, list]:
+    """Warm-up + timed steps of every contender, interleaved (A B C A B C ...); stops early (but
+    after ``--min-steps``) once ``--phase-budget-s`` is spent, as rank 0 decides for both.
+    ``warmup`` overrides ``--warmup``; ``settle_numel`` > 0 first all-reduces that many fp32
+    values, untimed, so that TCP has adapted to a new link rate before the first timed step."""
     import torch
     import torch.distributed as dist
 
+    warmup = args.warmup if warmup is None else warmup
+    if settle_numel:
+        dist.all_reduce(torch.ones(settle_numel))
     records: dict[str, list] = {c.name: [] for c in contenders}
     start = time.perf_counter()
-    for it in range(args.warmup + args.steps):
+    for it in range(warmup + args.steps):
         over = torch.tensor([float(time.perf_counter() - start > args.phase_budget_s)])
         dist.broadcast(over, src=0)
-        if it >= args.warmup + args.min_steps and over.item():
+        if it >= warmup + args.min_steps and over.item():
             break
         for c in contenders:
-            records[c.name].append({**timed_step(c, x, dev), "warmup": it < args.warmup})
+            records[c.name].append({**timed_step(c, x, dev), "warmup": it < warmup})
     return records
 
 
@@ -281,6 +304,19 @@ def _gather(obj: Any) -> list:
     return out
 
 
+def _link_device() -> str | None:
+    """The interface whose ``tx_bytes`` a rank counts: ``QG_THR_DEV`` (set per rank by
+    ``netns.launch_rank``), or with ``QG_THR_DEV=auto`` (the emulated cluster, where one
+    ``.deepspeed_env`` serves both nodes) the node's one ``qgc-veth*`` end."""
+    dev = os.environ.get("QG_THR_DEV") or None
+    if dev == "auto":
+        ends = sorted(p.name for p in Path("/sys/class/net").glob("qgc-veth*"))
+        if len(ends) != 1:
+            raise RuntimeError(f"QG_THR_DEV=auto: expected one qgc-veth* interface in this namespace, found {ends}")
+        dev = ends[0]
+    return dev
+
+
 def worker_main(args: argparse.Namespace) -> int:
     """One rank: calibrate, build the contenders, then run the phases the parent sets up."""
     import datetime
@@ -292,13 +328,14 @@ def worker_main(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout_s
     faulthandler.dump_traceback_later(max(1.0, args.timeout_s - 20), exit=False)  # a hang leaves a trace
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=min(args.timeout_s, 600)))
-    rank, control, dev = dist.get_rank(), Path(args.control_dir), os.environ.get("QG_THR_DEV") or None
+    rank, control, dev = dist.get_rank(), Path(args.control_dir), _link_device()
     gen = torch.Generator().manual_seed(1000 + rank)  # each rank its own data, as in data parallelism
     x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)
     calibration = _gather(calibrate(args, x))
     contenders = [build_contender(name, args) for name in args.contenders]
     probes = _gather(probe_collectives(dev, 1 << 20) if dev else {})
-    print(f"[rank {rank}] calibrated {calibration[rank]}, built {args.contenders}", flush=True)
+    hosts = _gather(socket.gethostname())
+    print(f"[rank {rank}] on {hosts[rank]}: calibrated {calibration[rank]}, built {args.contenders}", flush=True)
     phases, records = [], []  # records[phase][rank][contender] = list of step records
     for index in range(16):  # the parent ends the list with {"done": true}; 16 bounds it
         box = [_ask_parent(control, index, {"calibration": calibration}, deadline) if rank == 0 else None]
@@ -307,11 +344,12 @@ def worker_main(args: argparse.Namespace) -> int:
             break
         print(f"[rank {rank}] phase {index}: {box[0]['name']}", flush=True)
         phases.append(box[0])
-        records.append(_gather(run_phase(contenders, args, x, dev)))
+        records.append(_gather(run_phase(contenders, args, x, dev, box[0].get("warmup"),
+                                         box[0].get("settle_numel", 0))))
     if rank == 0:
         _publish(control / "result.json", {
             "calibration": calibration, "phases": phases, "records": records,
-            "params": _numel(_model(args).parameters()),
+            "params": _numel(_model(args).parameters()), "hosts": hosts,
             "collective_wire": {k: statistics.fmean(p[k] for p in probes) for k in probes[0]}})
     return 0
 
@@ -343,6 +381,12 @@ def serve_phases(args: argparse.Namespace, link: netns.EmulatedLink | None, cont
         if not phase.get("done") and link is not None:
             shaping = link.shape(phase["rate_bit_s"], args.delay_ms if phase["rate_bit_s"] else 0.0)
             phase = {**phase, "shaping": vars(shaping)}
+        if not phase.get("done"):
+            phase["loadavg_1m"] = os.getloadavg()[0]
+            if index and args.phase_warmup is not None:  # the first phase always warms up (refresh, caches)
+                phase["warmup"] = args.phase_warmup
+            if index and args.cluster:
+                phase["settle_numel"] = _SETTLE_NUMEL
         print(f"[throughput] phase {index}: {phase.get('name', 'done')}", flush=True)
         _publish(control / f"ready_{index}.json", phase)
     return arithmetic
@@ -372,9 +416,190 @@ def drive(args: argparse.Namespace, cli: list[str], link: netns.EmulatedLink | N
 
 
 def _log_tails(control: Path) -> str:
-    tails = [f"--- rank {r} (last 40 lines) ---\n" + "\n".join(path.read_text().splitlines()[-40:])
-             for r in range(WORLD) if (path := control / f"rank{r}.log").exists()]
+    logs = [*(f"rank{r}" for r in range(WORLD)), "launcher"]  # launcher: --cluster, both ranks via pdsh
+    tails = [f"--- {name} (last 40 lines) ---\n" + "\n".join(path.read_text().splitlines()[-40:])
+             for name in logs if (path := control / f"{name}.log").exists()]
     return "\n".join(tails)
+
+
+# ============================================================================ --cluster: the emulated 2-node cluster
+# scripts/cluster.sh's nodes node1 / node2 (network namespaces sharing this filesystem, one veth pair
+# shaped by tc tbf); both ranks are started by the deepspeed launcher through launch/deepspeed.sh
+# with a hostfile (pdsh over ssh), one rank per node, and run the same worker_main as above.
+_NODES = ("node1", "node2")
+
+
+def _cluster_harness():
+    """tests/cluster/cluster_harness.py: the cluster script's path and the rank environment the
+    cluster tests forward to the nodes (one definition for tests and benchmark)."""
+    path = str(_REPO / "tests" / "cluster")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import cluster_harness
+
+    return cluster_harness
+
+
+def _cluster_sh(*cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", _cluster_harness().CLUSTER_SH, *cmd], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False)
+
+
+def _qdisc_rate(node: str = "node1") -> str:
+    """The rate on ``node``'s veth end as ``scripts/cluster.sh rate`` takes it back (``none`` unshaped)."""
+    end = {"node1": "qgc-veth1", "node2": "qgc-veth2"}[node]
+    out = _cluster_sh("exec", node, "tc", "qdisc", "show", "dev", end, timeout=30).stdout
+    for line in out.splitlines():
+        words = line.split()
+        if line.startswith("qdisc tbf") and "rate" in words:
+            return words[words.index("rate") + 1].lower()
+    return "none"
+
+
+class ClusterLink:
+    """The cluster's veth pair as ``serve_phases`` shapes it: ``scripts/cluster.sh rate`` (tbf on
+    both ends, re-shaped in place; the kernel has no netem here, so no delay)."""
+
+    netem_error = None
+
+    def shape(self, rate_bit_s: float | None, delay_ms: float) -> netns.Shaping:
+        rate = "none" if rate_bit_s is None else f"{int(rate_bit_s)}bit"
+        proc = _cluster_sh("rate", rate)
+        if proc.returncode != 0:
+            raise RuntimeError(f"scripts/cluster.sh rate {rate} failed (rc {proc.returncode}): {proc.stdout.strip()}")
+        return netns.Shaping(rate_bit_s=rate_bit_s, delay_ms=0.0, qdisc="none" if rate_bit_s is None else "tbf",
+                             delay_emulated=False,
+                             commands=[f"scripts/cluster.sh rate {rate}", *proc.stdout.strip().splitlines()])
+
+
+def _node_pids_with(marker: str) -> list[int]:
+    """Processes on the emulated nodes whose command line contains ``marker`` (this run's control
+    directory: its launchers and ranks, nothing else)."""
+    pids = []
+    for node in _NODES:
+        out = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True, timeout=10).stdout
+        for pid in map(int, out.split()):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmdline and pid != os.getpid():
+                pids.append(pid)
+    return pids
+
+
+def _kill_leftovers(marker: str) -> list[int]:
+    """TERM, then KILL after 10 s, what this run left on the nodes; returns the pids found."""
+    found = _node_pids_with(marker)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _node_pids_with(marker):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        for _ in range(50):
+            if not _node_pids_with(marker):
+                return found
+            time.sleep(0.2)
+    return found
+
+
+def drive_cluster(args: argparse.Namespace, cli: list[str], link: ClusterLink, control: Path) -> dict[str, Any]:
+    """``launch/deepspeed.sh`` on node1 with a 2-host hostfile (``deepspeed --hostfile``, pdsh):
+    one worker rank per node with this run's ``cli`` flags; serve the phases; collect the result."""
+    harness = _cluster_harness()
+    deadline = time.monotonic() + args.timeout_s
+    env = {**harness.rank_env(), "NUM_GPUS": "1", "HOSTFILE": str(control / "hostfile"),
+           "MASTER_PORT": str(args.port or harness.free_port()), "QG_THR_DEV": "auto",
+           "DEEPSPEED_TIMEOUT": str(max(1, int(args.timeout_s // 60))),
+           "TRAIN": f"{sys.executable} {Path(__file__).resolve()} --worker --control-dir {control}"}
+    (control / "hostfile").write_text("".join(f"{node} slots=1\n" for node in _NODES))
+    # pdsh's remote shells start bare: the deepspeed runner exports these lines on each node.
+    (control / ".deepspeed_env").write_text("".join(f"{k}={env[k]}\n" for k in (*harness.FORWARDED, "QG_THR_DEV")))
+    with open(control / "launcher.log", "w") as log:
+        proc = subprocess.Popen(["bash", harness.CLUSTER_SH, "exec", "node1", str(_REPO / "launch" / "deepspeed.sh"),
+                                 *cli], env=env, cwd=control, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            arithmetic = serve_phases(args, link, control, [proc], deadline)
+            netns.wait_for_file(control / "result.json", [proc], deadline)
+            proc.wait(timeout=max(5.0, deadline - time.monotonic()))
+        finally:
+            netns.stop([proc])
+    return {**json.loads((control / "result.json").read_text()), "arithmetic": arithmetic,
+            "worker_rc": [proc.returncode]}
+
+
+def cluster_main(args: argparse.Namespace, cli: list[str]) -> int:
+    """--cluster: needs root; brings the cluster up unless it is (and down again after, also on
+    failure; a cluster found up is left up, its rate restored)."""
+    if os.geteuid() != 0:
+        print("throughput.py --cluster needs root: it runs scripts/cluster.sh (network namespaces, sshd, tc). "
+              "Run it as root, e.g. sudo .venv/bin/python benchmarks/throughput.py --cluster", file=sys.stderr)
+        return 2
+    import torch
+
+    torch.set_num_threads(1)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # unwind through the finally: ranks and cluster go
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
+    control = Path(tempfile.mkdtemp(prefix="qg_thr_cluster_"))  # /tmp: the nodes share this filesystem
+    load_before, start = os.getloadavg()[0], time.perf_counter()
+    was_up = _cluster_sh("status").returncode == 0
+    restore = _qdisc_rate() if was_up else None
+    print(f"[throughput] cluster {'already up: using it, leaving it up' if was_up else 'down: bringing it up'}",
+          flush=True)
+    try:
+        if not was_up:
+            up = _cluster_sh("up", timeout=1500)  # the first use installs Debian packages
+            if up.returncode != 0:
+                raise RuntimeError(f"scripts/cluster.sh up failed:\n{up.stdout[-3000:]}")
+        result = drive_cluster(args, cli, ClusterLink(), control)
+    except BaseException:
+        print(_log_tails(control), file=sys.stderr)
+        raise
+    finally:
+        left = _kill_leftovers(str(control))
+        if left:
+            print(f"[throughput] stopped leftover processes on the nodes: {left}", file=sys.stderr)
+        teardown = _cluster_sh("rate", restore) if was_up else _cluster_sh("down", timeout=180)
+        print(f"[throughput] {'rate restored to ' + restore if was_up else 'cluster down'}: rc {teardown.returncode}",
+              flush=True)
+        shutil.rmtree(control, ignore_errors=True)
+    payload = cluster_payload(args, result, found_up=was_up, load_before=load_before,
+                              wall_s=time.perf_counter() - start)
+    json_path, md_path = write_cluster_outputs(payload, args.out_dir)
+    print(markdown_cluster(payload))
+    print(f"\nwrote {json_path}, {md_path} and {_stem(True)}.png ({payload['wall_s']:.0f} s)")
+    return 1 if payload["failures"] else 0
+
+
+def cluster_payload(args: argparse.Namespace, result: dict, *, found_up: bool, load_before: float,
+                    wall_s: float) -> dict:
+    """What throughput_cluster.json holds: the run's environment, its records, rows and checks."""
+    import importlib.metadata
+
+    from benchmarks._common import environment
+
+    rows = summarize(result["records"], result["phases"], args)
+    failures = validate(rows, result["phases"])
+    if result["hosts"] != list(_NODES):
+        failures.append(f"ranks ran on {result['hosts']}, not rank0=node1 rank1=node2")
+    return {"environment": environment(), "description": __doc__,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                     if k not in ("worker", "control_dir")},
+            "cluster": {"launcher": "launch/deepspeed.sh with HOSTFILE (deepspeed --hostfile, pdsh), NUM_GPUS=1",
+                        "nodes": list(_NODES), "found_up": found_up,
+                        "deepspeed": importlib.metadata.version("deepspeed")},
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0], "wall_s": wall_s,
+            "netns_blocked": None, "netem_error": None, **result, "rows": rows, "failures": failures}
+
+
+def write_cluster_outputs(payload: dict, out_dir: Path) -> tuple[Path, Path]:
+    """throughput_cluster.{json,md,png} under ``out_dir``."""
+    from benchmarks._common import write_outputs
+
+    paths = write_outputs(_stem(True), payload, markdown_cluster(payload), out_dir)
+    plot(payload, out_dir / f"{_stem(True)}.png")
+    return paths
 
 
 # ============================================================================ summary and report
@@ -390,10 +615,13 @@ def summarize(records: list, phases: list[dict], args: argparse.Namespace) -> li
             steps = list(zip(*[rank[name] for rank in ranks]))  # per step: one record per rank
             timed = [s for s in steps if not s[0]["warmup"]]
             step_s = [max(r["s"] for r in s) for s in timed]
+            each = [WORLD * args.batch * args.seq / t for t in step_s]  # one value per repeat
             rows.append({
                 "phase": phase["name"], "contender": name, "n": len(timed), "step_s": step_s,
                 "median_step_s": statistics.median(step_s),
                 "tokens_per_s": WORLD * args.batch * args.seq / statistics.median(step_s),
+                "tokens_per_s_each": each, "tokens_per_s_mean": statistics.fmean(each),
+                "tokens_per_s_std": statistics.stdev(each) if len(each) > 1 else 0.0,
                 "bytes_per_rank": _mean([r["bytes"] for s in timed for r in s]),
                 "wire_bytes_per_rank": _mean([r["wire"] for s in timed for r in s]),
                 "wire_bytes_total": [sum(s[k]["wire"] or 0 for s in timed) for k in range(WORLD)],
@@ -487,7 +715,7 @@ def _refresh_lines(payload: dict, by: dict) -> list[str]:
                        f"({extra_b / 1e6:+.2f} MB) "
                        f"vs a steady step. Over a gap of {gap} steps that adds {extra_s / gap * 1e3:.1f} ms of compute "
                        f"and, for the bytes, {per_rate or '-'} per step.")
-    return ["Projector refreshes (not in the medians):", "", *out, ""] if out else []
+    return ["Projector refreshes (warm-up steps, not timed):", "", *out, ""] if out else []
 
 
 def markdown(payload: dict) -> str:
@@ -523,6 +751,78 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def _stem(cluster: bool) -> str:
+    return "throughput_cluster" if cluster else "throughput"
+
+
+def markdown_cluster(payload: dict) -> str:
+    """The --cluster report: tokens/s mean +- std over the repeats, ratios, scaling, load."""
+    from benchmarks._common import environment_md
+
+    a, rows, ar = payload["args"], payload["rows"], payload["arithmetic"]
+    phases = [p["name"] for p in payload["phases"]]
+    by = {(r["phase"], r["contender"]): r for r in rows}
+    header = ["| " + " | ".join(phases) + " |", "|---" * (len(phases) + 1) + "|"]
+    loads = ", ".join(f"{p['name']} {p['loadavg_1m']:.2f}" for p in payload["phases"])
+    tokens = WORLD * a["batch"] * a["seq"]
+    lines = ["# Training throughput across the emulated 2-node cluster: qgalore-dist vs DDP + AdamW vs ZeRO-2 + "
+             "bnb AdamW8bit", "", environment_md(payload["environment"]),
+             f"- deepspeed {payload['cluster']['deepspeed']}; launcher: {payload['cluster']['launcher']}, one rank "
+             f"on each of {' and '.join(payload['cluster']['nodes'])} (hosts seen by the ranks: "
+             f"{', '.join(f'rank{r}={h}' for r, h in enumerate(payload['hosts']))}); cluster "
+             + ("found up (left up, rate restored)" if payload["cluster"]["found_up"]
+                else "brought up and down by the run"),
+             f"- load average (1 min) before / after: {payload['loadavg_before']:.2f} / {payload['loadavg_after']:.2f};"
+             f" at the start of each phase: {loads}; wall {payload['wall_s']:.0f} s", "",
+             f"Model `{a['config']}` (vocab {a['vocab']}, {payload['params']:,} parameters, fp32), {a['batch']} x "
+             f"{a['seq']} tokens per rank and step, 2 nodes x 1 rank x 1 thread, gloo over the veth pair "
+             f"(`scripts/cluster.sh`, tc tbf on both ends, re-shaped between phases by `scripts/cluster.sh rate`); "
+             f"Q-GaLore rank {a['rank']}, gap {a['gap']}. The same worker and contenders as the single-node "
+             f"benchmark (`{', '.join(a['contenders'])}`), {a['warmup']} warm-up step each in the first phase, "
+             f"then n = {a['steps']} repeats per contender and phase, interleaved (one step of each contender in "
+             "the order listed, then again: A B C A B C ...), so load drift hits all alike; after each rate "
+             "change an untimed 1 MiB all-reduce lets TCP adapt. A repeat = forward + backward + optimizer step, "
+             f"the slower rank's time; tokens/s = {tokens} / step time. Cells: tokens/s mean ± sample std over "
+             "the n repeats.", "", "| contender " + header[0], header[1]]
+    for name in a["contenders"]:
+        lines.append(f"| {name} | " + " | ".join(
+            f"{by[p, name]['tokens_per_s_mean']:.0f} ± {by[p, name]['tokens_per_s_std']:.0f} (n={by[p, name]['n']})"
+            for p in phases) + " |")
+    lines += ["", "Ratios, ours / baseline: ratio of the means (in brackets: mean ± std of the per-repeat ratios, "
+              "each repeat's steps adjacent in time):", "", "| ours / baseline " + header[0], header[1]]
+    for ours in [c for c in a["contenders"] if c.startswith("ours")]:
+        for base in [c for c in a["contenders"] if not c.startswith("ours")]:
+            cells = []
+            for p in phases:
+                o, b = by[p, ours], by[p, base]
+                paired = [x / y for x, y in zip(o["tokens_per_s_each"], b["tokens_per_s_each"])]
+                spread = statistics.stdev(paired) if len(paired) > 1 else 0.0
+                cells.append(f"{o['tokens_per_s_mean'] / b['tokens_per_s_mean']:.2f}x "
+                             f"({statistics.fmean(paired):.2f} ± {spread:.2f})")
+            lines.append(f"| {ours} / {base} | " + " | ".join(cells) + " |")
+    lines += ["", *_bytes_lines(payload), "", *_link_lines(payload)]
+    if ar:
+        # What the single-node benchmark's T_real would give for the slowest class here.
+        slowest = min(a["real_gbits"])
+        rate_2048 = slowest * 1e9 * ar["flop_scale"] * 2048 / ar["tokens_per_rank_step"]
+        ddp = next((r for r in rows if r["contender"] == "ddp_adamw"), rows[0])
+        lines += ["", f"Why T_real = {ar['real_tokens_per_gpu_step']} here (the single-node benchmark uses 2048): the "
+                  "comm / compute ratio per step is c b F_gpu / (6 B_real T_real), so with 2048 tokens per GPU per "
+                  f"optimizer step the {slowest:g} Gbit/s class would be emulated at "
+                  f"{_fmt_rate(rate_2048)}, where one {ddp['contender']} step "
+                  f"({ddp['bytes_per_rank'] / 1e6:.1f} MB per rank) alone takes "
+                  f"{ddp['bytes_per_rank'] * 8 / rate_2048:.0f} s (at the default model and batch: about 18 "
+                  "minutes), and no one trains over 1-10 Gbit/s links syncing every 2k tokens per GPU. "
+                  f"{ar['real_tokens_per_gpu_step']} tokens per GPU per step is, e.g., LLaMA's 4M-token batch "
+                  f"over {4 * 2**20 // ar['real_tokens_per_gpu_step']} GPUs (gradient accumulation, one sync per "
+                  "optimizer step); `--real-tokens-per-gpu` changes it. No added delay (tbf only; this kernel has "
+                  "no netem)."]
+    lines += ["", *_refresh_lines(payload, by),
+              "Validation: " + ("passed" if not payload["failures"] else "FAILED: " + "; ".join(payload["failures"])),
+              "", f"Per-step, per-rank records are in `{_stem(True)}.json`."]
+    return "\n".join(lines)
+
+
 def plot(payload: dict, path: Path) -> None:
     import matplotlib
 
@@ -547,6 +847,18 @@ def plot(payload: dict, path: Path) -> None:
 
 
 # ============================================================================ entry point
+def parse_rates(text: str) -> list[float]:
+    """``"1gbit,10gbit,100gbit"`` (tc rate syntax: bit, kbit, mbit, gbit, tbit) -> [1.0, 10.0, 100.0] Gbit/s."""
+    units = {"bit": 1e-9, "kbit": 1e-6, "mbit": 1e-3, "gbit": 1.0, "tbit": 1e3}
+    out = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?bit)\s*", item.lower())
+        if not match or float(match[1]) <= 0:
+            raise ValueError(f"bad rate {item!r} in --rates {text!r}: use tc syntax, e.g. 1gbit,10gbit,100gbit")
+        out.append(float(match[1]) * units[match[2]])
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="llama_20m")
@@ -572,12 +884,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=None)
     p.add_argument("--quick", action="store_true", help="smoke test (llama_9m, tiny batch); writes to /tmp")
+    p.add_argument("--cluster", action="store_true",
+                   help="run across scripts/cluster.sh's 2 emulated nodes (deepspeed --hostfile, 1 rank per node; "
+                        "root): ours_overlap, ddp_adamw, zero2_adamw8bit at the --rates classes, scaled; writes "
+                        "throughput_cluster.{md,json}")
+    p.add_argument("--rates", default=None,
+                   help="--cluster: real link classes, comma-separated tc rates (default 1gbit,10gbit,100gbit), "
+                        "each scaled like --real-gbits")
+    p.add_argument("--repeats", type=int, default=3, help="--cluster: timed steps per contender and phase (>= 3)")
+    p.add_argument("--phase-warmup", type=int, default=None,
+                   help="warm-up steps in phases after the first (default --warmup; --cluster: 0)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--control-dir", help=argparse.SUPPRESS)
-    if p.parse_known_args(argv)[0].quick:  # quick changes defaults only: explicit flags still win
+    known = p.parse_known_args(argv)[0]
+    if known.quick:  # quick changes defaults only: explicit flags still win
         p.set_defaults(config="llama_9m", vocab=256, batch=2, seq=64, rank=16, steps=2, min_steps=1,
                        phase_budget_s=20.0, calib_reps=1, timeout_s=400.0)
+    if known.cluster:  # every repeat runs (no phase budget); the slowest class dominates the wall time
+        p.set_defaults(contenders=list(CLUSTER_CONTENDERS), plain_gbits=[], real_tokens_per_gpu=65536,
+                       delay_ms=0.0, phase_warmup=0, phase_budget_s=1e9, timeout_s=600.0 if known.quick else 1500.0)
     args = p.parse_args(argv)
+    if args.rates is not None and not args.cluster:
+        raise ValueError("--rates and --repeats are for --cluster (use --real-gbits / --steps otherwise)")
+    if args.cluster:
+        args.real_gbits = parse_rates(args.rates or "1gbit,10gbit,100gbit")
+        args.steps = args.min_steps = args.repeats
     if args.out_dir is None:
         from benchmarks._common import RESULTS_DIR
         args.out_dir = Path(tempfile.gettempdir()) / "qg_throughput_quick" if args.quick else RESULTS_DIR
@@ -586,6 +917,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
               "warmup >= 1": args.warmup >= 1, "1 <= min_steps <= steps": 1 <= args.min_steps <= args.steps,
               "gpu_tflops > 0": args.gpu_tflops > 0, "real_tokens_per_gpu >= 1": args.real_tokens_per_gpu >= 1,
               "delay_ms >= 0": args.delay_ms >= 0, "timeout_s > 0": args.timeout_s > 0,
+              "--cluster: repeats >= 3": not args.cluster or args.repeats >= 3,
+              "phase_warmup >= 0": args.phase_warmup is None or args.phase_warmup >= 0,
               f"gap > {ours_steps} (all of ours' steps)": args.gap > ours_steps,
               "rates > 0": all(g > 0 for g in args.real_gbits + args.plain_gbits)}
     if not all(checks.values()):
@@ -612,6 +945,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         from qgalore_dist.integrations.launch import run_main
         run_main(lambda: worker_main(args))  # exits the process, avoiding DeepSpeed's exit-time abort
+    if args.cluster:
+        return cluster_main(args, sys.argv[1:] if argv is None else list(argv))
     import torch
 
     from benchmarks._common import environment, write_outputs

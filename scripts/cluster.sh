@@ -9,6 +9,9 @@
 #   scripts/cluster.sh exec NODE CMD...     run CMD "on" a node (its namespace, hostname, /etc/hosts,
 #                                           SLURM_CONF); e.g. exec node1 sbatch launch/slurm_srun.sbatch
 #   scripts/cluster.sh sshd NODE stop|start  stop / restart one node's sshd (an unreachable node)
+#   scripts/cluster.sh rate RATE|none       re-shape both veth ends to RATE (tc syntax: 10gbit,
+#                                           7812500bit, 500mbit) or remove the shaping; idempotent
+#   scripts/cluster.sh link NODE down|up    take NODE's veth end down / up (a cable pulled)
 #   scripts/cluster.sh down                 remove every namespace, link, daemon and file `up` made
 #
 # A node is a network namespace plus a UTS namespace (its own hostname) sharing this machine's
@@ -74,6 +77,35 @@ exec_on_node() {
     sh -c 'hostname "$0" && exec "$@"' "$node" "$@"
 }
 
+# rate_bits RATE: RATE (tc syntax: 10gbit, 500mbit, 64kbit, 7812500bit, 7812500) in bit/s, integer.
+rate_bits() {
+  awk -v r="$1" 'BEGIN {
+    if (!match(tolower(r), /^[0-9]+(\.[0-9]+)?/)) exit 1
+    v = substr(r, 1, RLENGTH); u = tolower(substr(r, RLENGTH + 1))
+    m["bit"] = 1; m[""] = 1; m["kbit"] = 1e3; m["mbit"] = 1e6; m["gbit"] = 1e9; m["tbit"] = 1e12
+    if (!(u in m) || v * m[u] < 8000) exit 1
+    printf "%.0f", v * m[u] }'
+}
+
+# shape_link NODE RATE: egress token bucket on NODE's veth end (tc qdisc replace: idempotent).  The
+# bucket holds 1 ms at the rate but at least 256 KiB (a few 64 KiB GSO segments, as benchmarks/netns.py),
+# so an idle link passes little for free; the queue holds 250 ms at the rate (at most 64 MiB) so
+# TCP meets queueing delay rather than drops at low rates.  RATE none: no qdisc.
+shape_link() {
+  local n=$1 rate=$2 bits burst limit
+  if [[ $rate == none ]]; then
+    if t ip netns exec "$n" tc qdisc show dev "${LINK[$n]}" | grep -q '^qdisc tbf'; then
+      t ip netns exec "$n" tc qdisc del dev "${LINK[$n]}" root
+    fi
+    return 0
+  fi
+  bits=$(rate_bits "$rate") || die "bad rate '$rate': give a tc rate >= 8kbit such as 10gbit, 500mbit or 7812500bit"
+  burst=$(( bits / 8000 > 262144 ? bits / 8000 : 262144 ))
+  limit=$(( bits / 32 < 67108864 ? bits / 32 : 67108864 ))
+  t ip netns exec "$n" tc qdisc replace dev "${LINK[$n]}" root tbf rate "${bits}bit" burst "$burst" \
+    limit $(( burst + limit )) || die "tc could not shape ${LINK[$n]} on $n to $rate"
+}
+
 make_network() {
   local rate=$1 n
   for n in "${NODES[@]}"; do t ip netns add "$n"; t ip -n "$n" link set lo up; done
@@ -81,8 +113,7 @@ make_network() {
   for n in "${NODES[@]}"; do
     t ip -n "$n" addr add "${ADDR[$n]}/24" dev "${LINK[$n]}"
     t ip -n "$n" link set "${LINK[$n]}" up
-    # Token bucket: the rate, a burst of ~1 ms at 10 Gbit/s, and at most 50 ms of queue.
-    t ip netns exec "$n" tc qdisc add dev "${LINK[$n]}" root tbf rate "$rate" burst 2mb latency 50ms
+    shape_link "$n" "$rate"
   done
   say "network: node1=${ADDR[node1]} <-> node2=${ADDR[node2]} over ${LINK[node1]}/${LINK[node2]}, tc tbf rate $rate each way"
   say "no added delay: this kernel has no netem (sch_netem), so latency is loopback-like"
@@ -303,11 +334,28 @@ main() {
                wait_for "ssh node1 -> $node" 20 on_node node1 timeout 10 ssh "$node" true; say "sshd on $node started" ;;
         *) die "usage: $0 sshd NODE stop|start" ;;
       esac ;;
+    rate)  # rate RATE|none: re-shape both ends without tearing the cluster down
+      [[ $(id -u) == 0 ]] || die "must run as root"
+      local rate=${1:?usage: $0 rate RATE|none (e.g. 10gbit, 7812500bit)} n
+      for n in "${NODES[@]}"; do
+        ip netns list 2>/dev/null | grep -qw "$n" || die "netns $n is missing: run $0 up first"
+      done
+      for n in "${NODES[@]}"; do shape_link "$n" "$rate"; done
+      for n in "${NODES[@]}"; do
+        say "$n ${LINK[$n]}: $(t ip netns exec "$n" tc qdisc show dev "${LINK[$n]}" | head -n1)"
+      done ;;
+    link)  # link NODE down|up: a pulled cable (packets stop; no reset reaches the peer)
+      [[ $(id -u) == 0 ]] || die "must run as root"
+      local node=${1:?usage: $0 link node1|node2 down|up} state=${2:-}
+      [[ " ${NODES[*]} " == *" $node "* ]] || die "unknown node '$node' (nodes: ${NODES[*]})"
+      [[ $state == down || $state == up ]] || die "usage: $0 link NODE down|up"
+      t ip -n "$node" link set "${LINK[$node]}" "$state"
+      say "$node ${LINK[$node]}: $state" ;;
     exec)
       local node=${1:?usage: $0 exec node1|node2 COMMAND...}; shift
       [[ " ${NODES[*]} " == *" $node "* ]] || die "unknown node '$node' (nodes: ${NODES[*]})"
       exec_on_node "$node" "$@" ;;
-    *) echo "usage: $0 up [--rate RATE] | down | status | check | exec NODE CMD... | sshd NODE stop|start" >&2; exit 2 ;;
+    *) echo "usage: $0 up [--rate RATE] | down | status | check | rate RATE|none | link NODE down|up | exec NODE CMD... | sshd NODE stop|start" >&2; exit 2 ;;
   esac
 }
 

@@ -223,3 +223,64 @@ def test_cluster_script_refuses_without_root():
         proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", "-s", "up"],
                               stdin=script, capture_output=True, text=True, timeout=30, cwd="/", check=False)
     assert proc.returncode != 0 and "must run as root" in proc.stderr, (proc.stdout, proc.stderr)
+
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "found 2026-12-08: with node2's link down the survivor hangs past the process-group timeout (60 s) "
+    "inside the package's reduce_scatter (Collectives.reduce_scatter_mean -> dist.reduce_scatter, gloo "
+    "LambdaWork::wait with no timeout) in the optimizer step under ZeRO-2; the run resumed when the link "
+    "came back after 3.5 min.  A plain 2-rank gloo reduce_scatter with the same link pull times out "
+    "after the group's timeout, so the cause is not yet understood.  See launch/README.md"))
+def test_link_down_fails_within_the_process_group_timeout(work):
+    """Pull node2's cable (its veth end down: packets stop, no reset reaches node1) mid-run: rank 0
+    on node1 must fail within LOSS_WALL_S (the process-group timeout here is DEEPSPEED_TIMEOUT = 1
+    min) naming the collective it was waiting in, and the launcher exit non-zero.  Last in this
+    file: Slurm may mark node2 down meanwhile; the test waits until the cluster is whole again."""
+    run_dir = work / "link_down"
+    cmd, env = deepspeed_cmd(work, run_dir, hostfile=True, num_gpus=1)
+    log_path = work / "link_down.log"
+    rc = took = None
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            pulled_at = wait_until("step 11 of the 2-node run", lambda: (s := last_step(run_dir)) >= 11 and s, 300)
+            assert run([CLUSTER_SH, "link", "node2", "down"], timeout=30).returncode == 0
+            start = time.monotonic()
+            try:
+                rc = proc.wait(timeout=LOSS_WALL_S + 10)
+                took = time.monotonic() - start
+            except subprocess.TimeoutExpired:
+                pass
+            hung_at = last_step(run_dir)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            up = run([CLUSTER_SH, "link", "node2", "up"], timeout=30)
+            # Ranks that outlived the launcher (a hang resumes once the link is back, or times out): bounded
+            # wait, then SIGKILL by pid; then the cluster must be whole again (ssh, Slurm has node2 back).
+            try:
+                wait_until("the ranks to be gone", lambda: not (_node_pids("node1", RANK_CMD) or
+                                                               _node_pids("node2", RANK_CMD)), 90, 0.5)
+            except AssertionError:
+                for node in ("node1", "node2"):
+                    for pid in _node_pids(node, RANK_CMD):
+                        os.kill(pid, signal.SIGKILL)
+            wait_until("scripts/cluster.sh status to pass",
+                       lambda: run([CLUSTER_SH, "status"], timeout=60).returncode == 0, 180, 2.0)
+    assert up.returncode == 0, up.stdout
+    log = log_path.read_text()
+    print(f"link down: pulled after step {pulled_at}; launcher rc={rc} after {took} s")
+    assert took is not None, (f"rank 0 still running {LOSS_WALL_S + 10} s after node2's link went down "
+                              f"(last logged step {hung_at}): no process-group timeout fired", log[-3000:])
+    assert rc != 0 and took <= LOSS_WALL_S, (rc, took, log[-4000:])
+    survivor = "\n".join(line for line in log.splitlines() if line.startswith("node1:"))
+    # gloo reports the timeout ("Timed out waiting ...ms for recv operation"); the operation is named
+    # by the package ("qgalore-dist: <op> (<kind>) failed at optimizer step N on rank 0 of 2") when the
+    # collective was its own, else by the traceback through DeepSpeed's collective.
+    assert re.search(r"[Tt]imed out|[Tt]imeout", survivor), log[-4000:]
+    named = re.search(r"qgalore-dist: (\S+) \(\w+\) failed at optimizer step \d+ on rank 0 of 2", survivor)
+    frames = re.findall(r"in (all_reduce|reduce_scatter\w*|all_gather\w*|broadcast\w*|reduce|barrier|all_to_all\w*)$",
+                        survivor, re.MULTILINE)
+    assert named or frames, log[-4000:]
+    print(f"link down: survivor failed in {named[1] if named else frames[-1]}")
