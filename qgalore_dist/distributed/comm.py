@@ -17,6 +17,8 @@ from typing import Literal, get_args
 import torch
 import torch.distributed as dist
 
+from .watchdog import watch
+
 __all__ = ["ALL_KINDS", "KINDS", "CommMeter", "Collectives", "TrafficKind"]
 
 TrafficKind = Literal["lowrank_reduce", "full_grad_reduce", "proj_broadcast", "update_gather", "dense", "control",
@@ -80,11 +82,14 @@ class Collectives:
         """Run one collective; a failure (a peer that died, the process group's timeout) is
         re-raised naming the operation, its kind and the step, instead of an opaque gloo error."""
         try:
-            return fn(*args, group=self.group, **kwargs)
+            with watch(self._describe(what, kind)):
+                return fn(*args, group=self.group, **kwargs)
         except RuntimeError as exc:
-            raise RuntimeError(
-                f"qgalore-dist: {what} ({kind}) failed at optimizer step {self.step_index} "
-                f"on rank {self.rank} of {self.world_size}: {exc}") from exc
+            raise RuntimeError(f"{self._describe(what, kind)}: {exc}") from exc
+
+    def _describe(self, what: str, kind: TrafficKind) -> str:
+        return (f"qgalore-dist: {what} ({kind}) failed at optimizer step {self.step_index} "
+                f"on rank {self.rank} of {self.world_size}")
 
     @property
     def ring_factor(self) -> float:
@@ -146,11 +151,10 @@ class Collectives:
         if handle is None:
             return
         try:
-            handle.wait()
+            with watch(self._describe(what, kind)):
+                handle.wait()
         except RuntimeError as exc:
-            raise RuntimeError(
-                f"qgalore-dist: {what} ({kind}) failed at optimizer step {self.step_index} "
-                f"on rank {self.rank} of {self.world_size}: {exc}") from exc
+            raise RuntimeError(f"{self._describe(what, kind)}: {exc}") from exc
 
     def reduce_mean_to(self, tensor: torch.Tensor, owner: int, kind: TrafficKind) -> torch.Tensor:
         """Sum ``tensor`` onto ``owner`` (in place); on the owner it is divided by the world size."""

@@ -26,6 +26,8 @@ import traceback
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import NoReturn
 
+from ..distributed import set_watchdog_timeout
+
 __all__ = ["LaunchEnv", "apply_launch_env", "exit_cleanly", "first_host", "init_distributed",
            "mpi4py_discovery", "resolve_launch_env", "run_main"]
 
@@ -282,6 +284,8 @@ def set_group_timeout(timeout_s: float) -> None:
     c10d.default_pg_timeout = timeout
     if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
         c10d.default_pg_nccl_timeout = timeout
+    # A backstop where the group's own timeout does not fire (a silent peer: distributed/watchdog.py).
+    set_watchdog_timeout(timeout_s)
 
 
 def resolve_timeout_s(timeout_s: float | None, environ: Mapping[str, str] = os.environ) -> float:

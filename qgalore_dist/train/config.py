@@ -112,10 +112,11 @@ class LoggingConfig:
 
 @dataclass(kw_only=True)
 class DistConfig:
-    timeout_s: float = 600.0
+    timeout_s: float | None = None
     """Timeout in seconds of every collective of every process group the run creates (the world
     group and DeepSpeed's ZeRO groups alike): a stuck or dead peer makes the others fail within it,
-    naming the operation, instead of hanging for torch's default 30 minutes."""
+    naming the operation, instead of hanging for torch's default 30 minutes.  None: the launcher's
+    ``DEEPSPEED_TIMEOUT`` (minutes, as DeepSpeed reads it) when set, else 600 s."""
 
 
 @dataclass(kw_only=True)
@@ -163,7 +164,7 @@ class TrainConfig:
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {list(ENGINES)}, got {self.engine!r}")
         self._validate_parallel()
-        if not self.dist.timeout_s > 0:
+        if self.dist.timeout_s is not None and not self.dist.timeout_s > 0:
             raise ValueError(f"dist.timeout_s must be a number of seconds > 0, got {self.dist.timeout_s!r}")
         if not 0.0 <= self.schedule.min_lr_ratio <= 1.0:
             raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.schedule.min_lr_ratio!r}")

@@ -265,7 +265,7 @@ def test_help_shows_every_key_with_its_docstring(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "  --schedule.steps (default 300)\n      Optimizer steps to train to" in out
-    assert "  --dist.timeout_s (default 600.0)" in out and "configs/train/" in out
+    assert "  --dist.timeout_s (default None)" in out and "DEEPSPEED_TIMEOUT" in out and "configs/train/" in out
     assert "  --data.tokenizer (default 'bpe')" in out and "rank_overrides" in out
 
 
