@@ -101,3 +101,34 @@ def train(model: nn.Module, optimizer, batches: Iterator[torch.Tensor], steps: i
         optimizer.zero_grad()
         losses.append(loss.detach())
     return losses
+
+
+def sigterm_train_workers(cmd: list[str], *, after_step: int, timeout_s: float = 300, **popen) -> tuple[str, int]:
+    """Start ``cmd`` (a 2-rank ``torchrun ... -m qgalore_dist.train``), send SIGTERM to both
+    training processes once ``step <after_step> loss`` is logged (what SLURM does on
+    preemption), and return the whole log and the launcher's exit code."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    lines, deadline = [], time.time() + timeout_s
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(rf"step\s+{after_step}\s+loss", line) or time.time() > deadline:
+                break
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                   if "qgalore_dist.train" in " ".join(c.cmdline())]
+        assert len(workers) == 2, lines[-20:]
+        for w in workers:
+            os.kill(w.pid, signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return "".join(lines) + rest, proc.returncode

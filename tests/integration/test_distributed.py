@@ -400,12 +400,16 @@ def _skipped_after_svds_in_backward(rank: int, world_size: int) -> dict:
     opt.step(extra_finite=rank != 0)  # rank 0's engine found a non-finite gradient
     out = {"early": refreshed_in_backward, "skipped": opt.skipped_steps,
            "no_projector": not any(opt.state[p]["projector"].has_matrix() for p in opt.galore_params)}
+    return {**out, "next_svds": _next_step_svds(model, opt, x)}
+
+
+def _next_step_svds(model, opt, x) -> int:
+    """One more step after a skipped one: its SVD count (it must refresh again), replicas checked."""
     opt.zero_grad()
     model(input_ids=x, labels=x).loss.backward()
     opt.step()
-    out["next_svds"] = opt.svds_last_step
     opt.check_replicas()
-    return out
+    return opt.svds_last_step
 
 
 def test_a_skipped_step_undoes_svds_run_in_backward():
@@ -434,12 +438,7 @@ def _svd_fails_on_its_owner(rank: int, world_size: int, accumulation: int | None
            "no_moments": all("exp_avg" not in opt.state[p] for p in opt.galore_params + opt.dense_params),
            "no_projector": not any(opt.state[p]["projector"].has_matrix() for p in opt.galore_params)}
     proj.__dict__.pop("refresh", None)  # the SVD works again: the next step refreshes and trains
-    opt.zero_grad()
-    model(input_ids=x, labels=x).loss.backward()
-    opt.step()
-    out["next_svds"] = opt.svds_last_step
-    opt.check_replicas()
-    return out
+    return {**out, "next_svds": _next_step_svds(model, opt, x)}
 
 
 @pytest.mark.parametrize("accumulation", [None, 1], ids=["svd_at_step", "svd_in_backward"])

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -125,31 +124,15 @@ def test_fsdp2_sigterm_then_resume_is_bit_identical(workdir, fsdp2):
     the step they agree on, exit 0; the rerun resumes there and reproduces the uninterrupted
     run's later losses exactly (model, 8-bit moments as stored, projectors, LR schedule and
     data position all came back)."""
-    import psutil
+    from helpers import sigterm_train_workers
 
     run_dir, _ = fsdp2
     preempted = workdir / "fsdp2_preempted"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
            *_args(workdir, preempted, "fsdp2")]
-    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if re.search(r"step\s+1\s+loss", line):
-                break
-        workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                   if "qgalore_dist.train" in " ".join(c.cmdline())]
-        assert len(workers) == 2, lines[-20:]
-        for w in workers:
-            os.kill(w.pid, signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    log = "".join(lines) + rest
-    assert proc.returncode == 0, log[-4000:]
+    log, rc = sigterm_train_workers(cmd, after_step=1, cwd=workdir, env=env)
+    assert rc == 0, log[-4000:]
     stopped = int(re.search(r"signal 15: checkpoint saved at step (\d+), exiting", log)[1])
     assert 1 <= stopped < STEPS
     log = _run(workdir, preempted, "fsdp2", 2)

@@ -9,15 +9,13 @@ import json
 import math
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 
-import psutil
 import pytest
 import torch
+from helpers import sigterm_train_workers
 
 STEPS = 16
 
@@ -144,24 +142,8 @@ def test_sigterm_saves_then_resume_continues_the_same_curve(full_run, workdir):
     run_dir = str(workdir / "preempted")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
            "-m", "qgalore_dist.train", *_args(workdir, run_dir), "--logging.every", "1"]
-    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
-    lines, deadline = [], time.time() + 300
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if re.search(r"step\s+5\s+loss", line) or time.time() > deadline:
-                break
-        workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                   if "qgalore_dist.train" in " ".join(c.cmdline())]
-        assert len(workers) == 2, lines[-20:]
-        for w in workers:
-            os.kill(w.pid, signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    log = "".join(lines) + rest
-    assert proc.returncode == 0, log[-4000:]
+    log, rc = sigterm_train_workers(cmd, after_step=5, cwd=workdir, env=_env())
+    assert rc == 0, log[-4000:]
     stopped = int(re.search(r"signal 15: checkpoint saved at step (\d+), exiting", log)[1])
     assert 5 <= stopped < STEPS
     meta = json.load(open(os.path.join(run_dir, "checkpoints", f"step{stopped}", "meta.json")))
