@@ -245,13 +245,14 @@ def streamed_full_grads(shapes: Shapes, world: int, owned: list[Tensor], *, svd_
     is refreshed, projected and freed as the last pass completes it, so the owner holds low-rank
     results and one full gradient.  ``"svd"`` (the start of ``step()``): the owned full sums when
     the SVDs run there, else the low-rank results and the last bucket's one full gradient.
-    ``"update"``: none left (the low-rank results are the exchange's buffers)."""
+    ``"update"``: none left (the low-rank results are the exchange's buffers).  One process
+    streams (through its own buckets) only with ``svd_at_completion``."""
     owned_lowrank = 4 * sum(lowrank_numel(t.shape, shapes.lay.rank) for t in owned)
     owned_full = [4 * t.numel for t in owned]
     one = owned_lowrank + max(owned_full, default=0) if svd_at_completion else sum(owned_full)
     if phase == "update":
         return 0
-    if phase == "svd":
+    if phase == "svd" or (world == 1 and not svd_at_completion):  # one process streams only to run SVDs early
         return one
     assert phase == "backward", phase
     return one + streamed_buffers(shapes, world)

@@ -65,12 +65,20 @@ class BackwardReduces:
             out.dense.plan([(p, owner, p.shape) for p, owner in hooked[::-1]])
             for p, _ in hooked:
                 p.register_post_accumulate_grad_hook(out.dense.ready)
-        # One process owns every matrix: streaming would only copy its gradients into itself.
-        if stream_refresh and comm.world_size > 1:
+        # One process owns every matrix: streaming is worth it there only when its SVDs can run
+        # during backward (passes per step known; see ``full_active``).
+        if stream_refresh:
             out.full = OverlappedReduce(comm, kind="full_grad_reduce", dtype=torch.float32, bucket_bytes=bucket_bytes,
                                         local_grad=lambda p: layers[p].weight_grad,
                                         drop_grad=lambda p: setattr(layers[p], "weight_grad", None))
         return out
+
+    @property
+    def full_active(self) -> bool:
+        """Whether refreshing layers stream their full gradients this step: at world size > 1,
+        or in one process when the passes per step are known (each SVD then runs as its
+        gradient completes, so one process never holds every refreshing full gradient)."""
+        return self.full is not None and (self.full.comm.world_size > 1 or self.full.passes_per_step is not None)
 
     @property
     def streamed(self) -> set[torch.Tensor]:
@@ -103,8 +111,8 @@ class BackwardReduces:
             proj = projector(p)
             if refresh_due(p):
                 full_shape = torch.Size((layer.out_features, layer.in_features))
-                layer.grad_sink = (accumulate_full_grad if self.full is None
-                                   else _reporting(p, accumulate_full_grad, self.full))
+                layer.grad_sink = (_reporting(p, accumulate_full_grad, self.full) if self.full_active
+                                   else accumulate_full_grad)
                 refreshing.append((p, owner[p], full_shape))
             elif self.lowrank is None or (row_reduced(p) and self.rows is None):
                 layer.grad_sink = lowrank_sink(proj.project)
@@ -119,7 +127,7 @@ class BackwardReduces:
         if self.rows is not None:
             self.rows.plan(by_rows[::-1])
         if self.full is not None:
-            self.full.plan(refreshing[::-1])
+            self.full.plan(refreshing[::-1] if self.full_active else [])
 
     @contextlib.contextmanager
     def no_sync(self):

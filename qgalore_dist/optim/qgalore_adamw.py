@@ -129,8 +129,7 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
             dense_owned=[(p, self.owner[p]) for p in self.dense_params]
             if manage_dense and not self.layout.dense_local else None)
         self.early = EarlyRefreshes()
-        self.set_gradient_accumulation_steps(gradient_accumulation_steps)
-        self.arm_grad_sinks()
+        self.set_gradient_accumulation_steps(gradient_accumulation_steps)  # arms the gradient sinks
 
     # ----------------------------------------------------------------- construction
     def is_galore(self, p: torch.Tensor, group: dict) -> bool:
@@ -175,12 +174,14 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
     def set_gradient_accumulation_steps(self, steps: int | None) -> None:
         """Backward passes per ``step()`` (None: not known, the default).  When known, a refresh
         step's owner runs each streamed matrix's SVD as soon as the last pass completes its averaged
-        full gradient and frees it then, not at ``step()``; a further pass raises ``ValueError``."""
+        full gradient and frees it then, not at ``step()`` (one process too); a further pass raises
+        ``ValueError``.  Call it before a backward, not between a backward and its ``step()``."""
         if steps is not None and (not _is_int(steps) or steps < 1):
             raise ValueError(f"gradient_accumulation_steps must be None or an int >= 1, got {steps!r}")
         if self.reduces.full is not None:
             self.reduces.full.passes_per_step = steps
             self.reduces.full.on_complete = self._refresh_completed
+        self.arm_grad_sinks()  # one process streams its refreshing gradients only when this is known
 
     def _refresh_completed(self, p: torch.Tensor, full: torch.Tensor) -> None:  # owner, during backward
         self.early.add(refresh_owned({p: self.state[p]["projector"]}, {p: full}, {p: self._stream_key(p)},

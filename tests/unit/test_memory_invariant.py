@@ -168,3 +168,33 @@ def test_mixed_step_only_refreshing_layers_keep_full_gradients():
             assert layer.weight_grad is None and layer.lowrank_grad is not None, name
     opt.step()
     assert opt.svds_last_step == len(refreshing)
+
+
+def test_one_process_refresh_runs_each_svd_in_backward_when_the_passes_are_known():
+    """One process told its backward passes per step (``gradient_accumulation_steps=1``): each
+    refreshing layer's full gradient is refreshed, projected and freed as backward produces it
+    (one bucket per matrix here), so never more than one is alive -- against every one of them
+    without it -- and the step's projectors, INT8 codes and dense parameters are bit-identical."""
+    tiny_buckets = dict(bucket_cap_mb=4 / 1024)
+    model, opt = _build(**tiny_buckets)
+    opt.set_gradient_accumulation_steps(1)
+    ref_model, ref_opt = _build(**tiny_buckets)
+    layers = dict(int8_layers(model))
+    tracker, ref_tracker = FullGradTracker(layers), FullGradTracker(dict(int8_layers(ref_model)))
+    x = _batch(0)
+    model(input_ids=x, labels=x).loss.backward()
+    ref_model(input_ids=x, labels=x).loss.backward()
+    assert tracker.max_alive() == 1 and ref_tracker.max_alive() == len(layers)
+    assert all(layer.weight_grad is None and layer.lowrank_grad is None for layer in layers.values())
+    assert len(opt.early.snapshots) == len(layers)  # every SVD already ran in backward
+    opt.step()
+    ref_opt.step()
+    assert opt.svds_last_step == ref_opt.svds_last_step == len(layers)
+    ours, ref = dict(opt.replicated_tensors()), dict(ref_opt.replicated_tensors())
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ours)
+    opt.zero_grad()
+    ref_opt.zero_grad()
+    _train_step(model, opt, 1, accum=1)  # a steady step after it trains as usual
+    _train_step(ref_model, ref_opt, 1, accum=1)
+    ours, ref = dict(opt.replicated_tensors()), dict(ref_opt.replicated_tensors())
+    assert all(torch.equal(ours[k], ref[k]) for k in ours)
