@@ -26,8 +26,6 @@ import traceback
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import NoReturn
 
-from ..distributed import set_watchdog_timeout
-
 __all__ = ["LaunchEnv", "apply_launch_env", "exit_cleanly", "first_host", "init_distributed",
            "mpi4py_discovery", "resolve_launch_env", "run_main"]
 
@@ -284,7 +282,10 @@ def set_group_timeout(timeout_s: float) -> None:
     c10d.default_pg_timeout = timeout
     if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
         c10d.default_pg_nccl_timeout = timeout
-    # A backstop where the group's own timeout does not fire (a silent peer: distributed/watchdog.py).
+    # A backstop where the group's own timeout does not fire (a silent peer: distributed/watchdog.py);
+    # imported here because this module imports nothing of the package at load time.
+    from ..distributed import set_watchdog_timeout
+
     set_watchdog_timeout(timeout_s)
 
 
