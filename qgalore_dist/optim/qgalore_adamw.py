@@ -344,6 +344,14 @@ class QGaLoreAdamW8bit(torch.optim.Optimizer):
         """This optimizer's process groups, each once (the world, and the layout's)."""
         return list({id(c): c for c in (self.comm, *self.layout.collectives())}.values())
 
+    def last_step_bytes(self) -> dict[str, float]:
+        """Bytes this rank sent in the last step by kind, over all its groups (HSDP's meter apart)."""
+        out: dict[str, float] = {}
+        for comm in self._collectives():
+            for kind, v in comm.meter.last_step.items():
+                out[kind] = out.get(kind, 0.0) + float(v["bytes"])
+        return out
+
     # --- refresh
     def _refresh(self, params: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
         """Owners run the SVD on the averaged full gradient of each refreshing matrix; every

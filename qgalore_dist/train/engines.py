@@ -62,17 +62,6 @@ def lr_lambda(cfg):
                    min_lr_ratio=cfg.schedule.min_lr_ratio)
 
 
-def _comm_bytes(galore: QGaLoreAdamW8bit) -> dict[str, float]:
-    """Bytes of the last step by kind, over the optimizer's process groups (HSDP's shard and
-    replicate groups keep their own meters)."""
-    comms = {id(c): c for c in (galore.comm, *galore.layout.collectives())}.values()
-    out: dict[str, float] = {}
-    for comm in comms:
-        for kind, v in comm.meter.last_step.items():
-            out[kind] = out.get(kind, 0.0) + float(v["bytes"])
-    return out
-
-
 def _hf_state(model: nn.Module, tensors: dict[str, torch.Tensor], weight_of) -> dict[str, torch.Tensor]:
     """An ordinary HF state dict in fp32: INT8 layers become ``weight`` (``weight_of(name,
     layer)``, dequantized) and ``bias``; every other tensor of ``tensors`` is copied."""
@@ -140,7 +129,7 @@ class DeepSpeedEngine:
         return float(self.engine.get_lr()[0])
 
     def comm_bytes(self) -> dict[str, float]:
-        return _comm_bytes(self.qgalore)
+        return self.qgalore.last_step_bytes()
 
     def describe(self) -> str:  # the header's words since before --engine existed
         return (f"ZeRO stage {self.engine.zero_optimization_stage()}, "
@@ -294,7 +283,7 @@ class _PlainEngine:
         return float(self.qgalore.param_groups[0]["lr"])
 
     def comm_bytes(self) -> dict[str, float]:
-        return _comm_bytes(self.qgalore)
+        return self.qgalore.last_step_bytes()
 
     def save(self, ckpt_dir: str, tag: str, client_state: dict) -> str:
         from ..checkpoint import save_checkpoint

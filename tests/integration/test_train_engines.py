@@ -12,22 +12,16 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
+from dist_harness import free_port
 
 STEPS = 6
 EVERY = 3  # checkpoints at steps 3 and 6
 MICRO, ACCUM = 2, 2  # per rank at 2 ranks; the single process takes 4 x 2
 TOL = dict(rel=1e-4)  # the tolerance of tests/integration/test_distributed.py
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +57,7 @@ def _args(root, run_dir, engine: str, *extra: str) -> list[str]:
 def _run(root, run_dir, engine: str, ranks: int, *extra: str) -> str:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-                 str(_port())] if ranks > 1 else [sys.executable])
+                 str(free_port())] if ranks > 1 else [sys.executable])
     cmd = launcher + _args(root, run_dir, engine, *extra)
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env=env)
     log = proc.stdout + proc.stderr
@@ -129,7 +123,7 @@ def test_fsdp2_sigterm_then_resume_is_bit_identical(workdir, fsdp2):
     run_dir, _ = fsdp2
     preempted = workdir / "fsdp2_preempted"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            *_args(workdir, preempted, "fsdp2")]
     log, rc = sigterm_train_workers(cmd, after_step=1, cwd=workdir, env=env)
     assert rc == 0, log[-4000:]

@@ -9,21 +9,15 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from dist_harness import free_port
 from helpers import sigterm_train_workers
 
 STEPS = 16
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +64,7 @@ def _metrics(run_dir) -> tuple[dict[int, float], list[dict]]:
 def full_run(workdir):
     """The uninterrupted reference run, under the deepspeed launcher."""
     run_dir = str(workdir / "full")
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_port()), "--module", "qgalore_dist.train",
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "qgalore_dist.train",
            *_args(workdir, run_dir)]
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=420, env=_env())
     log = proc.stdout + proc.stderr
@@ -140,7 +134,7 @@ def test_sigterm_saves_then_resume_continues_the_same_curve(full_run, workdir):
     which it cannot do if it skipped or repeated a sample."""
     reference, _ = _metrics(full_run[0])
     run_dir = str(workdir / "preempted")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "qgalore_dist.train", *_args(workdir, run_dir), "--logging.every", "1"]
     log, rc = sigterm_train_workers(cmd, after_step=5, cwd=workdir, env=_env())
     assert rc == 0, log[-4000:]
@@ -148,7 +142,7 @@ def test_sigterm_saves_then_resume_continues_the_same_curve(full_run, workdir):
     assert 5 <= stopped < STEPS
     meta = json.load(open(os.path.join(run_dir, "checkpoints", f"step{stopped}", "meta.json")))
     assert meta["client_state"]["progress"]["step"] == stopped
-    cmd[cmd.index("--master_port") + 1] = str(_port())
+    cmd[cmd.index("--master_port") + 1] = str(free_port())
     second = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=420, env=_env())
     log2 = second.stdout + second.stderr
     assert second.returncode == 0, log2[-4000:]
@@ -170,7 +164,7 @@ def test_bad_input_fails_on_every_rank(workdir, tmp_path, extra, message):
     broken.write_bytes(b"this is not a parquet file")
     extra = [str(broken) if x == "BROKEN" else x for x in extra]
     args = [*_args(workdir, str(tmp_path / "run")), "--data.cache_dir", str(tmp_path / "cache"), *extra]
-    port, procs = str(_port()), []
+    port, procs = str(free_port()), []
     for rank in range(2):
         env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
